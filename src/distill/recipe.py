@@ -1,0 +1,254 @@
+"""The typed recipe schema: one YAML file drives every stage."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distill.errors import DistillError
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+
+
+class Section(BaseModel):
+    """Base for every recipe section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class TeacherSpec(Section):
+    """Where the teacher comes from: a hub id, a local HF directory, a .gguf file or pkg://package/file."""
+
+    model: str
+    gguf_file: Optional[str] = None  # for a hub repo or directory that holds several .gguf files
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+
+
+class StudentConfig(Section):
+    """Shape of a student built from scratch on the teacher's tokenizer (Llama layout)."""
+
+    num_layers: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_kv_heads: Optional[int] = Field(default=None, gt=0)
+    intermediate_size: Optional[int] = Field(default=None, gt=0)  # default: ~2.75 x hidden, multiple of 64
+    tie_embeddings: bool = True
+    max_position_embeddings: Optional[int] = None  # default: the teacher's
+
+
+class StudentSpec(Section):
+    """Either an existing model (`model`) or a new one (`config`), optionally seeded from the teacher."""
+
+    model: Optional[str] = None
+    gguf_file: Optional[str] = None
+    config: Optional[StudentConfig] = None
+    init_embeddings: Literal["random", "slice", "project"] = "project"
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "StudentSpec":
+        if (self.model is None) == (self.config is None):
+            raise ValueError("give exactly one of student.model or student.config")
+        return self
+
+
+class DataSpec(Section):
+    """Training data: prompts for the teacher to answer, and/or ready-made examples."""
+
+    prompts: Optional[str] = None  # JSONL of prompts; the teacher answers them (generate stage)
+    train: Optional[str] = None  # JSONL of prompt/response, messages, or text; or a .txt file
+    eval: Optional[str] = None  # held-out examples; default: a split of the training data
+    eval_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    max_eval_examples: int = Field(default=64, gt=0)
+    system_prompt: Optional[str] = None
+    max_length: int = Field(default=512, gt=8)
+    text_files: list[str] = Field(default_factory=list)  # plain reference text for perplexity
+
+    @model_validator(mode="after")
+    def _some_data(self) -> "DataSpec":
+        if self.prompts is None and self.train is None:
+            raise ValueError("give data.prompts (for the teacher to answer) or data.train")
+        return self
+
+
+class GenerateSpec(Section):
+    """How the teacher answers the prompts (response distillation data)."""
+
+    max_new_tokens: int = Field(default=256, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    temperature: float = Field(default=0.0, ge=0.0)  # 0 = greedy
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_prompts: Optional[int] = Field(default=None, gt=0)
+
+
+class MethodSpec(Section):
+    """What the student learns from: teacher logits (kd) or only teacher text (sft)."""
+
+    kind: Literal["kd", "sft"] = "kd"
+    divergence: Divergence = "forward_kl"
+    temperature: float = Field(default=1.0, gt=0.0)
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0)  # weight of cross-entropy on labels; 1-alpha on KD
+    beta: float = Field(default=0.5, gt=0.0, lt=1.0)  # JSD mixing weight
+    skew: float = Field(default=0.1, ge=0.0, lt=1.0)  # skew KL mixing weight
+    chunk_size: int = Field(default=1024, gt=0)  # tokens per chunk in the memory-safe loss
+
+
+class LoraSpec(Section):
+    r: int = Field(default=16, gt=0)
+    alpha: int = Field(default=32, gt=0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+class TrainSpec(Section):
+    """Optimisation: steps, batch, schedule, checkpoints."""
+
+    steps: int = Field(default=200, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    lr: float = Field(default=1e-3, gt=0.0)
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(default=10, ge=0)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_fraction: float = Field(default=0.2, gt=0.0, le=1.0)  # WSD: share of steps spent decaying
+    max_grad_norm: Optional[float] = Field(default=1.0, gt=0.0)
+    checkpoint_every: int = Field(default=100, gt=0)
+    keep_checkpoints: int = Field(default=2, gt=0)
+    log_every: int = Field(default=10, gt=0)
+    lora: Optional[LoraSpec] = None
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPUs that support it, else fp32
+    device: str = "auto"
+    threads: Optional[int] = Field(default=None, gt=0)
+
+
+class EvalSpec(Section):
+    """What `distill eval` measures."""
+
+    max_new_tokens: int = Field(default=64, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    speed_prompt_tokens: int = Field(default=64, gt=0)
+    speed_new_tokens: int = Field(default=32, gt=0)
+    measure_speed: bool = True
+
+
+class Recipe(Section):
+    """A whole distillation run."""
+
+    output_dir: str
+    seed: int = 0
+    teacher: TeacherSpec
+    student: StudentSpec
+    data: DataSpec
+    generate: GenerateSpec = Field(default_factory=GenerateSpec)
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    # Where the recipe file lives; relative paths in it are resolved against this.
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    def path(self, value: str) -> Path:
+        """Resolve a path from the recipe relative to the recipe file's directory."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path(self.output_dir)
+
+    def dump(self) -> str:
+        """The resolved recipe as YAML (what a run directory keeps as recipe.yaml)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value the way YAML would (`1e-4` -> float, `true` -> bool, `[1,2]` -> list)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads `1e-4` as a string
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `key.path=value` overrides to a raw recipe dict."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise DistillError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise DistillError(f"--set {key}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(text)
+    return data
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "missing required key"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {where}: {msg}{more}"
+
+
+def recipe_from_dict(data: dict, source: str = "<recipe>", base_dir: Path | None = None) -> Recipe:
+    """Validate a raw dict into a Recipe; errors name the source and the key path."""
+    if not isinstance(data, dict):
+        raise DistillError(f"{source}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        raise DistillError(_format_error(source, err)) from None
+    recipe.base_dir = base_dir or Path(".")
+    _check_files(recipe, source)
+    return recipe
+
+
+def _check_files(recipe: Recipe, source: str) -> None:
+    """Report missing local files now, before any model is loaded."""
+    d = recipe.data
+    named = {"data.prompts": d.prompts, "data.train": d.train, "data.eval": d.eval}
+    for i, f in enumerate(d.text_files):
+        named[f"data.text_files.{i}"] = f
+    for key, value in named.items():
+        # data.train may be the output of the generate stage: it need not exist yet when prompts are given
+        if value is None or (key == "data.train" and d.prompts is not None):
+            continue
+        if not recipe.path(value).exists():
+            raise DistillError(f"{source}: {key}: file not found: {recipe.path(value)}")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a YAML recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DistillError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise DistillError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    data = apply_overrides(data or {}, overrides or [])
+    return recipe_from_dict(data, source=str(path), base_dir=path.resolve().parent)

@@ -1,0 +1,129 @@
+"""Shared fixtures: a tokenizer trained on the spot and tiny random Llama models, all offline."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+STORIES260K = SHARED / "models" / "stories260K"
+TINYSTORIES_TEXT = SHARED / "data" / "tinystories" / "tinystories_val_part1.txt"
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Distillation trains a small student to imitate a large teacher.",
+    "Write a short poem about the sea and the sky.",
+    "Paris is the capital of France. Berlin is the capital of Germany.",
+    "Explain why the sky is blue in one sentence.",
+    "Once upon a time there was a little robot who loved to read books.",
+    "Two plus two is four, and three times three is nine.",
+    "List three fruits: apple, banana, cherry.",
+] * 20
+
+
+def require_shared(path: Path) -> Path:
+    """Skip the calling test with a reason when ../shared (real models and data) is absent."""
+    if not path.exists():
+        pytest.skip(f"{path} not found: real models/data live in ../shared beside the checkout")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer (vocab 320) with ChatML special tokens and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    out = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(out)
+    return out
+
+
+def make_tiny_llama(
+    out_dir: Path,
+    tokenizer_dir: Path,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    vocab_pad_to: int | None = None,
+    tie: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Save a random LlamaForCausalLM with the fixture tokenizer to out_dir."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    vocab = len(tok)
+    if vocab_pad_to:
+        vocab = -(-vocab // vocab_pad_to) * vocab_pad_to
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A random 2-layer Llama teacher (hidden 64) on the fixture tokenizer."""
+    return make_tiny_llama(tmp_path_factory.mktemp("teacher"), tiny_tokenizer_dir, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_student_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A smaller random Llama student (hidden 32, 1 layer) on the same tokenizer."""
+    return make_tiny_llama(
+        tmp_path_factory.mktemp("student"), tiny_tokenizer_dir, hidden=32, layers=1, heads=2, kv_heads=1,
+        intermediate=64, seed=1,
+    )
+
+
+@pytest.fixture()
+def pairs_jsonl(tmp_path) -> Path:
+    """A small prompt/response JSONL file."""
+    path = tmp_path / "pairs.jsonl"
+    rows = [
+        {"prompt": f"Question {i}: what is {i} plus {i}?", "response": f"The answer is {2 * i}."}
+        for i in range(24)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
