@@ -232,8 +232,7 @@ def _check_files(recipe: Recipe, source: str) -> None:
     for i, f in enumerate(d.text_files):
         named[f"data.text_files.{i}"] = f
     for key, value in named.items():
-        # data.train may be the output of the generate stage: it need not exist yet when prompts are given
-        if value is None or (key == "data.train" and d.prompts is not None):
+        if value is None:
             continue
         if not recipe.path(value).exists():
             raise DistillError(f"{source}: {key}: file not found: {recipe.path(value)}")

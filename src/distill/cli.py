@@ -1,0 +1,106 @@
+"""The `distill` command: a thin layer over distill.pipeline; user errors print one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from distill.errors import DistillError
+
+log = logging.getLogger("distill")
+
+STAGES = {
+    "run": "all stages in order: generate, train, eval",
+    "generate": "the teacher answers data.prompts (resumable)",
+    "train": "distil the student (resumes from the newest checkpoint)",
+    "eval": "measure teacher and student; write report.json and print the table",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill", description="Distil a large teacher LLM into a small student.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("recipe", type=Path, help="recipe YAML file")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument("--debug", action="store_true", help="show full tracebacks")
+        if name in ("run", "train"):
+            p.add_argument("--resume", action="store_true",
+                           help="continue from the newest checkpoint (the default when one exists)")
+            p.add_argument("--restart", action="store_true", help="discard existing checkpoints and start over")
+    conv = sub.add_parser("convert", help="convert a .gguf model to a Hugging Face directory (safetensors)")
+    conv.add_argument("gguf", help="path to a .gguf file, or pkg://PACKAGE/FILE.gguf")
+    conv.add_argument("out_dir", type=Path)
+    conv.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return parser
+
+
+def setup_logging(log_file: Path | None = None) -> None:
+    """INFO to stderr, and to the run's log.txt when there is one."""
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("distill: %(message)s"))
+    log.addHandler(console)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    log.propagate = False
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    from distill import pipeline
+    from distill.recipe import load_recipe
+
+    if args.command == "convert":
+        from distill.models import convert_gguf, resolve_model_path
+
+        setup_logging()
+        folder, name = resolve_model_path(args.gguf)
+        out = convert_gguf(Path(folder) / name if name else Path(folder), args.out_dir)
+        print(f"converted {args.gguf} -> {out}")
+        return
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.resume and args.restart:
+        raise DistillError("--resume and --restart exclude each other")
+    restart = getattr(args, "restart", False)
+    pipeline.prepare_run_dir(recipe, restart=restart)
+    setup_logging(recipe.run_dir / "log.txt")
+    progress = not args.no_progress
+    if args.command == "run":
+        pipeline.generate(recipe, progress=progress)
+        pipeline.train(recipe, progress=progress)
+        pipeline.evaluate(recipe, progress=progress)
+    elif args.command == "generate":
+        pipeline.generate(recipe, progress=progress)
+    elif args.command == "train":
+        pipeline.train(recipe, progress=progress)
+    elif args.command == "eval":
+        pipeline.evaluate(recipe, progress=progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `distill` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        _dispatch(args)
+    except DistillError as err:
+        if args.debug:
+            raise
+        print(f"distill: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distill: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""The training and held-out examples of a recipe, the same for the train and eval stages."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from distill.errors import DistillError
+from distill.recipe import Recipe
+
+TEACHER_DATA = "teacher_data.jsonl"
+
+
+def teacher_data_path(recipe: Recipe) -> Path:
+    """Where the generate stage writes the teacher's answers."""
+    return recipe.run_dir / TEACHER_DATA
+
+
+def recipe_examples(recipe: Recipe) -> tuple[list, list]:
+    """Return (train, eval) examples: teacher answers and/or data.train, split unless data.eval is given."""
+    from distill.data.examples import read_examples, split_train_eval
+    from distill.teachers.generate import load_teacher_data
+
+    examples = []
+    if recipe.data.prompts is not None:
+        path = teacher_data_path(recipe)
+        if not path.is_file():
+            raise DistillError(f"{path}: no teacher data yet; run `distill generate` (or `distill run`) first")
+        examples += load_teacher_data(path)
+    if recipe.data.train is not None:
+        examples += read_examples(recipe.path(recipe.data.train))
+    if not examples:
+        raise DistillError("recipe data: no training examples")
+    if recipe.data.eval is not None:
+        held_out = read_examples(recipe.path(recipe.data.eval))[: recipe.data.max_eval_examples]
+        return examples, held_out
+    return split_train_eval(examples, recipe.data.eval_fraction, recipe.seed, recipe.data.max_eval_examples)

@@ -1,0 +1,232 @@
+"""The KD/SFT training objective: a naive path on full logits and a chunked path that never builds them.
+
+Objective: `alpha * CE(labels) + (1 - alpha) * T^2 * mean D(teacher/T, student/T)`, both terms means over
+the positions whose label is not -100 (labels are already shifted). Without a teacher the loss is plain CE.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from distill.errors import DistillError
+from distill.losses.divergences import Divergence, get_divergence
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossOutput:
+    """`loss` is differentiable; `kd` (T^2 * mean divergence) and `ce` are detached values for logging."""
+
+    loss: Tensor
+    kd: Tensor
+    ce: Tensor
+    n_tokens: int
+
+
+@dataclass(frozen=True)
+class _Objective:
+    """Summed loss terms over a set of valid rows; shared by the naive and the chunked path."""
+
+    divergence: Divergence
+    temperature: float
+    alpha: float
+
+    def sums(self, student_logits: Tensor, teacher_logits: Optional[Tensor], labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(loss, ce, kd) summed over rows; kd already carries the T^2 factor."""
+        student = _wide(student_logits)
+        # CE as logsumexp - target logit: saves no [rows, V] log-prob tensor for backward.
+        ce = (torch.logsumexp(student, dim=-1) - student.gather(1, labels[:, None]).squeeze(1)).sum()
+        if teacher_logits is None:
+            return ce, ce, torch.zeros_like(ce)
+        shared = min(student.size(1), teacher_logits.size(1))  # padded heads: compare the real vocabulary only
+        t = self.temperature
+        s_scaled, t_scaled = student[:, :shared], teacher_logits[:, :shared].detach()
+        if t != 1.0:
+            s_scaled, t_scaled = s_scaled / t, t_scaled / t
+        kd = t * t * self.divergence(s_scaled, t_scaled).sum()
+        return self.alpha * ce + (1.0 - self.alpha) * kd, ce, kd
+
+
+def _wide(x: Tensor) -> Tensor:
+    """Upcast half precision to float32 for the loss math; float32/float64 pass through."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _objective(divergence: str, temperature: float, alpha: float, beta: float, skew: float) -> _Objective:
+    if temperature <= 0:
+        raise DistillError(f"method.temperature: must be > 0, got {temperature}")
+    if not 0.0 <= alpha <= 1.0:
+        raise DistillError(f"method.alpha: must be in [0, 1], got {alpha}")
+    return _Objective(get_divergence(divergence, beta=beta, skew=skew), float(temperature), float(alpha))
+
+
+def _check_labels(labels: Tensor, student_vocab: int) -> None:
+    valid = labels[labels != IGNORE_INDEX]
+    if valid.numel() and (int(valid.max()) >= student_vocab or int(valid.min()) < 0):
+        bad = int(valid.max()) if int(valid.max()) >= student_vocab else int(valid.min())
+        raise DistillError(f"label id {bad} is outside the student's vocabulary of {student_vocab} tokens")
+
+
+def _empty_output(*tracked: Tensor) -> LossOutput:
+    """Loss 0 for a batch with no valid position; empty sums keep the graph so backward still works."""
+    loss = sum((t[:0].sum() for t in tracked), torch.zeros((), dtype=_wide(tracked[0]).dtype))
+    zero = torch.zeros((), dtype=loss.dtype)
+    return LossOutput(loss=loss.to(zero.dtype), kd=zero, ce=zero.clone(), n_tokens=0)
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Optional[Tensor],
+    labels: Tensor,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+    skew: float = 0.1,
+) -> LossOutput:
+    """The objective on full `[N, V]` logits (simple path; the reference for `kd_loss_chunked`)."""
+    objective = _objective(divergence, temperature, alpha, beta, skew)
+    _check_labels(labels, student_logits.size(-1))
+    valid = labels != IGNORE_INDEX
+    n = int(valid.sum())
+    if n == 0:
+        return _empty_output(student_logits)
+    teacher = None if teacher_logits is None else teacher_logits.detach()[valid]
+    loss, ce, kd = objective.sums(student_logits[valid], teacher, labels[valid])
+    return LossOutput(loss=loss / n, kd=kd.detach() / n, ce=ce.detach() / n, n_tokens=n)
+
+
+def kd_loss_chunked(
+    student_hidden: Tensor,
+    student_head: Tensor,
+    teacher_hidden: Optional[Tensor],
+    teacher_head: Optional[Tensor],
+    labels: Tensor,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    chunk_size: int = 1024,
+) -> LossOutput:
+    """The same objective from hidden states and output heads, `chunk_size` positions at a time.
+
+    Peak extra memory is O(chunk_size * V) instead of O(N * V); gradients for the student hidden states
+    and head are computed during the forward pass, so backward is a scale.
+    """
+    objective = _objective(divergence, temperature, alpha, beta, skew)
+    if (teacher_hidden is None) != (teacher_head is None):
+        raise DistillError("kd_loss_chunked: give both teacher_hidden and teacher_head, or neither (SFT)")
+    if chunk_size <= 0:
+        raise DistillError(f"method.chunk_size: must be > 0, got {chunk_size}")
+    _check_labels(labels, student_head.size(0))
+    valid = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    n = valid.numel()
+    if n == 0:
+        return _empty_output(student_hidden, student_head)
+    # Indexing is an autograd op: its backward scatters the valid rows' grads back into [N, Ds].
+    hidden = student_hidden[valid]
+    teacher = None if teacher_hidden is None else (teacher_hidden.detach()[valid], teacher_head.detach())
+    args = (hidden, student_head, teacher, labels[valid], objective, chunk_size)
+    if torch.is_grad_enabled() and (hidden.requires_grad or student_head.requires_grad):
+        loss, ce, kd = _FusedLinearKD.apply(*args)
+    else:
+        loss, ce, kd, _, _ = _chunked_pass(*args, want_hidden_grad=False, want_head_grad=False)
+    return LossOutput(loss=loss, kd=kd, ce=ce, n_tokens=n)
+
+
+class _FusedLinearKD(torch.autograd.Function):
+    """Loss and student grads in one chunked forward pass; backward scales the stored grads."""
+
+    @staticmethod
+    def forward(ctx, hidden, head, teacher, labels, objective, chunk_size):  # type: ignore[override]
+        loss, ce, kd, grad_hidden, grad_head = _chunked_pass(
+            hidden, head, teacher, labels, objective, chunk_size,
+            want_hidden_grad=ctx.needs_input_grad[0], want_head_grad=ctx.needs_input_grad[1],
+        )
+        ctx.save_for_backward(grad_hidden, grad_head)
+        ctx.mark_non_differentiable(ce, kd)
+        return loss, ce, kd
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_kd):  # type: ignore[override]
+        grad_hidden, grad_head = ctx.saved_tensors
+        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
+        return scale(grad_hidden), scale(grad_head), None, None, None, None
+
+
+def _chunked_pass(
+    hidden: Tensor,
+    head: Tensor,
+    teacher: Optional[tuple[Tensor, Tensor]],
+    labels: Tensor,
+    objective: _Objective,
+    chunk_size: int,
+    *,
+    want_hidden_grad: bool,
+    want_head_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Mean (loss, ce, kd) over the valid rows, plus d(loss)/d(hidden) and d(loss)/d(head) when wanted."""
+    hidden, head = hidden.detach(), head.detach()
+    n = hidden.size(0)
+    grad_hidden = torch.empty_like(hidden) if want_hidden_grad else None
+    grad_head = torch.zeros(head.shape, dtype=_wide(head).dtype) if want_head_grad else None
+    totals = torch.zeros(3, dtype=torch.float64)
+    if teacher is not None:
+        teacher_hidden, teacher_head = teacher
+        # Only the vocabulary both heads share enters the divergence: skip the teacher's padded rows.
+        teacher = (teacher_hidden, teacher_head[: min(head.size(0), teacher_head.size(0))])
+    for start in range(0, n, chunk_size):
+        rows = slice(start, start + chunk_size)
+        chunk_teacher = None if teacher is None else (teacher[0][rows], teacher[1])
+        totals += _process_chunk(
+            hidden[rows], head, chunk_teacher, labels[rows], objective, 1.0 / n,
+            None if grad_hidden is None else grad_hidden[rows], grad_head,
+        )
+    loss, ce, kd = (totals / n).to(_wide(hidden).dtype).unbind()
+    if grad_head is not None:
+        grad_head = grad_head.to(head.dtype)
+    return loss, ce, kd, grad_hidden, grad_head
+
+
+def _process_chunk(
+    hidden: Tensor,
+    head: Tensor,
+    teacher: Optional[tuple[Tensor, Tensor]],
+    labels: Tensor,
+    objective: _Objective,
+    scale: float,
+    grad_hidden_out: Optional[Tensor],
+    grad_head_acc: Optional[Tensor],
+) -> Tensor:
+    """One chunk: its summed (loss, ce, kd); writes its hidden grads and adds its head grad in place.
+
+    A separate function so the chunk's [rows, V] tensors are freed on return, before the next chunk.
+    """
+    student_logits = hidden @ head.t()
+    teacher_logits = None if teacher is None else teacher[0] @ teacher[1].t()
+    if grad_hidden_out is None and grad_head_acc is None:
+        with torch.no_grad():
+            return torch.stack(objective.sums(student_logits, teacher_logits, labels)).double()
+    # Autograd only through the loss math, down to the logits; the two head matmuls are done by hand so the
+    # hidden grad lands in its slot and the head grad accumulates with addmm_ (no [V, D] temporary per chunk).
+    student_logits.requires_grad_(True)
+    with torch.enable_grad():
+        loss, ce, kd = objective.sums(student_logits, teacher_logits, labels)
+        (grad_logits,) = torch.autograd.grad(loss * scale, student_logits)
+    sums = torch.stack([loss.detach(), ce.detach(), kd.detach()]).double()
+    del student_logits, teacher_logits, loss, ce, kd
+    if grad_hidden_out is not None:
+        torch.mm(grad_logits, head, out=grad_hidden_out)
+    if grad_head_acc is not None:
+        if grad_head_acc.dtype == grad_logits.dtype:
+            grad_head_acc.addmm_(grad_logits.t(), hidden)
+        else:  # half-precision head: matmul in its dtype, accumulate in float32
+            grad_head_acc.add_(grad_logits.t() @ hidden)
+    return sums

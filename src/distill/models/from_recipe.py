@@ -1,0 +1,58 @@
+"""Teacher, student and tokenizer as a recipe describes them."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from distill.recipe import Recipe
+
+log = logging.getLogger("distill")
+
+
+def _ref(recipe: Recipe, model: str) -> str:
+    """A model reference with local relative paths resolved against the recipe's directory."""
+    if "://" in model:
+        return model
+    local = recipe.path(model)
+    return str(local) if local.exists() or model.startswith((".", "/", "~")) else model
+
+
+def teacher_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
+    """The teacher's tokenizer: the student is trained on it too."""
+    from distill.models import load_tokenizer, resolve_model_path
+
+    path, gguf = resolve_model_path(_ref(recipe, recipe.teacher.model), recipe.teacher.gguf_file)
+    return load_tokenizer(path, gguf, trust_remote_code=recipe.teacher.trust_remote_code)
+
+
+def load_teacher(recipe: Recipe, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
+    """The frozen teacher: eval mode, no gradients."""
+    from distill.models import load_model, resolve_model_path
+
+    path, gguf = resolve_model_path(_ref(recipe, recipe.teacher.model), recipe.teacher.gguf_file)
+    teacher = load_model(path, gguf, dtype=dtype, device=device, trust_remote_code=recipe.teacher.trust_remote_code)
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+def initial_student(
+    recipe: Recipe, teacher: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase,
+    device: torch.device, dtype: torch.dtype,
+) -> PreTrainedModel:
+    """The student before training: an existing model, or one built from student.config."""
+    from distill.models import build_student, load_model, resolve_model_path
+
+    spec = recipe.student
+    if spec.model is not None:
+        path, gguf = resolve_model_path(_ref(recipe, spec.model), spec.gguf_file)
+        return load_model(path, gguf, dtype=dtype, device=device, trust_remote_code=spec.trust_remote_code)
+    student = build_student(spec.config, teacher, tokenizer, init_embeddings=spec.init_embeddings, seed=recipe.seed)
+    return student.to(device=device, dtype=dtype)
+
+
+def trained_student_dir(recipe: Recipe) -> Path:
+    """Where the train stage saves the final student."""
+    return recipe.run_dir / "student"

@@ -1,0 +1,82 @@
+"""A plain-text teacher-vs-student table from a report.json object."""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+MISSING = "—"
+HIGHER, LOWER = "↑", "↓"
+
+
+class Row(NamedTuple):
+    key: str
+    label: str
+    fmt: Callable[[float], str]
+    better: str
+    show_pct: bool  # False where the teacher's value is 1 or 0 by definition, so a % says nothing
+
+
+def _fixed(decimals: int) -> Callable[[float], str]:
+    return lambda v: f"{v:,.{decimals}f}"
+
+
+def _scaled(divisor: float, decimals: int) -> Callable[[float], str]:
+    return lambda v: f"{v / divisor:,.{decimals}f}"
+
+
+ROWS = (
+    Row("params", "params (M)", _scaled(1e6, 2), LOWER, True),
+    Row("bytes_on_disk", "weights on disk (MB)", _scaled(2**20, 1), LOWER, True),
+    Row("peak_memory_mb", "peak memory (MB)", _fixed(1), LOWER, True),
+    Row("perplexity", "perplexity", _fixed(2), LOWER, True),
+    Row("top1_agreement", "top-1 agreement", _fixed(3), HIGHER, False),
+    Row("kl_to_teacher", "KL to teacher", _fixed(4), LOWER, False),
+    Row("rougeL_ref", "ROUGE-L vs reference", _fixed(3), HIGHER, True),
+    Row("rougeL_teacher", "ROUGE-L vs teacher", _fixed(3), HIGHER, False),
+    Row("prefill_tokens_per_s", "prefill tok/s", _fixed(1), HIGHER, True),
+    Row("decode_tokens_per_s", "decode tok/s", _fixed(1), HIGHER, True),
+)
+
+RATIOS = (
+    ("compression", "compression (student/teacher params)", lambda v: f"{v:.3f}"),
+    ("speedup", "speedup (student/teacher decode tok/s)", lambda v: f"{v:.2f}x"),
+    ("rougeL_pct_of_teacher", "ROUGE-L % of teacher", lambda v: f"{v:.1f}%"),
+    ("perplexity_pct_of_teacher", "perplexity % of teacher (teacher/student)", lambda v: f"{v:.1f}%"),
+    ("quality_pct_of_teacher", "quality % of teacher", lambda v: f"{v:.1f}%"),
+)
+
+
+def _cell(value: Any, fmt: Callable[[float], str]) -> str:
+    return MISSING if value is None else fmt(value)
+
+
+def _pct_cell(teacher: Any, student: Any) -> str:
+    if teacher is None or student is None or teacher == 0:
+        return MISSING
+    return f"{100.0 * student / teacher:.1f}%"
+
+
+def _metric_lines(teacher: dict, student: dict) -> list[str]:
+    header = ("metric", "", "teacher", "student", "% of teacher")
+    rows = [header]
+    for row in ROWS:
+        t, s = teacher.get(row.key), student.get(row.key)
+        pct = _pct_cell(t, s) if row.show_pct else ""
+        rows.append((row.label, row.better, _cell(t, row.fmt), _cell(s, row.fmt), pct))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return [
+        "  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1])] + [c.rjust(w) for c, w in zip(r[2:], widths[2:])])
+        .rstrip()
+        for r in rows
+    ]
+
+
+def _ratio_lines(ratios: dict) -> list[str]:
+    width = max(len(label) for _, label, _ in RATIOS)
+    return [f"{label.ljust(width)}  {_cell(ratios.get(key), fmt)}" for key, label, fmt in RATIOS]
+
+
+def format_table(report: dict) -> str:
+    """Teacher vs student, one metric a row (↑ higher is better, ↓ lower is better), then the ratios."""
+    lines = _metric_lines(report.get("teacher", {}), report.get("student", {}))
+    lines += ["", "ratios"] + _ratio_lines(report.get("ratios", {}))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,84 @@
+"""Checkpoints that let a killed run continue exactly: weights, optimizer, schedule, RNG and step."""
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from distill.errors import DistillError
+
+STEP_PREFIX = "step_"
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    checkpoint_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: Any, keep: int,
+) -> Path:
+    """Write checkpoints/step_N atomically (temp dir + rename), then drop all but the newest `keep`."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir / f"{STEP_PREFIX}{step}"
+    tmp = Path(tempfile.mkdtemp(dir=checkpoint_dir, prefix=f".{final.name}."))
+    try:
+        # save_model (not save_file) copes with tied weights that share storage.
+        safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+        torch.save(
+            {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": _rng_state()},
+            tmp / "trainer_state.pt",
+        )
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(checkpoint_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temp dirs of an interrupted save are ignored)."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = [p for p in checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
+             and (p / "trainer_state.pt").is_file() and (p / "model.safetensors").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> int:
+    """Restore a checkpoint into live objects; return the number of completed steps."""
+    missing, unexpected = safetensors.torch.load_model(model, str(path / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise DistillError(
+            f"{path}: checkpoint does not match the student (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            "was the recipe's student changed? Start a new output_dir or drop --resume"
+        )
+    state = torch.load(path / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return int(state["step"])

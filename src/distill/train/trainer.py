@@ -1,0 +1,199 @@
+"""The flat KD/SFT training loop: frozen teacher, student, chunked loss, checkpoints, exact resume."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from distill.errors import DistillError
+from distill.recipe import MethodSpec, Recipe
+from distill.runtime import atomic_write_text, resolve_device, resolve_dtype, set_seed
+
+log = logging.getLogger("distill")
+
+
+@dataclass
+class TrainResult:
+    student_dir: Path
+    steps: int
+    final_loss: float
+    seconds: float
+
+
+def needs_teacher_weights(recipe: Recipe) -> bool:
+    """KD needs the teacher's logits; a new student may borrow the teacher's embeddings."""
+    s = recipe.student
+    return recipe.method.kind == "kd" or (s.config is not None and s.init_embeddings != "random")
+
+
+def loss_on_batch(
+    student: PreTrainedModel, teacher: Optional[PreTrainedModel], batch: dict[str, torch.Tensor],
+    method: MethodSpec,
+):
+    """The recipe's loss on one micro-batch, without ever holding [batch, seq, vocab] logits."""
+    from distill.losses import kd_loss_chunked
+    from distill.models import decoder_hidden_states, output_head
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    labels = batch["labels"][:, 1:].reshape(-1)  # position i predicts token i+1
+    hidden = decoder_hidden_states(student, ids, mask)[:, :-1]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    teacher_hidden = teacher_head = None
+    if teacher is not None and method.kind == "kd":
+        with torch.no_grad():
+            t = decoder_hidden_states(teacher, ids, mask)[:, :-1]
+            teacher_hidden, teacher_head = t.reshape(-1, t.shape[-1]), output_head(teacher)
+    return kd_loss_chunked(
+        hidden, output_head(student), teacher_hidden, teacher_head, labels,
+        divergence=method.divergence, temperature=method.temperature, alpha=method.alpha,
+        beta=method.beta, skew=method.skew, chunk_size=method.chunk_size,
+    )
+
+
+def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms, biases and other 1-D parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    t = recipe.train
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas))
+
+
+def _apply_lora(model: PreTrainedModel, recipe: Recipe) -> PreTrainedModel:
+    from peft import LoraConfig, get_peft_model
+
+    lora = recipe.train.lora
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [m for m in lora.target_modules if m in present]
+    if not targets:
+        raise DistillError(f"train.lora.target_modules: none of {lora.target_modules} exist in the student")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+class MetricsLog:
+    """metrics.jsonl, one object per logged step; on resume, entries past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        kept = []
+        if resume_step and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line.strip()
+                    and json.loads(line).get("step", 0) <= resume_step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        self.tensorboard = _tensorboard(path.parent / "tensorboard")
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
+
+
+def _tensorboard(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is an optional extra
+        return None
+    return SummaryWriter(str(log_dir))
+
+
+def train(recipe: Recipe, *, resume: bool = True, progress: bool = True) -> TrainResult:
+    """Train the recipe's student, continuing from the newest checkpoint in <run>/checkpoints when resuming."""
+    from distill.data.splits import recipe_examples
+    from distill.data.tokenize import batch_indices, collate, encode_all
+    from distill.models import check_tokenizers, load_tokenizer, resolve_model_path, save_model
+    from distill.models.from_recipe import _ref, initial_student, load_teacher, teacher_tokenizer, \
+        trained_student_dir
+    from distill.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+    from distill.train.schedule import lr_multiplier
+
+    t = recipe.train
+    device = resolve_device(t.device)
+    dtype = resolve_dtype(t.dtype, device)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    set_seed(recipe.seed)
+    run_dir = recipe.run_dir
+    checkpoint_dir = run_dir / "checkpoints"
+    checkpoints = list_checkpoints(checkpoint_dir) if resume else []
+
+    tokenizer: PreTrainedTokenizerBase = teacher_tokenizer(recipe)
+    teacher = load_teacher(recipe, device, dtype) if needs_teacher_weights(recipe) else None
+    student = initial_student(recipe, teacher, tokenizer, device, dtype)
+    if recipe.student.model is not None:
+        path, gguf = resolve_model_path(_ref(recipe, recipe.student.model), recipe.student.gguf_file)
+        student_tok = load_tokenizer(path, gguf)
+        if recipe.method.kind == "kd":
+            check_tokenizers(tokenizer, student_tok, teacher.config.vocab_size, student.config.vocab_size)
+        else:
+            tokenizer = student_tok
+    if recipe.method.kind != "kd":
+        teacher = None  # its weights only seeded the student's embeddings
+
+    train_examples, _ = recipe_examples(recipe)
+    encoded = encode_all(train_examples, tokenizer, recipe.data.max_length, recipe.data.system_prompt)
+    if t.lora is not None:
+        student = _apply_lora(student, recipe)
+    student.train()
+    optimizer = _optimizer(student, recipe)
+    factor = lr_multiplier(t.schedule, total_steps=t.steps, warmup_steps=t.warmup_steps,
+                           min_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    start = 0
+    if checkpoints and resume:
+        start = load_checkpoint(checkpoints[-1], student, optimizer, scheduler)
+        log.info("resumed from %s (step %d of %d)", checkpoints[-1], start, t.steps)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", start)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    began, last = time.perf_counter(), float("nan")
+    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="train", disable=not progress,
+               dynamic_ncols=True)
+    window_tokens, window_start = 0, time.perf_counter()
+    for step in bar:
+        totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+        for micro in range(t.grad_accum):
+            idx = batch_indices(len(encoded), t.batch_size, recipe.seed, step * t.grad_accum + micro)
+            batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
+            out = loss_on_batch(student, teacher, batch, recipe.method)
+            (out.loss / t.grad_accum).backward()
+            for key in totals:
+                totals[key] += float(getattr(out, key)) / t.grad_accum
+            window_tokens += int(batch["attention_mask"].sum())
+        grad_norm = None
+        if t.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), t.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        last = totals["loss"]
+        done = step + 1
+        if done % t.log_every == 0 or done == t.steps:
+            elapsed = time.perf_counter() - window_start
+            record = {"step": done, **totals, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                      "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+            metrics.write(record)
+            bar.set_postfix(loss=f"{last:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            window_tokens, window_start = 0, time.perf_counter()
+        if done % t.checkpoint_every == 0 or done == t.steps:
+            save_checkpoint(checkpoint_dir, done, student, optimizer, scheduler, t.keep_checkpoints)
+    bar.close()
+
+    out_dir = trained_student_dir(recipe)
+    save_model(student, tokenizer, out_dir)
+    seconds = time.perf_counter() - began
+    log.info("student saved to %s (%d steps, final loss %.4f, %.0f s)", out_dir, t.steps, last, seconds)
+    return TrainResult(student_dir=out_dir, steps=t.steps, final_loss=last, seconds=seconds)
