@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
-        p.add_argument("--debug", action="store_true", help="show full tracebacks")
+        # SUPPRESS: a subcommand's default must not overwrite `distill --debug COMMAND`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
         if name in ("run", "train"):
             p.add_argument("--resume", action="store_true",
                            help="continue from the newest checkpoint (the default when one exists)")
@@ -36,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="convert a .gguf model to a Hugging Face directory (safetensors)")
     conv.add_argument("gguf", help="path to a .gguf file, or pkg://PACKAGE/FILE.gguf")
     conv.add_argument("out_dir", type=Path)
-    conv.add_argument("--debug", action="store_true", help="show full tracebacks")
+    conv.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     return parser
 
 
@@ -68,7 +69,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         print(f"converted {args.gguf} -> {out}")
         return
     recipe = load_recipe(args.recipe, args.overrides)
-    if args.resume and args.restart:
+    if getattr(args, "resume", False) and getattr(args, "restart", False):
         raise DistillError("--resume and --restart exclude each other")
     restart = getattr(args, "restart", False)
     pipeline.prepare_run_dir(recipe, restart=restart)

@@ -6,16 +6,17 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from distill.errors import DistillError
 
 log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
+Records = Iterator[tuple[str, Any]]  # (where: "file:line", parsed record)
 
 EXAMPLE_LAYOUTS = (
-    "prompt/response (or completion/output)",
+    "prompt/response (or completion/output/answer)",
     "instruction/input/output (Alpaca)",
     "messages [{role, content}]",
     "conversations [{from, value}] (ShareGPT)",
@@ -53,6 +54,10 @@ class RecordError(Exception):
     """What is wrong with one record; the reader adds file:line."""
 
 
+class EmptyAnswer(RecordError):
+    """A record whose answer is empty: skipped with a counted warning (real datasets and teachers produce them)."""
+
+
 # ---------------------------------------------------------------- reading files
 
 
@@ -65,47 +70,49 @@ def _read_text(path: Path) -> str:
         raise DistillError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
-def _line_at(text: str, pos: int) -> int:
+def _line_of(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
 
 
-def _json_array_records(path: Path, text: str) -> Iterator[tuple[int, Any]]:
-    """Yield (line, element) for a JSON array, so errors can name the line each record starts on."""
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    return pos
+
+
+def _json_array_records(path: Path, text: str) -> Records:
+    """Records of a JSON array, each named by the line it starts on (and its index, for one-line files)."""
     decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    line, counted = 1, 0
-    while True:
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-        if pos < len(text) and text[pos] == "]":
-            return
+    pos = _skip_space(text, text.index("[") + 1)
+    line, counted, index = 1, 0, 0
+    while pos < len(text) and text[pos] != "]":
         try:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
             raise DistillError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
         line += text.count("\n", counted, pos)
-        counted = pos
-        yield line, value
-        pos = end
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
+        counted, index = pos, index + 1
+        yield f"{path}:{line} (record {index})", value
+        pos = _skip_space(text, end)
         if pos < len(text) and text[pos] == ",":
-            pos += 1
+            pos = _skip_space(text, pos + 1)
         elif pos >= len(text) or text[pos] != "]":
-            raise DistillError(f"{path}:{_line_at(text, pos)}: not valid JSON (expected ',' or ']')")
+            raise DistillError(f"{path}:{_line_of(text, pos)}: not valid JSON (expected ',' or ']' between records)")
+    if pos >= len(text):
+        raise DistillError(f"{path}:{_line_of(text, pos)}: not valid JSON (the list is not closed with ']')")
 
 
-def _jsonl_records(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+def _jsonl_records(path: Path, text: str) -> Records:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line)
+            yield f"{path}:{number}", json.loads(line)
         except json.JSONDecodeError as err:
             raise DistillError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
 
 
-def _json_records(path: Path) -> Iterator[tuple[int, Any]]:
+def _json_records(path: Path) -> Records:
     """Records of a .json/.jsonl file: a JSON array of objects, or one object per line (either extension)."""
     text = _read_text(path)
     if text.lstrip().startswith("["):
@@ -113,23 +120,25 @@ def _json_records(path: Path) -> Iterator[tuple[int, Any]]:
     return _jsonl_records(path, text)
 
 
-def _check_suffix(path: Path, allowed: tuple[str, ...]) -> None:
-    if path.suffix.lower() not in allowed:
-        raise DistillError(f"{path}: unsupported file type {path.suffix!r} (expected {', '.join(allowed)})")
+def _check_suffix(path: Path) -> None:
+    if path.suffix.lower() not in (".jsonl", ".json", ".txt"):
+        raise DistillError(f"{path}: unsupported file type {path.suffix!r} (expected .jsonl, .json or .txt)")
 
 
-def _paragraphs(text: str) -> list[str]:
-    """Blank-line separated paragraphs, stripped, empty ones dropped."""
-    blocks, current = [], []
-    for line in text.splitlines():
-        if line.strip():
-            current.append(line)
-        elif current:
-            blocks.append("\n".join(current).strip())
-            current = []
-    if current:
-        blocks.append("\n".join(current).strip())
-    return blocks
+def _text_blocks(path: Path, text: str) -> Iterator[tuple[str, str]]:
+    """(where, paragraph) of a text file: blank-line separated paragraphs, or lines if it has no blank line."""
+    lines = text.splitlines()
+    filled = [i for i, line in enumerate(lines) if line.strip()]
+    if filled and all(line.strip() for line in lines[filled[0]:filled[-1] + 1]):
+        yield from ((f"{path}:{i + 1}", lines[i].strip()) for i in filled)
+        return
+    start = None
+    for i, line in enumerate(lines + [""]):
+        if line.strip() and start is None:
+            start = i
+        elif not line.strip() and start is not None:
+            yield f"{path}:{start + 1}", "\n".join(lines[start:i]).strip()  # inner indentation kept
+            start = None
 
 
 # ---------------------------------------------------------------- record layouts
@@ -141,12 +150,17 @@ def _content_id(value: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def _text_field(record: dict, key: str) -> str:
+def _string(record: dict, key: str) -> str:
     value = record.get(key)
     if value is None:
         raise RecordError(f"missing {key!r}")
     if not isinstance(value, str):
         raise RecordError(f"{key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _nonempty(record: dict, key: str) -> str:
+    value = _string(record, key)
     if not value.strip():
         raise RecordError(f"empty {key!r}")
     return value
@@ -163,40 +177,45 @@ def _content_text(content: Any, where: str) -> str:
         if not all(isinstance(p, str) for p in parts):
             raise RecordError(f"{where}: a text part has no 'text' string")
         content = "".join(parts)
+    if content is None:
+        return ""
     if not isinstance(content, str):
         raise RecordError(f"{where}: content must be text, got {type(content).__name__}")
-    if not content.strip():
-        raise RecordError(f"{where}: empty content")
     return content
 
 
-def _messages_field(record: dict) -> Messages:
-    turns = record["messages"]
+def _turns(record: dict, key: str, role_key: str, text_key: str, roles: dict[str, str]) -> tuple[Messages, list[str]]:
+    """Messages of a 'messages' or 'conversations' list, and where each one is (for error messages)."""
+    turns = record[key]
     if not isinstance(turns, list) or not turns:
-        raise RecordError("'messages' must be a non-empty list of {role, content}")
-    messages = []
+        raise RecordError(f"{key!r} must be a non-empty list of {{{role_key}, {text_key}}}")
+    messages, names = [], []
     for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or "role" not in turn:
-            raise RecordError(f"messages[{i}]: expected an object with 'role' and 'content'")
-        if turn["role"] not in ROLES:
-            raise RecordError(f"messages[{i}]: unknown role {turn['role']!r} (expected {', '.join(ROLES)})")
-        messages.append({"role": turn["role"], "content": _content_text(turn.get("content"), f"messages[{i}]")})
-    return messages
-
-
-def _conversations_field(record: dict) -> Messages:
-    turns = record["conversations"]
-    if not isinstance(turns, list) or not turns:
-        raise RecordError("'conversations' must be a non-empty list of {from, value}")
-    messages = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or "from" not in turn:
-            raise RecordError(f"conversations[{i}]: expected an object with 'from' and 'value'")
-        role = SHAREGPT_ROLES.get(turn["from"])
+        name = f"{key}[{i}]"
+        if not isinstance(turn, dict) or role_key not in turn:
+            raise RecordError(f"{name}: expected an object with {role_key!r} and {text_key!r}")
+        role = roles.get(turn[role_key])
         if role is None:
-            raise RecordError(f"conversations[{i}]: unknown 'from' {turn['from']!r} (expected human, gpt or system)")
-        messages.append({"role": role, "content": _content_text(turn.get("value"), f"conversations[{i}]")})
-    return messages
+            raise RecordError(f"{name}: unknown {role_key} {turn[role_key]!r} (expected {', '.join(roles)})")
+        messages.append({"role": role, "content": _content_text(turn.get(text_key), name)})
+        names.append(name)
+    return messages, names
+
+
+def _conversation(record: dict) -> tuple[Messages, list[str]] | None:
+    """The turns of a messages/conversations record (None for the other layouts); contents may still be empty."""
+    if "messages" in record:
+        return _turns(record, "messages", "role", "content", {r: r for r in ROLES})
+    if "conversations" in record:
+        return _turns(record, "conversations", "from", "value", SHAREGPT_ROLES)
+    return None
+
+
+def _check_contents(messages: Messages, names: list[str]) -> None:
+    """Every turn needs text; an empty assistant turn marks the whole record as an unanswered one."""
+    for message, name in zip(messages, names):
+        if not message["content"].strip():
+            raise (EmptyAnswer if message["role"] == "assistant" else RecordError)(f"{name}: empty content")
 
 
 def _with_system(record: dict, messages: Messages) -> Messages:
@@ -207,22 +226,30 @@ def _with_system(record: dict, messages: Messages) -> Messages:
     return messages
 
 
-def _instruction_text(record: dict) -> str:
-    instruction = _text_field(record, "instruction")
-    extra = record.get("input") or ""
-    if not isinstance(extra, str):
-        raise RecordError(f"'input' must be a string, got {type(extra).__name__}")
-    return f"{instruction}\n\n{extra}" if extra.strip() else instruction
+def _question(record: dict) -> str | None:
+    """The user text of an instruction or prompt record; None for the other layouts."""
+    if "instruction" in record:
+        instruction, extra = _nonempty(record, "instruction"), record.get("input") or ""
+        if not isinstance(extra, str):
+            raise RecordError(f"'input' must be a string, got {type(extra).__name__}")
+        return f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    for key in ("prompt", "question"):
+        if key in record:
+            return _nonempty(record, key)
+    return None
 
 
 def _answer(record: dict) -> str:
     for key in ANSWER_KEYS:
         if key in record:
-            return _text_field(record, key)
+            answer = _string(record, key)
+            if not answer.strip():
+                raise EmptyAnswer(f"empty {key!r}")
+            return answer
     raise RecordError(f"no answer: expected one of {', '.join(ANSWER_KEYS)}")
 
 
-def _record_dict(record: Any) -> dict:
+def _as_dict(record: Any) -> dict:
     if not isinstance(record, dict):
         raise RecordError(f"expected a JSON object, got {type(record).__name__}")
     return record
@@ -233,163 +260,127 @@ def _unknown_layout(record: dict, accepted: tuple[str, ...]) -> RecordError:
     return RecordError(f"unknown record layout (keys: {keys}); expected one of: {'; '.join(accepted)}")
 
 
-def _example_content(record: dict) -> tuple[Messages | None, str | None]:
-    """(messages, text) of one example record, whichever layout it uses."""
-    if "messages" in record:
-        messages = _messages_field(record)
-    elif "conversations" in record:
-        messages = _conversations_field(record)
-    elif "instruction" in record:
-        messages = [{"role": "user", "content": _instruction_text(record)}, {"role": "assistant", "content": _answer(record)}]
-    elif "prompt" in record or "question" in record:
-        key = "prompt" if "prompt" in record else "question"
-        messages = [{"role": "user", "content": _text_field(record, key)}, {"role": "assistant", "content": _answer(record)}]
+def example_from_record(record: Any) -> Example:
+    """One example from a parsed record of any supported layout; raises RecordError (or EmptyAnswer)."""
+    record = _as_dict(record)
+    conversation = _conversation(record)
+    if conversation is not None:
+        messages, names = conversation
+        if not any(m["role"] == "assistant" for m in messages):
+            raise RecordError("conversation has no assistant turn to learn from")
+        _check_contents(messages, names)
+    elif (question := _question(record)) is not None:
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": _answer(record)}]
     elif "text" in record:
-        return None, _text_field(record, "text")
+        text = _nonempty(record, "text")
+        return Example(id=_record_id(record, text), text=text)
     else:
         raise _unknown_layout(record, EXAMPLE_LAYOUTS)
-    if not any(m["role"] == "assistant" for m in messages):
-        raise RecordError("conversation has no assistant turn to learn from")
-    return _with_system(record, messages), None
+    messages = _with_system(record, messages)
+    return Example(id=_record_id(record, messages), messages=messages)
 
 
-def _prompt_messages(record: dict) -> Messages:
-    """The conversation of one prompt record; trailing assistant turns (an answer already there) are dropped."""
-    if "messages" in record:
-        messages = _messages_field(record)
-    elif "conversations" in record:
-        messages = _conversations_field(record)
-    elif "instruction" in record:
-        messages = [{"role": "user", "content": _instruction_text(record)}]
-    elif "prompt" in record or "question" in record:
-        messages = [{"role": "user", "content": _text_field(record, "prompt" if "prompt" in record else "question")}]
+def prompt_from_record(record: Any) -> Prompt:
+    """One prompt from a parsed record; any answer already there (trailing assistant turns) is ignored."""
+    record = _as_dict(record)
+    conversation = _conversation(record)
+    if conversation is not None:
+        messages, names = conversation
+        while messages and messages[-1]["role"] == "assistant":
+            messages, names = messages[:-1], names[:-1]
+        if not messages or messages[-1]["role"] != "user":
+            raise RecordError("conversation does not end with a user turn to answer")
+        _check_contents(messages, names)
+    elif (question := _question(record)) is not None:
+        messages = [{"role": "user", "content": question}]
     else:
         raise _unknown_layout(record, PROMPT_LAYOUTS)
-    while messages and messages[-1]["role"] == "assistant":
-        messages = messages[:-1]
-    if not messages or messages[-1]["role"] != "user":
-        raise RecordError("conversation does not end with a user turn to answer")
-    return _with_system(record, messages)
+    messages = _with_system(record, messages)
+    return Prompt(id=_record_id(record, messages), messages=messages)
 
 
-def _record_id(record: dict, content: Any) -> tuple[str, bool]:
-    """(id, explicit): the record's own 'id' or a hash of its content."""
-    if record.get("id") is not None:
-        return str(record["id"]), True
-    return _content_id(content), False
-
-
-class _IdRegistry:
-    """Rejects repeated explicit ids; drops exact duplicates of content (counted, warned once)."""
-
-    def __init__(self, path: Path):
-        self.path, self.first_line, self.duplicates = path, {}, 0
-
-    def admit(self, id_: str, explicit: bool, line: int) -> bool:
-        if id_ not in self.first_line:
-            self.first_line[id_] = line
-            return True
-        if explicit:
-            raise DistillError(f"{self.path}:{line}: duplicate id {id_!r} (first at line {self.first_line[id_]})")
-        self.duplicates += 1
-        return False
-
-    def report(self) -> None:
-        if self.duplicates:
-            log.warning("%s: skipped %d exact duplicate record(s)", self.path, self.duplicates)
+def _record_id(record: dict, content: Any) -> str:
+    return str(record["id"]) if record.get("id") is not None else _content_id(content)
 
 
 # ---------------------------------------------------------------- public readers
 
 
-def example_from_record(record: Any) -> Example:
-    """One example from a parsed record of any supported layout; raises RecordError when it is unusable."""
-    record = _record_dict(record)
-    messages, text = _example_content(record)
-    id_, _ = _record_id(record, messages if messages is not None else text)
-    return Example(id=id_, messages=messages, text=text)
+class _Collector:
+    """Turns records into items: errors name file:line, repeated ids are refused, duplicates and empty answers
+    are skipped with one counted warning each."""
+
+    def __init__(self, path: Path, empty_reason: str = "an empty answer"):
+        self.path, self.empty_reason = path, empty_reason
+        self.first: dict[str, str] = {}
+        self.items: list = []
+        self.duplicates, self.empty, self.first_empty = 0, 0, ""
+
+    def add(self, where: str, record: Any, parse: Callable[[Any], Example | Prompt]) -> None:
+        try:
+            item = parse(record)
+        except EmptyAnswer:
+            self.empty += 1
+            self.first_empty = self.first_empty or where
+            return
+        except RecordError as err:
+            raise DistillError(f"{where}: {err}") from None
+        if item.id in self.first:
+            if isinstance(record, dict) and record.get("id") is not None:
+                raise DistillError(f"{where}: duplicate id {item.id!r} (first at {self.first[item.id]})")
+            self.duplicates += 1  # the same content again: it would only weigh twice
+            return
+        self.first[item.id] = where
+        self.items.append(item)
+
+    def finish(self, noun: str) -> list:
+        if self.empty:
+            log.warning("%s: skipped %d record(s) with %s (first at %s)",
+                        self.path, self.empty, self.empty_reason, self.first_empty)
+        if self.duplicates:
+            log.warning("%s: skipped %d exact duplicate record(s)", self.path, self.duplicates)
+        if not self.items:
+            more = f" ({self.empty} with {self.empty_reason})" if self.empty else ""
+            raise DistillError(f"{self.path}: no {noun}{more}")
+        return self.items
 
 
 def read_examples(path: str | Path) -> list[Example]:
-    """Training examples from a .jsonl/.json file (layouts auto-detected per record) or a .txt file (paragraphs)."""
+    """Training examples from .jsonl/.json (layout detected per record) or .txt (paragraphs; lines if no blank line)."""
     path = Path(path)
-    _check_suffix(path, (".jsonl", ".json", ".txt"))
+    _check_suffix(path)
+    collector = _Collector(path)
     if path.suffix.lower() == ".txt":
-        examples = _text_examples(path)
+        for where, block in _text_blocks(path, _read_text(path)):
+            collector.add(where, {"text": block}, example_from_record)
     else:
-        examples = _examples_from_records(path, _json_records(path))
-    if not examples:
-        raise DistillError(f"{path}: no examples")
-    return examples
-
-
-def _text_examples(path: Path) -> list[Example]:
-    registry, examples = _IdRegistry(path), []
-    for number, block in enumerate(_paragraphs(_read_text(path)), start=1):
-        id_ = _content_id(block)
-        if registry.admit(id_, False, number):
-            examples.append(Example(id=id_, text=block))
-    registry.report()
-    return examples
-
-
-def _examples_from_records(path: Path, records: Iterator[tuple[int, Any]]) -> list[Example]:
-    registry, examples = _IdRegistry(path), []
-    for line, record in records:
-        try:
-            example = example_from_record(record)
-        except RecordError as err:
-            raise DistillError(f"{path}:{line}: {err}") from None
-        if registry.admit(example.id, isinstance(record, dict) and record.get("id") is not None, line):
-            examples.append(example)
-    registry.report()
-    return examples
+        for where, record in _json_records(path):
+            collector.add(where, record, example_from_record)
+    return collector.finish("examples")
 
 
 def read_prompts(path: str | Path) -> list[Prompt]:
-    """Prompts from a .jsonl/.json file (answers, if present, are ignored) or a .txt file (one prompt per line)."""
+    """Prompts from .jsonl/.json (answers, if present, are ignored) or .txt (one prompt per line)."""
     path = Path(path)
-    _check_suffix(path, (".jsonl", ".json", ".txt"))
+    _check_suffix(path)
+    collector = _Collector(path)
     if path.suffix.lower() == ".txt":
-        lines = enumerate(_read_text(path).splitlines(), start=1)
-        records: Iterator[tuple[int, Any]] = ((n, {"prompt": s.strip()}) for n, s in lines if s.strip())
+        for number, line in enumerate(_read_text(path).splitlines(), start=1):
+            if line.strip():
+                collector.add(f"{path}:{number}", {"prompt": line.strip()}, prompt_from_record)
     else:
-        records = _json_records(path)
-    registry, prompts = _IdRegistry(path), []
-    for line, record in records:
-        try:
-            record = _record_dict(record)
-            messages = _prompt_messages(record)
-        except RecordError as err:
-            raise DistillError(f"{path}:{line}: {err}") from None
-        id_, explicit = _record_id(record, messages)
-        if registry.admit(id_, explicit, line):
-            prompts.append(Prompt(id=id_, messages=messages))
-    registry.report()
-    if not prompts:
-        raise DistillError(f"{path}: no prompts")
-    return prompts
+        for where, record in _json_records(path):
+            collector.add(where, record, prompt_from_record)
+    return collector.finish("prompts")
 
 
 def load_teacher_data(path: str | Path) -> list[Example]:
     """Examples from a teacher_data.jsonl written by generate_responses; empty answers are skipped with a warning."""
     path = Path(path)
-    empty = 0
-
-    def answered() -> Iterator[tuple[int, Any]]:
-        nonlocal empty
-        for line, record in _jsonl_records(path, _read_text(path)):
-            if isinstance(record, dict) and not str(record.get("response") or "").strip():
-                empty += 1
-                continue
-            yield line, record
-
-    kept = _examples_from_records(path, answered())
-    if empty:
-        log.warning("%s: skipped %d record(s) with an empty teacher response", path, empty)
-    if not kept:
-        raise DistillError(f"{path}: no examples" + (f" ({empty} empty teacher responses)" if empty else ""))
-    return kept
+    collector = _Collector(path, empty_reason="an empty teacher response")
+    for where, record in _jsonl_records(path, _read_text(path)):
+        collector.add(where, record, example_from_record)
+    return collector.finish("examples")
 
 
 # ---------------------------------------------------------------- split
@@ -404,16 +395,16 @@ def _unit_hash(seed: int, id_: str) -> float:
 def split_train_eval(
     examples: list[Example], eval_fraction: float, seed: int, max_eval: int
 ) -> tuple[list[Example], list[Example]]:
-    """Deterministic split by hashing ids: adding examples never moves an existing training example to eval."""
-    if not examples:
-        return [], []
+    """Deterministic split by hashing ids: adding examples never moves an existing training example to eval.
+
+    Eval holds the examples whose hash falls below eval_fraction, capped at max_eval (lowest hashes kept), at
+    least one when eval_fraction > 0, and never all of them (training keeps at least one example).
+    """
     if eval_fraction <= 0 or len(examples) < 2:
         return list(examples), []
-    ranked = sorted(examples, key=lambda e: (_unit_hash(seed, e.id), e.id))
-    wanted = sum(1 for e in ranked if _unit_hash(seed, e.id) < eval_fraction)
-    # At least one eval example when asked for any; at least one training example; the cap keeps the lowest hashes.
+    score = {e.id: _unit_hash(seed, e.id) for e in examples}
+    ranked = sorted(examples, key=lambda e: (score[e.id], e.id))
+    wanted = sum(1 for s in score.values() if s < eval_fraction)
     count = min(max(wanted, 1), max_eval, len(examples) - 1)
     eval_ids = {e.id for e in ranked[:count]}
-    train = [e for e in examples if e.id not in eval_ids]
-    evals = [e for e in examples if e.id in eval_ids]
-    return train, evals
+    return [e for e in examples if e.id not in eval_ids], [e for e in examples if e.id in eval_ids]

@@ -83,7 +83,7 @@ def evaluate_run(recipe: Recipe, *, progress: bool = True) -> dict:
 
     rows = {}
     for name, model, answers, model_dir in (
-        ("teacher", teacher, teacher_answers, None),
+        ("teacher", teacher, teacher_answers, _local_weights(recipe)),
         ("student", student, student_answers, student_dir),
     ):
         row = dict(model_size(model, model_dir))
@@ -98,7 +98,7 @@ def evaluate_run(recipe: Recipe, *, progress: bool = True) -> dict:
         if recipe.eval.measure_speed:
             e = recipe.eval
             speed, extra_mb = peak_memory_mb(lambda m=model: decode_speed(
-                m, tokenizer, prompt_tokens=e.speed_prompt_tokens, new_tokens=e.speed_new_tokens))
+                m, tokenizer, prompt_tokens=e.speed_prompt_tokens, new_tokens=e.speed_new_tokens), device=device)
             row.update(speed)
             row["peak_memory_mb"] = row["weight_bytes"] / 2**20 + extra_mb
         rows[name] = row
@@ -113,6 +113,16 @@ def evaluate_run(recipe: Recipe, *, progress: bool = True) -> dict:
     print(format_table(report))
     log.info("report written to %s", recipe.run_dir / "report.json")
     return report
+
+
+def _local_weights(recipe: Recipe) -> Path | None:
+    """The teacher's weights on disk (directory or .gguf file), for its size; None for a hub id."""
+    from distill.models import resolve_model_path
+    from distill.models.from_recipe import model_ref
+
+    path, gguf = resolve_model_path(model_ref(recipe, recipe.teacher.model), recipe.teacher.gguf_file)
+    local = Path(path) / gguf if gguf else Path(path)
+    return local if local.exists() else None
 
 
 def _text_files(recipe: Recipe, tokenizer) -> list:

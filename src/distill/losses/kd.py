@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from distill.errors import DistillError
-from distill.losses.divergences import Divergence, get_divergence
+from distill.losses.divergences import Divergence, divergence_on_log_probs, log_probs
 
 IGNORE_INDEX = -100
 
@@ -31,24 +31,32 @@ class LossOutput:
 class _Objective:
     """Summed loss terms over a set of valid rows; shared by the naive and the chunked path."""
 
-    divergence: Divergence
+    divergence: Divergence  # on (student_log_probs, teacher_log_probs)
     temperature: float
     alpha: float
 
-    def sums(self, student_logits: Tensor, teacher_logits: Optional[Tensor], labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def teacher_log_probs(self, teacher_logits: Tensor, shared_vocab: int) -> Tensor:
+        """Teacher log-probs at temperature T over the vocabulary both heads share (padded rows dropped)."""
+        return log_probs(_scaled(teacher_logits.detach()[:, :shared_vocab], self.temperature))
+
+    def sums(
+        self, student_logits: Tensor, teacher_log_probs: Optional[Tensor], labels: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """(loss, ce, kd) summed over rows; kd already carries the T^2 factor."""
         student = _wide(student_logits)
         # CE as logsumexp - target logit: saves no [rows, V] log-prob tensor for backward.
         ce = (torch.logsumexp(student, dim=-1) - student.gather(1, labels[:, None]).squeeze(1)).sum()
-        if teacher_logits is None:
+        if teacher_log_probs is None:
             return ce, ce, torch.zeros_like(ce)
-        shared = min(student.size(1), teacher_logits.size(1))  # padded heads: compare the real vocabulary only
         t = self.temperature
-        s_scaled, t_scaled = student[:, :shared], teacher_logits[:, :shared].detach()
-        if t != 1.0:
-            s_scaled, t_scaled = s_scaled / t, t_scaled / t
-        kd = t * t * self.divergence(s_scaled, t_scaled).sum()
+        # One expression, so the scaled copy of the student logits is freed as soon as log_softmax is done.
+        student_log_probs = log_probs(_scaled(student[:, : teacher_log_probs.size(1)], t))
+        kd = t * t * self.divergence(student_log_probs, teacher_log_probs).sum()
         return self.alpha * ce + (1.0 - self.alpha) * kd, ce, kd
+
+
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    return logits if temperature == 1.0 else logits / temperature
 
 
 def _wide(x: Tensor) -> Tensor:
@@ -61,21 +69,26 @@ def _objective(divergence: str, temperature: float, alpha: float, beta: float, s
         raise DistillError(f"method.temperature: must be > 0, got {temperature}")
     if not 0.0 <= alpha <= 1.0:
         raise DistillError(f"method.alpha: must be in [0, 1], got {alpha}")
-    return _Objective(get_divergence(divergence, beta=beta, skew=skew), float(temperature), float(alpha))
+    return _Objective(divergence_on_log_probs(divergence, beta=beta, skew=skew), float(temperature), float(alpha))
 
 
 def _check_labels(labels: Tensor, student_vocab: int) -> None:
     valid = labels[labels != IGNORE_INDEX]
-    if valid.numel() and (int(valid.max()) >= student_vocab or int(valid.min()) < 0):
-        bad = int(valid.max()) if int(valid.max()) >= student_vocab else int(valid.min())
+    if valid.numel() == 0:
+        return
+    low, high = int(valid.min()), int(valid.max())
+    if low < 0 or high >= student_vocab:
+        bad = low if low < 0 else high
         raise DistillError(f"label id {bad} is outside the student's vocabulary of {student_vocab} tokens")
 
 
 def _empty_output(*tracked: Tensor) -> LossOutput:
     """Loss 0 for a batch with no valid position; empty sums keep the graph so backward still works."""
-    loss = sum((t[:0].sum() for t in tracked), torch.zeros((), dtype=_wide(tracked[0]).dtype))
-    zero = torch.zeros((), dtype=loss.dtype)
-    return LossOutput(loss=loss.to(zero.dtype), kd=zero, ce=zero.clone(), n_tokens=0)
+    zero = torch.zeros((), dtype=_wide(tracked[0]).dtype)
+    loss = zero
+    for t in tracked:
+        loss = loss + t[:0].sum()
+    return LossOutput(loss=loss, kd=zero, ce=zero.clone(), n_tokens=0)
 
 
 def kd_loss(
@@ -96,8 +109,12 @@ def kd_loss(
     n = int(valid.sum())
     if n == 0:
         return _empty_output(student_logits)
-    teacher = None if teacher_logits is None else teacher_logits.detach()[valid]
-    loss, ce, kd = objective.sums(student_logits[valid], teacher, labels[valid])
+    student = student_logits[valid]
+    teacher = None
+    if teacher_logits is not None:
+        shared = min(student.size(1), teacher_logits.size(-1))
+        teacher = objective.teacher_log_probs(teacher_logits.detach()[valid], shared)
+    loss, ce, kd = objective.sums(student, teacher, labels[valid])
     return LossOutput(loss=loss / n, kd=kd.detach() / n, ce=ce.detach() / n, n_tokens=n)
 
 
@@ -180,8 +197,10 @@ def _chunked_pass(
     totals = torch.zeros(3, dtype=torch.float64)
     if teacher is not None:
         teacher_hidden, teacher_head = teacher
-        # Only the vocabulary both heads share enters the divergence: skip the teacher's padded rows.
-        teacher = (teacher_hidden, teacher_head[: min(head.size(0), teacher_head.size(0))])
+        # Only the shared vocabulary enters the divergence, so the teacher's padded rows are never multiplied;
+        # dividing the (small) head by T once gives logits already at temperature T.
+        shared = min(head.size(0), teacher_head.size(0))
+        teacher = (teacher_hidden, _scaled(teacher_head[:shared], objective.temperature))
     for start in range(0, n, chunk_size):
         rows = slice(start, start + chunk_size)
         chunk_teacher = None if teacher is None else (teacher[0][rows], teacher[1])
@@ -210,18 +229,19 @@ def _process_chunk(
     A separate function so the chunk's [rows, V] tensors are freed on return, before the next chunk.
     """
     student_logits = hidden @ head.t()
-    teacher_logits = None if teacher is None else teacher[0] @ teacher[1].t()
+    teacher_log_probs = None if teacher is None else log_probs(teacher[0] @ teacher[1].t())
     if grad_hidden_out is None and grad_head_acc is None:
         with torch.no_grad():
-            return torch.stack(objective.sums(student_logits, teacher_logits, labels)).double()
+            return torch.stack(objective.sums(student_logits, teacher_log_probs, labels)).double()
     # Autograd only through the loss math, down to the logits; the two head matmuls are done by hand so the
     # hidden grad lands in its slot and the head grad accumulates with addmm_ (no [V, D] temporary per chunk).
     student_logits.requires_grad_(True)
     with torch.enable_grad():
-        loss, ce, kd = objective.sums(student_logits, teacher_logits, labels)
+        loss, ce, kd = objective.sums(student_logits, teacher_log_probs, labels)
+        del teacher_log_probs  # the graph keeps what backward needs; drop the rest before backward's peak
         (grad_logits,) = torch.autograd.grad(loss * scale, student_logits)
     sums = torch.stack([loss.detach(), ce.detach(), kd.detach()]).double()
-    del student_logits, teacher_logits, loss, ce, kd
+    del student_logits, loss, ce, kd
     if grad_hidden_out is not None:
         torch.mm(grad_logits, head, out=grad_hidden_out)
     if grad_head_acc is not None:

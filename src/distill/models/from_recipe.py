@@ -12,7 +12,7 @@ from distill.recipe import Recipe
 log = logging.getLogger("distill")
 
 
-def _ref(recipe: Recipe, model: str) -> str:
+def model_ref(recipe: Recipe, model: str) -> str:
     """A model reference with local relative paths resolved against the recipe's directory."""
     if "://" in model:
         return model
@@ -24,7 +24,7 @@ def teacher_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     """The teacher's tokenizer: the student is trained on it too."""
     from distill.models import load_tokenizer, resolve_model_path
 
-    path, gguf = resolve_model_path(_ref(recipe, recipe.teacher.model), recipe.teacher.gguf_file)
+    path, gguf = resolve_model_path(model_ref(recipe, recipe.teacher.model), recipe.teacher.gguf_file)
     return load_tokenizer(path, gguf, trust_remote_code=recipe.teacher.trust_remote_code)
 
 
@@ -32,7 +32,7 @@ def load_teacher(recipe: Recipe, device: torch.device, dtype: torch.dtype) -> Pr
     """The frozen teacher: eval mode, no gradients."""
     from distill.models import load_model, resolve_model_path
 
-    path, gguf = resolve_model_path(_ref(recipe, recipe.teacher.model), recipe.teacher.gguf_file)
+    path, gguf = resolve_model_path(model_ref(recipe, recipe.teacher.model), recipe.teacher.gguf_file)
     teacher = load_model(path, gguf, dtype=dtype, device=device, trust_remote_code=recipe.teacher.trust_remote_code)
     teacher.eval().requires_grad_(False)
     return teacher
@@ -47,7 +47,7 @@ def initial_student(
 
     spec = recipe.student
     if spec.model is not None:
-        path, gguf = resolve_model_path(_ref(recipe, spec.model), spec.gguf_file)
+        path, gguf = resolve_model_path(model_ref(recipe, spec.model), spec.gguf_file)
         return load_model(path, gguf, dtype=dtype, device=device, trust_remote_code=spec.trust_remote_code)
     student = build_student(spec.config, teacher, tokenizer, init_embeddings=spec.init_embeddings, seed=recipe.seed)
     return student.to(device=device, dtype=dtype)

@@ -28,9 +28,8 @@ class TrainResult:
 
 
 def needs_teacher_weights(recipe: Recipe) -> bool:
-    """KD needs the teacher's logits; a new student may borrow the teacher's embeddings."""
-    s = recipe.student
-    return recipe.method.kind == "kd" or (s.config is not None and s.init_embeddings != "random")
+    """KD needs the teacher's logits; a new student is built on the teacher's vocab, positions and embeddings."""
+    return recipe.method.kind == "kd" or recipe.student.config is not None
 
 
 def loss_on_batch(
@@ -109,12 +108,18 @@ def _tensorboard(log_dir: Path):
     return SummaryWriter(str(log_dir))
 
 
-def train(recipe: Recipe, *, resume: bool = True, progress: bool = True) -> TrainResult:
-    """Train the recipe's student, continuing from the newest checkpoint in <run>/checkpoints when resuming."""
+def train(
+    recipe: Recipe, *, resume: bool = True, progress: bool = True, stop_after: int | None = None
+) -> TrainResult | None:
+    """Train the recipe's student, continuing from the newest checkpoint in <run>/checkpoints when resuming.
+
+    `stop_after` ends this call after that many completed steps (checkpointing first), as a kill would;
+    it returns None then and a later call resumes.
+    """
     from distill.data.splits import recipe_examples
     from distill.data.tokenize import batch_indices, collate, encode_all
     from distill.models import check_tokenizers, load_tokenizer, resolve_model_path, save_model
-    from distill.models.from_recipe import _ref, initial_student, load_teacher, teacher_tokenizer, \
+    from distill.models.from_recipe import model_ref, initial_student, load_teacher, teacher_tokenizer, \
         trained_student_dir
     from distill.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
     from distill.train.schedule import lr_multiplier
@@ -133,7 +138,7 @@ def train(recipe: Recipe, *, resume: bool = True, progress: bool = True) -> Trai
     teacher = load_teacher(recipe, device, dtype) if needs_teacher_weights(recipe) else None
     student = initial_student(recipe, teacher, tokenizer, device, dtype)
     if recipe.student.model is not None:
-        path, gguf = resolve_model_path(_ref(recipe, recipe.student.model), recipe.student.gguf_file)
+        path, gguf = resolve_model_path(model_ref(recipe, recipe.student.model), recipe.student.gguf_file)
         student_tok = load_tokenizer(path, gguf)
         if recipe.method.kind == "kd":
             check_tokenizers(tokenizer, student_tok, teacher.config.vocab_size, student.config.vocab_size)
@@ -171,7 +176,7 @@ def train(recipe: Recipe, *, resume: bool = True, progress: bool = True) -> Trai
             out = loss_on_batch(student, teacher, batch, recipe.method)
             (out.loss / t.grad_accum).backward()
             for key in totals:
-                totals[key] += float(getattr(out, key)) / t.grad_accum
+                totals[key] += float(getattr(out, key).detach()) / t.grad_accum
             window_tokens += int(batch["attention_mask"].sum())
         grad_norm = None
         if t.max_grad_norm:
@@ -188,8 +193,11 @@ def train(recipe: Recipe, *, resume: bool = True, progress: bool = True) -> Trai
             metrics.write(record)
             bar.set_postfix(loss=f"{last:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             window_tokens, window_start = 0, time.perf_counter()
-        if done % t.checkpoint_every == 0 or done == t.steps:
+        if done % t.checkpoint_every == 0 or done == t.steps or done == stop_after:
             save_checkpoint(checkpoint_dir, done, student, optimizer, scheduler, t.keep_checkpoints)
+        if done == stop_after:
+            bar.close()
+            return None
     bar.close()
 
     out_dir = trained_student_dir(recipe)

@@ -1,0 +1,141 @@
+"""Load, convert and save models and tokenizers (HF directories, hub ids, GGUF files)."""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from distill.errors import DistillError
+from distill.models.heads import is_peft
+from distill.models.paths import resolve_model_path
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def load_tokenizer(
+    model: str, gguf_file: str | None = None, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with a pad token (eos when it has none) so batches can be padded."""
+    path, gguf_file = resolve_model_path(model, gguf_file)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise DistillError(f"could not load the tokenizer of {model!r}: {_first_line(err)}") from None
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise DistillError(f"tokenizer of {model!r} has no pad, eos or unk token to pad batches with")
+        tokenizer.pad_token = fallback
+    return tokenizer
+
+
+def load_model(
+    model: str,
+    gguf_file: str | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """A causal LM in eval mode; GGUF weights come back dequantized and saveable."""
+    path, gguf_file = resolve_model_path(model, gguf_file)
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    elif Path(path).is_dir() and any(Path(path).glob("*.safetensors")):
+        kwargs["use_safetensors"] = True  # never fall back to pickled .bin when safetensors are there
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise DistillError(f"could not load model {model!r}: {_first_line(err)}") from None
+    if gguf_file is not None:
+        _forget_quantization(loaded)
+    return loaded.to(device).eval()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _forget_quantization(model: PreTrainedModel) -> None:
+    """Drop the GGUF quantizer bookkeeping: the weights are already dequantized, and save_pretrained refuses it."""
+    for name in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, name):
+            delattr(model, name)
+    model.is_quantized = False
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(module, PreTrainedModel) and config is not None:
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            config._is_quantized = False
+
+
+@contextmanager
+def _atomic_directory(out_dir: Path) -> Iterator[Path]:
+    """Yield a temp dir beside out_dir; when the block succeeds it replaces out_dir by a rename."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DistillError(f"{out_dir}: exists and is not a directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a saved model should read like any folder
+        old = None
+        if out_dir.exists():
+            # Linux cannot swap two directories in one step: out_dir is briefly absent, never half-written.
+            old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+    """Save an HF directory (safetensors + tokenizer) atomically; LoRA adapters are merged into the weights."""
+    out_dir = Path(out_dir)
+    plain = _merged_copy(model) if is_peft(model) else model
+    with _atomic_directory(out_dir) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out_dir
+
+
+def _merged_copy(model: torch.nn.Module) -> PreTrainedModel:
+    """The PEFT model's base with its adapters merged in; a copy, so training can go on with the adapters."""
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """Write a GGUF model as a normal HF directory (safetensors, config, tokenizer, generation config)."""
+    path, gguf_file = resolve_model_path(str(gguf_path))
+    if gguf_file is None:
+        raise DistillError(f"{gguf_path}: not a .gguf file")
+    model = load_model(path, gguf_file)
+    tokenizer = load_tokenizer(path, gguf_file)
+    return save_model(model, tokenizer, out_dir)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Number of distinct parameters; tied weights (one tensor, two names) count once."""
+    # parameters() yields a Parameter shared by several modules once: that is how HF ties weights.
+    return sum(p.numel() for p in model.parameters())
+
+
+def bytes_on_disk(path: str | Path) -> int:
+    """Size of the weight files of a model directory (or of one weight file)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))

@@ -1,0 +1,113 @@
+"""The `distill` command end to end on tiny models, and its bad-input behaviour."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from distill.cli import main
+from test_train import tiny_recipe
+
+REPORT_KEYS = {"params", "perplexity", "top1_agreement", "kl_to_teacher", "rougeL_ref", "rougeL_teacher",
+               "decode_tokens_per_s", "peak_memory_mb"}
+
+
+def _recipe_file(tmp_path: Path, recipe: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _prompts(tmp_path: Path, n: int = 12) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Tell me about number {i}."}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def test_run_end_to_end_writes_every_artifact(tmp_path, tiny_teacher_dir, capsys):
+    recipe = tiny_recipe(tmp_path / "run", tiny_teacher_dir, _prompts(tmp_path))
+    recipe["data"] = {"prompts": recipe["data"].pop("train"), "max_length": 48, "eval_fraction": 0.25}
+    recipe["generate"] = {"max_new_tokens": 6, "batch_size": 4, "temperature": 1.0}  # greedy: only newlines
+    path = _recipe_file(tmp_path, recipe)
+    assert main(["run", str(path), "--no-progress", "--set", "train.steps=3"]) == 0
+    run = tmp_path / "run"
+    for name in ("recipe.yaml", "teacher_data.jsonl", "metrics.jsonl", "log.txt", "report.json", "samples.jsonl",
+                 "student/config.json", "student/model.safetensors", "student/tokenizer.json"):
+        assert (run / name).exists(), name
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["train"]["steps"] == 3  # resolved, with --set
+    assert len((run / "teacher_data.jsonl").read_text().splitlines()) == 12
+    report = json.loads((run / "report.json").read_text())
+    for side in ("teacher", "student"):
+        assert REPORT_KEYS <= set(report[side]), side
+    assert report["teacher"]["top1_agreement"] == 1.0
+    assert report["teacher"]["kl_to_teacher"] < 1e-6
+    assert report["student"]["params"] < report["teacher"]["params"]
+    assert {"compression", "speedup", "quality_pct_of_teacher"} <= set(report["ratios"])
+    assert report["ratios"]["compression"] == report["student"]["params"] / report["teacher"]["params"]
+    out = capsys.readouterr().out
+    assert "teacher" in out and "student" in out  # the table is printed
+
+    # Re-running a finished run resumes: no step is trained twice, nothing is regenerated.
+    assert main(["run", str(path), "--no-progress", "--set", "train.steps=3"]) == 0
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert len((run / "teacher_data.jsonl").read_text().splitlines()) == 12
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distill.cli", *args], capture_output=True, text=True)
+
+
+def test_bad_recipe_is_one_line_exit_2(tmp_path, tiny_teacher_dir, pairs_jsonl):
+    recipe = tiny_recipe(tmp_path / "run", tiny_teacher_dir, pairs_jsonl, train={"stepz": 3})
+    result = _cli("train", str(_recipe_file(tmp_path, recipe)))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.stepz: unknown key" in lines[0] and "recipe.yaml" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_missing_model_path_exit_2_and_debug_shows_traceback(tmp_path, pairs_jsonl):
+    recipe = tiny_recipe(tmp_path / "run", tmp_path / "no_such_model", pairs_jsonl)
+    path = _recipe_file(tmp_path, recipe)
+    result = _cli("train", str(path), "--no-progress")
+    assert result.returncode == 2
+    assert "no_such_model" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    debug = _cli("--debug", "train", str(path), "--no-progress")
+    assert "Traceback" in debug.stderr
+
+
+def test_bad_data_line_is_named(tmp_path, tiny_teacher_dir):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n{not json\n')
+    recipe = tiny_recipe(tmp_path / "run", tiny_teacher_dir, data)
+    result = _cli("train", str(_recipe_file(tmp_path, recipe)), "--no-progress")
+    assert result.returncode == 2
+    assert "data.jsonl:2" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "student").exists()
+
+
+def test_empty_dataset_exit_2(tmp_path, tiny_teacher_dir):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("")
+    recipe = tiny_recipe(tmp_path / "run", tiny_teacher_dir, data)
+    result = _cli("train", str(_recipe_file(tmp_path, recipe)), "--no-progress")
+    assert result.returncode == 2 and "empty.jsonl" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_incompatible_tokenizers_refused(tmp_path, tiny_teacher_dir, pairs_jsonl):
+    from conftest import STORIES260K, require_shared
+
+    other = require_shared(STORIES260K)
+    recipe = tiny_recipe(tmp_path / "run", tiny_teacher_dir, pairs_jsonl, student={"model": str(other),
+                                                                                    "config": None})
+    result = _cli("train", str(_recipe_file(tmp_path, recipe)), "--no-progress")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "differ" in result.stderr
+    assert not (tmp_path / "run" / "student").exists()
