@@ -155,7 +155,8 @@ def test_kd_loss_matches_hand_written_objective(name, alpha):
     out = kd_loss(s, t, labels, divergence=name, temperature=temperature, alpha=alpha, beta=0.3, skew=0.2)
     valid = labels != -100
     ce = F.cross_entropy(s[valid], labels[valid])
-    kd = temperature**2 * reference(name, s[valid] / temperature, t[valid] / temperature, beta=0.3, skew=0.2).mean()
+    divergence = reference(name, s[valid] / temperature, t[valid] / temperature, beta=0.3, skew=0.2)
+    kd = temperature**2 * divergence.mean()
     torch.testing.assert_close(out.ce, ce)
     torch.testing.assert_close(out.kd, kd)
     torch.testing.assert_close(out.loss, alpha * ce + (1 - alpha) * kd)
@@ -214,7 +215,7 @@ def make_case(seed: int, student_vocab: int = V, teacher_vocab: int = V, dtype=t
     return hs, ws, ht, wt, labels
 
 
-def naive_and_chunked(hs, ws, ht, wt, labels, chunk_size=5, **kwargs) -> tuple[LossOutput, tuple, LossOutput, tuple]:
+def naive_and_chunked(hs, ws, ht, wt, labels, chunk_size=5, **kwargs):
     """Loss and (d/d hidden, d/d head) from both paths on identical inputs."""
     teacher_logits = None if ht is None else ht @ wt.t()
     naive = kd_loss(hs @ ws.t(), teacher_logits, labels, **kwargs)
@@ -225,7 +226,8 @@ def naive_and_chunked(hs, ws, ht, wt, labels, chunk_size=5, **kwargs) -> tuple[L
 
 
 def assert_same(naive: LossOutput, naive_grads, chunked: LossOutput, chunked_grads, rtol=1e-5, atol=1e-10):
-    for a, b in [(naive.loss, chunked.loss), (naive.kd, chunked.kd), (naive.ce, chunked.ce), *zip(naive_grads, chunked_grads)]:
+    pairs = [(naive.loss, chunked.loss), (naive.kd, chunked.kd), (naive.ce, chunked.ce), *zip(naive_grads, chunked_grads)]
+    for a, b in pairs:
         torch.testing.assert_close(b, a, rtol=rtol, atol=atol)
     assert naive.n_tokens == chunked.n_tokens
     assert chunked_grads[1].abs().max() > 0
@@ -243,8 +245,14 @@ def test_chunked_equals_naive_value_and_grads(name, alpha):
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 16, 1024])
-def test_chunked_any_chunk_size(chunk_size):
-    assert_same(*naive_and_chunked(*make_case(seed=40), chunk_size=chunk_size, temperature=1.5))
+@pytest.mark.parametrize("masked", [True, False])
+def test_chunked_any_chunk_size(chunk_size, masked):
+    hs, ws, ht, wt, labels = make_case(seed=40)
+    if not masked:
+        labels = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(40))
+    results = naive_and_chunked(hs, ws, ht, wt, labels, chunk_size=chunk_size, temperature=1.5)
+    assert_same(*results)
+    assert results[2].n_tokens == (N - 7 if masked else N)
 
 
 @pytest.mark.parametrize("student_vocab,teacher_vocab", [(V, V + 24), (V + 24, V)])
@@ -276,7 +284,8 @@ def test_chunked_tied_head_gets_both_gradients():
     embedding = torch.nn.Embedding(V, DS, dtype=torch.float64)
     proj = torch.nn.Linear(DS, DS, dtype=torch.float64)
     ids = torch.randint(0, V, (N,))
-    ht, wt, labels = torch.randn(N, DT, dtype=torch.float64), torch.randn(V, DT, dtype=torch.float64), masked_labels(N, V, 44)
+    ht, wt = torch.randn(N, DT, dtype=torch.float64), torch.randn(V, DT, dtype=torch.float64)
+    labels = masked_labels(N, V, 44)
 
     def grads(loss_fn):
         embedding.zero_grad(set_to_none=True)
@@ -286,14 +295,15 @@ def test_chunked_tied_head_gets_both_gradients():
         return embedding.weight.grad.clone(), proj.weight.grad.clone()
 
     naive = grads(lambda h: kd_loss(h @ embedding.weight.t(), ht @ wt.t(), labels, temperature=2.0).loss)
-    chunked = grads(lambda h: kd_loss_chunked(h, embedding.weight, ht, wt, labels, temperature=2.0, chunk_size=3).loss)
+    chunked = grads(
+        lambda h: kd_loss_chunked(h, embedding.weight, ht, wt, labels, temperature=2.0, chunk_size=3).loss
+    )
     for a, b in zip(naive, chunked):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-10)
     # both uses of the tied weight contribute: rows of looked-up ids differ from pure head grads
-    head_only = torch.autograd.grad(
-        kd_loss_chunked(torch.tanh(proj(embedding(ids))).detach(), embedding.weight, ht, wt, labels, temperature=2.0).loss,
-        embedding.weight,
-    )[0]
+    frozen_hidden = torch.tanh(proj(embedding(ids))).detach()
+    head_only_loss = kd_loss_chunked(frozen_hidden, embedding.weight, ht, wt, labels, temperature=2.0).loss
+    head_only = torch.autograd.grad(head_only_loss, embedding.weight)[0]
     assert not torch.allclose(head_only, naive[0])
 
 
@@ -358,3 +368,13 @@ def test_chunked_input_errors():
         kd_loss_chunked(hs, ws, ht, wt, labels, divergence="kl")
     with pytest.raises(DistillError, match="method.temperature"):
         kd_loss_chunked(hs, ws, ht, wt, labels, temperature=0.0)
+    with pytest.raises(DistillError, match="expected student_hidden"):
+        kd_loss_chunked(hs, ws, ht, wt, labels[:-1])
+
+
+def test_chunked_backward_twice_is_refused():
+    hs, ws, ht, wt, labels = make_case(seed=51)
+    out = kd_loss_chunked(hs, ws, ht, wt, labels)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        out.loss.backward()

@@ -504,13 +504,15 @@ def test_convert_gguf_gives_identical_hf_model(tmp_path, monkeypatch):
 
     for name in ("load_model", "load_tokenizer"):
         monkeypatch.setattr(loading, name, keep(name))
-    out = convert_gguf(SMOL_REF, tmp_path / "smol")
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))  # a cold cache: really parse the GGUF
+    (tmp_path / "conv").mkdir()
+    out = convert_gguf(SMOL_REF, tmp_path / "conv" / "smol")
     gguf_model, gguf_tok = loaded["load_model"], loaded["load_tokenizer"]
     assert "quantization_config" not in gguf_model.config.to_dict() and not gguf_model.is_quantized
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= names
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
-    assert [p.name for p in tmp_path.iterdir()] == ["smol"]
+    assert [p.name for p in (tmp_path / "conv").iterdir()] == ["smol"]
     hf_model, hf_tok = load_model(str(out)), load_tokenizer(str(out))
     assert check_tokenizers(gguf_tok, hf_tok, gguf_model.config.vocab_size, hf_model.config.vocab_size) == 49152
     batch = gguf_tok(["The capital of France is", "2 + 2 ="], return_tensors="pt", padding=True)
@@ -519,3 +521,9 @@ def test_convert_gguf_gives_identical_hf_model(tmp_path, monkeypatch):
         got = hf_model(**batch).logits
     assert torch.equal(got, expected)
     assert bytes_on_disk(out) > 4 * 130_000_000  # fp32 weights, tied head stored once
+    # The first GGUF load left a converted copy in the cache; later loads read it and see the same model.
+    monkeypatch.undo()
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 1
+    with torch.no_grad():
+        assert torch.equal(load_model(*resolve_model_path(SMOL_REF))(**batch).logits, expected)

@@ -72,6 +72,23 @@ def _objective(divergence: str, temperature: float, alpha: float, beta: float, s
     return _Objective(divergence_on_log_probs(divergence, beta=beta, skew=skew), float(temperature), float(alpha))
 
 
+def _check_shapes(
+    student_hidden: Tensor, student_head: Tensor, teacher_hidden: Optional[Tensor], teacher_head: Optional[Tensor],
+    labels: Tensor,
+) -> None:
+    ok = student_hidden.dim() == 2 and labels.shape == student_hidden.shape[:1]
+    ok = ok and student_head.dim() == 2 and student_head.size(1) == student_hidden.size(1)
+    if teacher_hidden is not None and teacher_head is not None:
+        ok = ok and teacher_hidden.shape[:1] == labels.shape and teacher_head.size(1) == teacher_hidden.size(-1)
+    if not ok:
+        given = (student_hidden, student_head, teacher_hidden, teacher_head, labels)
+        shapes = [None if t is None else tuple(t.shape) for t in given]
+        raise DistillError(
+            "kd_loss_chunked: expected student_hidden [N, Ds], student_head [V, Ds], teacher_hidden [N, Dt], "
+            f"teacher_head [V', Dt], labels [N]; got {shapes}"
+        )
+
+
 def _check_labels(labels: Tensor, student_vocab: int) -> None:
     valid = labels[labels != IGNORE_INDEX]
     if valid.numel() == 0:
@@ -142,16 +159,21 @@ def kd_loss_chunked(
         raise DistillError("kd_loss_chunked: give both teacher_hidden and teacher_head, or neither (SFT)")
     if chunk_size <= 0:
         raise DistillError(f"method.chunk_size: must be > 0, got {chunk_size}")
+    _check_shapes(student_hidden, student_head, teacher_hidden, teacher_head, labels)
     _check_labels(labels, student_head.size(0))
     valid = (labels != IGNORE_INDEX).nonzero().squeeze(1)
     n = valid.numel()
     if n == 0:
         return _empty_output(student_hidden, student_head)
-    # Indexing is an autograd op: its backward scatters the valid rows' grads back into [N, Ds].
-    hidden = student_hidden[valid]
-    teacher = None if teacher_hidden is None else (teacher_hidden.detach()[valid], teacher_head.detach())
-    args = (hidden, student_head, teacher, labels[valid], objective, chunk_size)
-    if torch.is_grad_enabled() and (hidden.requires_grad or student_head.requires_grad):
+    teacher_hidden = None if teacher_hidden is None else teacher_hidden.detach()
+    # Gather the valid rows once (indexing is an autograd op: its backward scatters the grads back to
+    # [N, Ds]); masked rows then cost nothing. With no masked row the copies are skipped.
+    if n < labels.numel():
+        student_hidden, labels = student_hidden[valid], labels[valid]
+        teacher_hidden = None if teacher_hidden is None else teacher_hidden[valid]
+    teacher = None if teacher_hidden is None else (teacher_hidden, teacher_head.detach())
+    args = (student_hidden, student_head, teacher, labels, objective, chunk_size)
+    if torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad):
         loss, ce, kd = _FusedLinearKD.apply(*args)
     else:
         loss, ce, kd, _, _ = _chunked_pass(*args, want_hidden_grad=False, want_head_grad=False)
@@ -167,15 +189,20 @@ class _FusedLinearKD(torch.autograd.Function):
             hidden, head, teacher, labels, objective, chunk_size,
             want_hidden_grad=ctx.needs_input_grad[0], want_head_grad=ctx.needs_input_grad[1],
         )
-        ctx.save_for_backward(grad_hidden, grad_head)
+        # Kept on ctx (not save_for_backward) so backward can hand them over without a copy: a [V, D] head
+        # grad held here while autograd clones it for .grad would double the head's share of peak memory.
+        ctx.grads = [grad_hidden, grad_head]
         ctx.mark_non_differentiable(ce, kd)
         return loss, ce, kd
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kd):  # type: ignore[override]
-        grad_hidden, grad_head = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-        return scale(grad_hidden), scale(grad_head), None, None, None, None
+        if ctx.grads is None:
+            raise RuntimeError("kd_loss_chunked: backward through the same loss can run only once")
+        grads, ctx.grads = ctx.grads, None
+        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+            grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
+        return grads[0], grads[1], None, None, None, None
 
 
 def _chunked_pass(
@@ -197,10 +224,8 @@ def _chunked_pass(
     totals = torch.zeros(3, dtype=torch.float64)
     if teacher is not None:
         teacher_hidden, teacher_head = teacher
-        # Only the shared vocabulary enters the divergence, so the teacher's padded rows are never multiplied;
-        # dividing the (small) head by T once gives logits already at temperature T.
-        shared = min(head.size(0), teacher_head.size(0))
-        teacher = (teacher_hidden, _scaled(teacher_head[:shared], objective.temperature))
+        # Only the shared vocabulary enters the divergence, so the teacher's padded rows are never multiplied.
+        teacher = (teacher_hidden, teacher_head[: min(head.size(0), teacher_head.size(0))])
     for start in range(0, n, chunk_size):
         rows = slice(start, start + chunk_size)
         chunk_teacher = None if teacher is None else (teacher[0][rows], teacher[1])
@@ -229,7 +254,11 @@ def _process_chunk(
     A separate function so the chunk's [rows, V] tensors are freed on return, before the next chunk.
     """
     student_logits = hidden @ head.t()
-    teacher_log_probs = None if teacher is None else log_probs(teacher[0] @ teacher[1].t())
+    teacher_log_probs = None
+    if teacher is not None:
+        # Dividing the chunk's [rows, Dt] hidden states (not the logits or the head) by T is the cheapest way
+        # to get teacher logits at temperature T.
+        teacher_log_probs = log_probs(_scaled(teacher[0], objective.temperature) @ teacher[1].t())
     if grad_hidden_out is None and grad_head_acc is None:
         with torch.no_grad():
             return torch.stack(objective.sums(student_logits, teacher_log_probs, labels)).double()

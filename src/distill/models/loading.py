@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import shutil
 import tempfile
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.errors import DistillError
@@ -24,7 +26,7 @@ def load_tokenizer(
     model: str, gguf_file: str | None = None, trust_remote_code: bool = False
 ) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with a pad token (eos when it has none) so batches can be padded."""
-    path, gguf_file = resolve_model_path(model, gguf_file)
+    path, gguf_file = _prefer_gguf_cache(*resolve_model_path(model, gguf_file))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
@@ -46,7 +48,7 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """A causal LM in eval mode; GGUF weights come back dequantized and saveable."""
-    path, gguf_file = resolve_model_path(model, gguf_file)
+    path, gguf_file = _prefer_gguf_cache(*resolve_model_path(model, gguf_file))
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
@@ -58,7 +60,34 @@ def load_model(
         raise DistillError(f"could not load model {model!r}: {_first_line(err)}") from None
     if gguf_file is not None:
         _forget_quantization(loaded)
+        _fill_gguf_cache(loaded, path, gguf_file)
     return loaded.to(device).eval()
+
+
+def gguf_cache_dir(path: str, gguf_file: str) -> Path:
+    """Where the dequantized HF copy of a GGUF file is kept ($DISTILL_CACHE, default ~/.cache/distill)."""
+    file = (Path(path) / gguf_file).resolve()
+    stat = file.stat()
+    key = f"{file}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    root = Path(os.environ.get("DISTILL_CACHE") or Path.home() / ".cache" / "distill")
+    return root / "gguf" / f"{file.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _prefer_gguf_cache(path: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """Load a GGUF model from its converted copy when there is one: dequantizing costs ~15 s per load."""
+    if gguf_file is None or os.environ.get("DISTILL_NO_CACHE"):
+        return path, gguf_file
+    cached = gguf_cache_dir(path, gguf_file)
+    return (str(cached), None) if (cached / "config.json").is_file() else (path, gguf_file)
+
+
+def _fill_gguf_cache(model: PreTrainedModel, path: str, gguf_file: str) -> None:
+    if os.environ.get("DISTILL_NO_CACHE"):
+        return
+    try:
+        save_model(model, load_tokenizer(path, gguf_file), gguf_cache_dir(path, gguf_file))
+    except OSError:  # a read-only or full cache only costs speed
+        pass
 
 
 def _first_line(err: BaseException) -> str:
