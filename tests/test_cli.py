@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from distill.cli import main
-from test_train import tiny_recipe
+from conftest import tiny_recipe
 
 REPORT_KEYS = {"params", "perplexity", "top1_agreement", "kl_to_teacher", "rougeL_ref", "rougeL_teacher",
                "decode_tokens_per_s", "peak_memory_mb"}

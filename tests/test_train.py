@@ -13,25 +13,7 @@ from distill.recipe import recipe_from_dict
 from distill.train.checkpoint import list_checkpoints
 from distill.train.schedule import lr_multiplier
 from distill.train.trainer import train
-
-
-def tiny_recipe(run_dir: Path, teacher_dir: Path, data: Path, **sections) -> dict:
-    """A recipe over the fixture teacher that trains in about a second."""
-    recipe = {
-        "output_dir": str(run_dir),
-        "seed": 3,
-        "teacher": {"model": str(teacher_dir)},
-        "student": {"config": {"num_layers": 1, "hidden_size": 32, "num_heads": 2, "num_kv_heads": 1,
-                               "intermediate_size": 64}},
-        "data": {"train": str(data), "max_length": 48, "eval_fraction": 0.2},
-        "method": {"kind": "kd", "divergence": "forward_kl", "alpha": 0.5, "temperature": 2.0, "chunk_size": 16},
-        "train": {"steps": 6, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "checkpoint_every": 2,
-                  "log_every": 1, "keep_checkpoints": 5},
-        "eval": {"max_new_tokens": 4, "batch_size": 4, "speed_prompt_tokens": 8, "speed_new_tokens": 4},
-    }
-    for key, value in sections.items():
-        recipe[key] = {**recipe.get(key, {}), **value}
-    return recipe
+from conftest import tiny_recipe
 
 
 def _losses(run_dir: Path) -> list[float]:
