@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from distill import pipeline
 from distill.errors import DistillError
@@ -104,3 +105,15 @@ def test_run_dir_refuses_a_different_recipe(tmp_path, tiny_teacher_dir, pairs_js
     pipeline.prepare_run_dir(longer)  # more steps of the same recipe is a continuation
     pipeline.prepare_run_dir(changed, restart=True)
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_bf16_compute_keeps_fp32_master_weights(tmp_path, tiny_teacher_dir, pairs_jsonl):
+    from transformers import AutoModelForCausalLM
+
+    recipe = recipe_from_dict(tiny_recipe(tmp_path / "r", tiny_teacher_dir, pairs_jsonl,
+                                          train={"dtype": "bfloat16", "steps": 2}))
+    train(recipe, progress=False)
+    losses = _losses(tmp_path / "r")
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "student")
+    assert next(saved.parameters()).dtype == torch.float32

@@ -34,7 +34,7 @@ def needs_teacher_weights(recipe: Recipe) -> bool:
 
 def loss_on_batch(
     student: PreTrainedModel, teacher: Optional[PreTrainedModel], batch: dict[str, torch.Tensor],
-    method: MethodSpec,
+    method: MethodSpec, compute_dtype: torch.dtype = torch.float32,
 ):
     """The recipe's loss on one micro-batch, without ever holding [batch, seq, vocab] logits."""
     from distill.losses import kd_loss_chunked
@@ -42,7 +42,9 @@ def loss_on_batch(
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
     labels = batch["labels"][:, 1:].reshape(-1)  # position i predicts token i+1
-    hidden = decoder_hidden_states(student, ids, mask)[:, :-1]
+    # Master weights stay fp32; a bf16 compute dtype runs the student's body under autocast.
+    with torch.autocast(ids.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+        hidden = decoder_hidden_states(student, ids, mask)[:, :-1]
     hidden = hidden.reshape(-1, hidden.shape[-1])
     teacher_hidden = teacher_head = None
     if teacher is not None and method.kind == "kd":
@@ -135,8 +137,9 @@ def train(
     checkpoints = list_checkpoints(checkpoint_dir) if resume else []
 
     tokenizer: PreTrainedTokenizerBase = teacher_tokenizer(recipe)
-    teacher = load_teacher(recipe, device, dtype) if needs_teacher_weights(recipe) else None
-    student = initial_student(recipe, teacher, tokenizer, device, dtype)
+    teacher_dtype = dtype if recipe.teacher.dtype == "auto" else resolve_dtype(recipe.teacher.dtype, device)
+    teacher = load_teacher(recipe, device, teacher_dtype) if needs_teacher_weights(recipe) else None
+    student = initial_student(recipe, teacher, tokenizer, device, torch.float32)
     if recipe.student.model is not None:
         path, gguf = resolve_model_path(model_ref(recipe, recipe.student.model), recipe.student.gguf_file)
         student_tok = load_tokenizer(path, gguf)
@@ -173,7 +176,7 @@ def train(
         for micro in range(t.grad_accum):
             idx = batch_indices(len(encoded), t.batch_size, recipe.seed, step * t.grad_accum + micro)
             batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
-            out = loss_on_batch(student, teacher, batch, recipe.method)
+            out = loss_on_batch(student, teacher, batch, recipe.method, dtype)
             (out.loss / t.grad_accum).backward()
             for key in totals:
                 totals[key] += float(getattr(out, key).detach()) / t.grad_accum
