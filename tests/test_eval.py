@@ -284,11 +284,11 @@ def test_format_table():
     table = format_table(report)
     lines = {line.split("  ")[0]: line for line in table.splitlines() if line}
     print(table)
-    assert lines["params (M)"].split()[-4:] == ["↓", "134.52", "33.63", "25.0%"]
-    assert lines["perplexity"].split()[-4:] == ["↓", "8.00", "10.00", "125.0%"]
+    assert lines["params (M)"].split()[-4:] == ["↓", "134.52", "33.63", "0.25x"]
+    assert lines["perplexity"].split()[-4:] == ["↓", "8.00", "10.00", "1.25x"]
     assert lines["peak memory (MB)"].split()[-3:] == ["210.0", "—", "—"]
-    assert lines["decode tok/s"].split()[-4:] == ["↑", "40.0", "120.0", "300.0%"]
-    assert lines["KL to teacher"].split()[-3:] == ["↓", "0.0000", "0.8123"]  # no % where teacher is 0 by definition
+    assert lines["decode tok/s"].split()[-4:] == ["↑", "40.0", "120.0", "3.00x"]
+    assert lines["KL to teacher"].split()[-3:] == ["↓", "0.0000", "0.8123"]  # no ratio where teacher is 0 by definition
     assert lines["top-1 agreement"].split()[-3:] == ["↑", "1.000", "0.620"]
     assert lines["speedup (student/teacher decode tok/s)"].endswith("3.00x")
     assert lines["quality % of teacher"].endswith("77.5%")
@@ -297,5 +297,5 @@ def test_format_table():
 
 def test_format_table_of_an_empty_report():
     table = format_table(build_report({}, {}, meta={}))
-    # teacher and student on every row, % of teacher where it is shown, every ratio
-    assert table.count("—") == 2 * len(ROWS) + sum(r.show_pct for r in ROWS) + len(RATIOS)
+    # teacher and student on every row, student/teacher where it is shown, every ratio
+    assert table.count("—") == 2 * len(ROWS) + sum(r.show_ratio for r in ROWS) + len(RATIOS)

@@ -148,10 +148,10 @@ def masked_labels(n: int, v: int, seed: int, prompt: int = 4, padding: int = 3) 
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
-def test_kd_loss_matches_hand_written_objective(name, alpha):
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kd_loss_matches_hand_written_objective(name, alpha, temperature):
     s, t = random_logits(20, n=12, v=40, dtype=torch.float64), random_logits(21, n=12, v=40, dtype=torch.float64)
     labels = masked_labels(12, 40, seed=22)
-    temperature = 2.0
     out = kd_loss(s, t, labels, divergence=name, temperature=temperature, alpha=alpha, beta=0.3, skew=0.2)
     valid = labels != -100
     ce = F.cross_entropy(s[valid], labels[valid])
@@ -178,8 +178,9 @@ def test_kd_loss_without_teacher_is_cross_entropy_whatever_alpha():
 def test_kd_loss_padded_vocab_uses_the_shared_columns():
     s, t = random_logits(25, n=8, v=64), random_logits(26, n=8, v=48)  # student head padded to 64
     labels = torch.randint(0, 48, (8,), generator=torch.Generator().manual_seed(27))
-    out = kd_loss(s, t, labels, alpha=0.0)
-    torch.testing.assert_close(out.loss, forward_kl(s[:, :48], t).mean())
+    out = kd_loss(s, t, labels, alpha=0.5)
+    torch.testing.assert_close(out.kd, forward_kl(s[:, :48], t).mean())
+    torch.testing.assert_close(out.ce, F.cross_entropy(s, labels))  # CE over all 64 student columns
     # the other way round: teacher padded; CE still uses all of the student's columns
     out2 = kd_loss(t, s, labels, alpha=0.5)
     torch.testing.assert_close(out2.kd, forward_kl(t, s[:, :48]).mean())
@@ -226,7 +227,8 @@ def naive_and_chunked(hs, ws, ht, wt, labels, chunk_size=5, **kwargs):
 
 
 def assert_same(naive: LossOutput, naive_grads, chunked: LossOutput, chunked_grads, rtol=1e-5, atol=1e-10):
-    pairs = [(naive.loss, chunked.loss), (naive.kd, chunked.kd), (naive.ce, chunked.ce), *zip(naive_grads, chunked_grads)]
+    pairs = [(naive.loss, chunked.loss), (naive.kd, chunked.kd), (naive.ce, chunked.ce)]
+    pairs += list(zip(naive_grads, chunked_grads))
     for a, b in pairs:
         torch.testing.assert_close(b, a, rtol=rtol, atol=atol)
     assert naive.n_tokens == chunked.n_tokens
@@ -235,9 +237,10 @@ def assert_same(naive: LossOutput, naive_grads, chunked: LossOutput, chunked_gra
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
-def test_chunked_equals_naive_value_and_grads(name, alpha):
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_chunked_equals_naive_value_and_grads(name, alpha, temperature):
     case = make_case(seed=NAMES.index(name))
-    results = naive_and_chunked(*case, divergence=name, temperature=2.0, alpha=alpha, beta=0.3, skew=0.2)
+    results = naive_and_chunked(*case, divergence=name, temperature=temperature, alpha=alpha, beta=0.3, skew=0.2)
     assert_same(*results)
     assert results[0].n_tokens == N - 7
     # masked rows get exactly zero gradient
@@ -323,6 +326,15 @@ def test_chunked_frozen_head_only_hidden_grad():
     out = kd_loss_chunked(hs, ws, ht, wt, labels, chunk_size=4)
     out.loss.backward()
     assert ws.grad is None and hs.grad.abs().max() > 0
+
+
+def test_chunked_never_gives_the_teacher_a_gradient():
+    hs, ws, ht, wt, labels = make_case(seed=52)
+    ht.requires_grad_()
+    wt.requires_grad_()
+    kd_loss_chunked(hs, ws, ht, wt, labels, chunk_size=4).loss.backward()
+    kd_loss(hs @ ws.t(), ht @ wt.t(), labels).loss.backward()
+    assert ht.grad is None and wt.grad is None and hs.grad is not None
 
 
 def test_chunked_without_grad_returns_plain_values():

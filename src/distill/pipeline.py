@@ -66,12 +66,15 @@ def generate(recipe: Recipe, *, progress: bool = True):
     device = resolve_device(recipe.train.device)
     teacher = load_teacher(recipe, device, resolve_dtype(recipe.teacher.dtype, device))
     g = recipe.generate
-    return generate_responses(
+    stats = generate_responses(
         teacher, teacher_tokenizer(recipe), prompts, teacher_data_path(recipe),
         teacher_name=recipe.teacher.model, batch_size=g.batch_size, max_new_tokens=g.max_new_tokens,
         temperature=g.temperature, top_p=g.top_p, seed=recipe.seed, system_prompt=recipe.data.system_prompt,
         progress=progress,
     )
+    log.info("generate: %d new answers (%d already there), %d tokens, %.0f s -> %s", stats.done,
+             stats.skipped_existing, stats.new_tokens, stats.seconds, teacher_data_path(recipe))
+    return stats
 
 
 def train(recipe: Recipe, *, progress: bool = True):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -158,7 +159,7 @@ class Recipe(Section):
     def path(self, value: str) -> Path:
         """Resolve a path from the recipe relative to the recipe file's directory."""
         p = Path(value).expanduser()
-        return p if p.is_absolute() else (self.base_dir / p)
+        return Path(os.path.normpath(p if p.is_absolute() else self.base_dir / p))
 
     @property
     def run_dir(self) -> Path:

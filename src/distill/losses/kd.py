@@ -43,16 +43,25 @@ class _Objective:
         self, student_logits: Tensor, teacher_log_probs: Optional[Tensor], labels: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(loss, ce, kd) summed over rows; kd already carries the T^2 factor."""
-        student = _wide(student_logits)
-        # CE as logsumexp - target logit: saves no [rows, V] log-prob tensor for backward.
-        ce = (torch.logsumexp(student, dim=-1) - student.gather(1, labels[:, None]).squeeze(1)).sum()
+        student, t = _wide(student_logits), self.temperature
         if teacher_log_probs is None:
+            ce = _cross_entropy_sum(student, labels)
             return ce, ce, torch.zeros_like(ce)
-        t = self.temperature
+        shared = teacher_log_probs.size(1)
         # One expression, so the scaled copy of the student logits is freed as soon as log_softmax is done.
-        student_log_probs = log_probs(_scaled(student[:, : teacher_log_probs.size(1)], t))
+        student_log_probs = log_probs(_scaled(student[:, :shared], t))
+        if t == 1.0 and shared == student.size(1):
+            # Same distribution as CE's: reuse it (saves a logsumexp and its backward's [rows, V] temporaries).
+            ce = -student_log_probs.gather(1, labels[:, None]).sum()
+        else:
+            ce = _cross_entropy_sum(student, labels)
         kd = t * t * self.divergence(student_log_probs, teacher_log_probs).sum()
         return self.alpha * ce + (1.0 - self.alpha) * kd, ce, kd
+
+
+def _cross_entropy_sum(logits: Tensor, labels: Tensor) -> Tensor:
+    """Summed CE as logsumexp - target logit: unlike F.cross_entropy, saves no [rows, V] tensor for backward."""
+    return (torch.logsumexp(logits, dim=-1) - logits.gather(1, labels[:, None]).squeeze(1)).sum()
 
 
 def _scaled(logits: Tensor, temperature: float) -> Tensor:
@@ -69,11 +78,15 @@ def _objective(divergence: str, temperature: float, alpha: float, beta: float, s
         raise DistillError(f"method.temperature: must be > 0, got {temperature}")
     if not 0.0 <= alpha <= 1.0:
         raise DistillError(f"method.alpha: must be in [0, 1], got {alpha}")
-    return _Objective(divergence_on_log_probs(divergence, beta=beta, skew=skew), float(temperature), float(alpha))
+    divergence_fn = divergence_on_log_probs(divergence, beta=beta, skew=skew)
+    return _Objective(divergence_fn, float(temperature), float(alpha))
 
 
 def _check_shapes(
-    student_hidden: Tensor, student_head: Tensor, teacher_hidden: Optional[Tensor], teacher_head: Optional[Tensor],
+    student_hidden: Tensor,
+    student_head: Tensor,
+    teacher_hidden: Optional[Tensor],
+    teacher_head: Optional[Tensor],
     labels: Tensor,
 ) -> None:
     ok = student_hidden.dim() == 2 and labels.shape == student_hidden.shape[:1]
@@ -101,7 +114,7 @@ def _check_labels(labels: Tensor, student_vocab: int) -> None:
 
 def _empty_output(*tracked: Tensor) -> LossOutput:
     """Loss 0 for a batch with no valid position; empty sums keep the graph so backward still works."""
-    zero = torch.zeros((), dtype=_wide(tracked[0]).dtype)
+    zero = torch.zeros((), dtype=_wide(tracked[0]).dtype, device=tracked[0].device)
     loss = zero
     for t in tracked:
         loss = loss + t[:0].sum()
@@ -220,8 +233,8 @@ def _chunked_pass(
     hidden, head = hidden.detach(), head.detach()
     n = hidden.size(0)
     grad_hidden = torch.empty_like(hidden) if want_hidden_grad else None
-    grad_head = torch.zeros(head.shape, dtype=_wide(head).dtype) if want_head_grad else None
-    totals = torch.zeros(3, dtype=torch.float64)
+    grad_head = torch.zeros(head.shape, dtype=_wide(head).dtype, device=head.device) if want_head_grad else None
+    totals = torch.zeros(3, dtype=torch.float64, device=hidden.device)
     if teacher is not None:
         teacher_hidden, teacher_head = teacher
         # Only the shared vocabulary enters the divergence, so the teacher's padded rows are never multiplied.

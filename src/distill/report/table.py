@@ -12,7 +12,7 @@ class Row(NamedTuple):
     label: str
     fmt: Callable[[float], str]
     better: str
-    show_pct: bool  # False where the teacher's value is 1 or 0 by definition, so a % says nothing
+    show_ratio: bool  # False where the teacher's value is 1 or 0 by definition, so a ratio says nothing
 
 
 def _fixed(decimals: int) -> Callable[[float], str]:
@@ -49,19 +49,20 @@ def _cell(value: Any, fmt: Callable[[float], str]) -> str:
     return MISSING if value is None else fmt(value)
 
 
-def _pct_cell(teacher: Any, student: Any) -> str:
+def _ratio_cell(teacher: Any, student: Any) -> str:
+    """student / teacher as a multiplier: reads the same for higher- and lower-is-better rows."""
     if teacher is None or student is None or teacher == 0:
         return MISSING
-    return f"{100.0 * student / teacher:.1f}%"
+    return f"{student / teacher:,.2f}x"
 
 
 def _metric_lines(teacher: dict, student: dict) -> list[str]:
-    header = ("metric", "", "teacher", "student", "% of teacher")
+    header = ("metric", "", "teacher", "student", "student/teacher")
     rows = [header]
     for row in ROWS:
         t, s = teacher.get(row.key), student.get(row.key)
-        pct = _pct_cell(t, s) if row.show_pct else ""
-        rows.append((row.label, row.better, _cell(t, row.fmt), _cell(s, row.fmt), pct))
+        ratio = _ratio_cell(t, s) if row.show_ratio else ""
+        rows.append((row.label, row.better, _cell(t, row.fmt), _cell(s, row.fmt), ratio))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return [
         "  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1])] + [c.rjust(w) for c, w in zip(r[2:], widths[2:])])

@@ -110,6 +110,14 @@ def _tensorboard(log_dir: Path):
     return SummaryWriter(str(log_dir))
 
 
+def _log_sizes(student: PreTrainedModel, teacher: Optional[PreTrainedModel]) -> None:
+    from distill.models import count_params
+
+    n = count_params(student)
+    share = f" ({100 * n / count_params(teacher):.1f}% of the teacher's)" if teacher is not None else ""
+    log.info("student: %.2fM parameters%s", n / 1e6, share)
+
+
 def train(
     recipe: Recipe, *, resume: bool = True, progress: bool = True, stop_after: int | None = None
 ) -> TrainResult | None:
@@ -147,6 +155,7 @@ def train(
             check_tokenizers(tokenizer, student_tok, teacher.config.vocab_size, student.config.vocab_size)
         else:
             tokenizer = student_tok
+    _log_sizes(student, teacher)
     if recipe.method.kind != "kd":
         teacher = None  # its weights only seeded the student's embeddings
 
