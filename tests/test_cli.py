@@ -111,3 +111,16 @@ def test_incompatible_tokenizers_refused(tmp_path, tiny_teacher_dir, pairs_jsonl
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "differ" in result.stderr
     assert not (tmp_path / "run" / "student").exists()
+
+
+def test_eval_without_a_trained_student(tmp_path, tiny_teacher_dir, pairs_jsonl):
+    recipe = tiny_recipe(tmp_path / "run", tiny_teacher_dir, pairs_jsonl)
+    result = _cli("eval", str(_recipe_file(tmp_path, recipe)))
+    assert result.returncode == 2 and "no trained student" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_convert_missing_file(tmp_path):
+    result = _cli("convert", str(tmp_path / "missing.gguf"), str(tmp_path / "out"))
+    assert result.returncode == 2 and "model not found" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -71,9 +71,11 @@ def _dispatch(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     if getattr(args, "resume", False) and getattr(args, "restart", False):
         raise DistillError("--resume and --restart exclude each other")
-    restart = getattr(args, "restart", False)
-    pipeline.prepare_run_dir(recipe, restart=restart)
-    setup_logging(recipe.run_dir / "log.txt")
+    if args.command == "eval":  # reads a run; makes none
+        setup_logging(recipe.run_dir / "log.txt" if recipe.run_dir.is_dir() else None)
+    else:
+        pipeline.prepare_run_dir(recipe, restart=getattr(args, "restart", False))
+        setup_logging(recipe.run_dir / "log.txt")
     progress = not args.no_progress
     if args.command == "run":
         pipeline.generate(recipe, progress=progress)
