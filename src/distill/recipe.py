@@ -95,7 +95,7 @@ class MethodSpec(Section):
     alpha: float = Field(default=0.5, ge=0.0, le=1.0)  # weight of cross-entropy on labels; 1-alpha on KD
     beta: float = Field(default=0.5, gt=0.0, lt=1.0)  # JSD mixing weight
     skew: float = Field(default=0.1, ge=0.0, lt=1.0)  # skew KL mixing weight
-    chunk_size: int = Field(default=1024, gt=0)  # tokens per chunk in the memory-safe loss
+    chunk_size: int = Field(default=192, gt=0)  # positions per chunk in the memory-safe loss (see docs/benchmarks.md)
 
 
 class LoraSpec(Section):

@@ -86,7 +86,7 @@ def reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
 
 def jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5) -> Tensor:
     """Generalised JSD as in TRL's GKD: beta*KL(P_t||M) + (1-beta)*KL(P_s||M), M = beta*P_t + (1-beta)*P_s."""
-    _check_open_unit("beta", beta)
+    _check_beta(beta)
     return _jsd(log_probs(student_logits), log_probs(teacher_logits), beta)
 
 
@@ -140,7 +140,7 @@ def _bind(table: dict[str, Callable[..., Tensor]], name: str, beta: float, skew:
     if name not in table:
         raise DistillError(f"method.divergence: unknown divergence {name!r}; choose one of {', '.join(table)}")
     if name == "jsd":
-        _check_open_unit("beta", beta)
+        _check_beta(beta)
         return partial(table[name], beta=beta)
     if name.startswith("skew_"):
         _check_skew(skew)
@@ -148,10 +148,10 @@ def _bind(table: dict[str, Callable[..., Tensor]], name: str, beta: float, skew:
     return table[name]
 
 
-def _check_open_unit(key: str, value: float) -> None:
+def _check_beta(beta: float) -> None:
     # beta 0 or 1 makes the JSD identically zero: a silent no-op loss.
-    if not 0.0 < value < 1.0:
-        raise DistillError(f"method.{key}: must be strictly between 0 and 1, got {value}")
+    if not 0.0 < beta < 1.0:
+        raise DistillError(f"method.beta: must be strictly between 0 and 1, got {beta}")
 
 
 def _check_skew(skew: float) -> None:

@@ -160,7 +160,7 @@ def kd_loss_chunked(
     alpha: float = 0.5,
     beta: float = 0.5,
     skew: float = 0.1,
-    chunk_size: int = 1024,
+    chunk_size: int = 192,
 ) -> LossOutput:
     """The same objective from hidden states and output heads, `chunk_size` positions at a time.
 
