@@ -118,31 +118,10 @@ def _log_sizes(student: PreTrainedModel, teacher: Optional[PreTrainedModel]) -> 
     log.info("student: %.2fM parameters%s", n / 1e6, share)
 
 
-def train(
-    recipe: Recipe, *, resume: bool = True, progress: bool = True, stop_after: int | None = None
-) -> TrainResult | None:
-    """Train the recipe's student, continuing from the newest checkpoint in <run>/checkpoints when resuming.
-
-    `stop_after` ends this call after that many completed steps (checkpointing first), as a kill would;
-    it returns None then and a later call resumes.
-    """
-    from distill.data.splits import recipe_examples
-    from distill.data.tokenize import batch_indices, collate, encode_all
-    from distill.models import check_tokenizers, load_tokenizer, resolve_model_path, save_model
-    from distill.models.from_recipe import model_ref, initial_student, load_teacher, teacher_tokenizer, \
-        trained_student_dir
-    from distill.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-    from distill.train.schedule import lr_multiplier
-
-    t = recipe.train
-    device = resolve_device(t.device)
-    dtype = resolve_dtype(t.dtype, device)
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    set_seed(recipe.seed)
-    run_dir = recipe.run_dir
-    checkpoint_dir = run_dir / "checkpoints"
-    checkpoints = list_checkpoints(checkpoint_dir) if resume else []
+def _models(recipe: Recipe, device: torch.device, dtype: torch.dtype):
+    """(tokenizer, frozen teacher or None for SFT, fp32 student) as the recipe describes them."""
+    from distill.models import check_tokenizers, load_tokenizer, resolve_model_path
+    from distill.models.from_recipe import initial_student, load_teacher, model_ref, teacher_tokenizer
 
     tokenizer: PreTrainedTokenizerBase = teacher_tokenizer(recipe)
     teacher_dtype = dtype if recipe.teacher.dtype == "auto" else resolve_dtype(recipe.teacher.dtype, device)
@@ -158,6 +137,36 @@ def train(
     _log_sizes(student, teacher)
     if recipe.method.kind != "kd":
         teacher = None  # its weights only seeded the student's embeddings
+
+    return tokenizer, teacher, student
+
+
+def train(
+    recipe: Recipe, *, resume: bool = True, progress: bool = True, stop_after: int | None = None
+) -> TrainResult | None:
+    """Train the recipe's student, continuing from the newest checkpoint in <run>/checkpoints when resuming.
+
+    `stop_after` ends this call after that many completed steps (checkpointing first), as a kill would;
+    it returns None then and a later call resumes.
+    """
+    from distill.data.splits import recipe_examples
+    from distill.data.tokenize import batch_indices, collate, encode_all
+    from distill.models import save_model
+    from distill.models.from_recipe import trained_student_dir
+    from distill.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+    from distill.train.schedule import lr_multiplier
+
+    t = recipe.train
+    device = resolve_device(t.device)
+    dtype = resolve_dtype(t.dtype, device)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    set_seed(recipe.seed)
+    run_dir = recipe.run_dir
+    checkpoint_dir = run_dir / "checkpoints"
+    checkpoints = list_checkpoints(checkpoint_dir) if resume else []
+
+    tokenizer, teacher, student = _models(recipe, device, dtype)
 
     train_examples, _ = recipe_examples(recipe)
     encoded = encode_all(train_examples, tokenizer, recipe.data.max_length, recipe.data.system_prompt)
