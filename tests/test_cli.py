@@ -124,3 +124,27 @@ def test_convert_missing_file(tmp_path):
     result = _cli("convert", str(tmp_path / "missing.gguf"), str(tmp_path / "out"))
     assert result.returncode == 2 and "model not found" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_killed_training_resumes_without_losing_or_repeating_steps(tmp_path, tiny_teacher_dir, pairs_jsonl):
+    import signal
+    import time
+
+    recipe = tiny_recipe(tmp_path / "run", tiny_teacher_dir, pairs_jsonl,
+                         train={"steps": 400, "checkpoint_every": 5, "log_every": 1})
+    path = _recipe_file(tmp_path, recipe)
+    proc = subprocess.Popen([sys.executable, "-m", "distill.cli", "train", str(path), "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not any(checkpoints.glob("step_*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (tmp_path / "run" / "student").exists()
+
+    assert main(["train", str(path), "--no-progress"]) == 0
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 401))
+    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()

@@ -81,6 +81,14 @@ def _apply_lora(model: PreTrainedModel, recipe: Recipe) -> PreTrainedModel:
     return get_peft_model(model, config)
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line cut short by a kill counts as past any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class MetricsLog:
     """metrics.jsonl, one object per logged step; on resume, entries past the checkpoint are dropped."""
 
@@ -88,8 +96,7 @@ class MetricsLog:
         self.path = path
         kept = []
         if resume_step and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line.strip()
-                    and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
         atomic_write_text(path, "".join(line + "\n" for line in kept))
         self.tensorboard = _tensorboard(path.parent / "tensorboard")
 
