@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.data import Prompt, quickstart_prompts_path, read_prompts
 from distill.errors import DistillError
-from distill.teachers.generate import existing_records, generate_responses, load_teacher_data
+from distill.data.examples import load_teacher_data
+from distill.teachers.generate import existing_records, generate_responses
 
 FIELDS = {"id", "prompt", "messages", "response", "finish_reason", "new_tokens", "teacher"}
 

@@ -16,8 +16,7 @@ def teacher_data_path(recipe: Recipe) -> Path:
 
 def recipe_examples(recipe: Recipe) -> tuple[list, list]:
     """Return (train, eval) examples: teacher answers and/or data.train, split unless data.eval is given."""
-    from distill.data.examples import read_examples, split_train_eval
-    from distill.teachers.generate import load_teacher_data
+    from distill.data.examples import load_teacher_data, read_examples, split_train_eval
 
     examples = []
     if recipe.data.prompts is not None:

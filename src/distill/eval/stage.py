@@ -117,10 +117,9 @@ def evaluate_run(recipe: Recipe, *, progress: bool = True) -> dict:
 
 def _local_weights(recipe: Recipe) -> Path | None:
     """The teacher's weights on disk (directory or .gguf file), for its size; None for a hub id."""
-    from distill.models import resolve_model_path
-    from distill.models.from_recipe import model_ref
+    from distill.models.from_recipe import model_source
 
-    path, gguf = resolve_model_path(model_ref(recipe, recipe.teacher.model), recipe.teacher.gguf_file)
+    path, gguf = model_source(recipe, recipe.teacher)
     local = Path(path) / gguf if gguf else Path(path)
     return local if local.exists() else None
 

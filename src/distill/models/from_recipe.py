@@ -20,19 +20,26 @@ def model_ref(recipe: Recipe, model: str) -> str:
     return str(local) if local.exists() or model.startswith((".", "/", "~")) else model
 
 
+def model_source(recipe: Recipe, spec) -> tuple[str, str | None]:
+    """(local dir or hub id, gguf file) of a recipe's teacher or student spec."""
+    from distill.models import resolve_model_path
+
+    return resolve_model_path(model_ref(recipe, spec.model), spec.gguf_file)
+
+
 def teacher_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     """The teacher's tokenizer: the student is trained on it too."""
-    from distill.models import load_tokenizer, resolve_model_path
+    from distill.models import load_tokenizer
 
-    path, gguf = resolve_model_path(model_ref(recipe, recipe.teacher.model), recipe.teacher.gguf_file)
+    path, gguf = model_source(recipe, recipe.teacher)
     return load_tokenizer(path, gguf, trust_remote_code=recipe.teacher.trust_remote_code)
 
 
 def load_teacher(recipe: Recipe, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
     """The frozen teacher: eval mode, no gradients."""
-    from distill.models import load_model, resolve_model_path
+    from distill.models import load_model
 
-    path, gguf = resolve_model_path(model_ref(recipe, recipe.teacher.model), recipe.teacher.gguf_file)
+    path, gguf = model_source(recipe, recipe.teacher)
     teacher = load_model(path, gguf, dtype=dtype, device=device, trust_remote_code=recipe.teacher.trust_remote_code)
     teacher.eval().requires_grad_(False)
     return teacher
@@ -43,11 +50,11 @@ def initial_student(
     device: torch.device, dtype: torch.dtype,
 ) -> PreTrainedModel:
     """The student before training: an existing model, or one built from student.config."""
-    from distill.models import build_student, load_model, resolve_model_path
+    from distill.models import build_student, load_model
 
     spec = recipe.student
     if spec.model is not None:
-        path, gguf = resolve_model_path(model_ref(recipe, spec.model), spec.gguf_file)
+        path, gguf = model_source(recipe, spec)
         return load_model(path, gguf, dtype=dtype, device=device, trust_remote_code=spec.trust_remote_code)
     student = build_student(spec.config, teacher, tokenizer, init_embeddings=spec.init_embeddings, seed=recipe.seed)
     return student.to(device=device, dtype=dtype)

@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.data.examples import Messages, Prompt, load_teacher_data  # noqa: F401  (the stage's reader, re-exported)
+from distill.data.examples import Messages, Prompt
 from distill.errors import DistillError
 from distill.teachers.local import Generation, generate_texts, prompt_ids
 

@@ -127,15 +127,15 @@ def _log_sizes(student: PreTrainedModel, teacher: Optional[PreTrainedModel]) -> 
 
 def _models(recipe: Recipe, device: torch.device, dtype: torch.dtype):
     """(tokenizer, frozen teacher or None for SFT, fp32 student) as the recipe describes them."""
-    from distill.models import check_tokenizers, load_tokenizer, resolve_model_path
-    from distill.models.from_recipe import initial_student, load_teacher, model_ref, teacher_tokenizer
+    from distill.models import check_tokenizers, load_tokenizer
+    from distill.models.from_recipe import initial_student, load_teacher, model_source, teacher_tokenizer
 
     tokenizer: PreTrainedTokenizerBase = teacher_tokenizer(recipe)
     teacher_dtype = dtype if recipe.teacher.dtype == "auto" else resolve_dtype(recipe.teacher.dtype, device)
     teacher = load_teacher(recipe, device, teacher_dtype) if needs_teacher_weights(recipe) else None
     student = initial_student(recipe, teacher, tokenizer, device, torch.float32)
     if recipe.student.model is not None:
-        path, gguf = resolve_model_path(model_ref(recipe, recipe.student.model), recipe.student.gguf_file)
+        path, gguf = model_source(recipe, recipe.student)
         student_tok = load_tokenizer(path, gguf)
         if recipe.method.kind == "kd":
             check_tokenizers(tokenizer, student_tok, teacher.config.vocab_size, student.config.vocab_size)
