@@ -61,11 +61,10 @@ def _dispatch(args: argparse.Namespace) -> None:
     from distill.recipe import load_recipe
 
     if args.command == "convert":
-        from distill.models import convert_gguf, resolve_model_path
+        from distill.models import convert_gguf
 
         setup_logging()
-        folder, name = resolve_model_path(args.gguf)
-        out = convert_gguf(Path(folder) / name if name else Path(folder), args.out_dir)
+        out = convert_gguf(args.gguf, args.out_dir)
         print(f"converted {args.gguf} -> {out}")
         return
     recipe = load_recipe(args.recipe, args.overrides)

@@ -22,7 +22,6 @@ T = TypeVar("T")
 
 IGNORE_INDEX = -100
 CHUNK_POSITIONS = 1024  # rows of [N, V] logits converted to fp32 at once, to bound memory on large vocabularies
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 SPEED_TEXT = (
     "Once upon a time, in a small village by the sea, there lived a curious girl who loved to ask "
     "questions about the stars, the tides and the birds that flew over the water every morning."
@@ -261,24 +260,15 @@ def peak_memory_mb(fn: Callable[[], T], device: torch.device | str | None = None
 # ---------------------------------------------------------------- size
 
 
-def _unique_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """Each parameter once, even when tied (the same Parameter registered under two names)."""
-    return list({id(p): p for _, p in model.named_parameters(remove_duplicate=False)}.values())
-
-
-def _weight_files_bytes(model_path: Path) -> int:
-    if not model_path.exists():
-        raise DistillError(f"model size: {model_path} not found")
-    if model_path.is_file():
-        return model_path.stat().st_size
-    return sum(f.stat().st_size for f in model_path.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
-
-
 def model_size(model: torch.nn.Module, model_dir: Path | None = None) -> dict[str, Any]:
     """Parameter count (tied weights once), weight bytes in memory, and weight-file bytes in model_dir."""
-    params = _unique_parameters(model)
+    from distill.models import bytes_on_disk, count_params
+
+    if model_dir is not None and not Path(model_dir).exists():
+        raise DistillError(f"model size: {model_dir} not found")
     return {
-        "params": sum(p.numel() for p in params),
-        "weight_bytes": sum(p.numel() * p.element_size() for p in params),
-        "bytes_on_disk": None if model_dir is None else _weight_files_bytes(Path(model_dir)),
+        "params": count_params(model),
+        # parameters() yields a tied Parameter once, so shared weights are not counted twice
+        "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "bytes_on_disk": None if model_dir is None else bytes_on_disk(model_dir),
     }

@@ -4,12 +4,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-import shutil
-import tempfile
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import transformers
@@ -18,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from distill.errors import DistillError
 from distill.models.heads import is_peft
 from distill.models.paths import resolve_model_path
+from distill.runtime import atomic_directory
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
@@ -109,33 +105,11 @@ def _forget_quantization(model: PreTrainedModel) -> None:
             config._is_quantized = False
 
 
-@contextmanager
-def _atomic_directory(out_dir: Path) -> Iterator[Path]:
-    """Yield a temp dir beside out_dir; when the block succeeds it replaces out_dir by a rename."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DistillError(f"{out_dir}: exists and is not a directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a saved model should read like any folder
-        old = None
-        if out_dir.exists():
-            # Linux cannot swap two directories in one step: out_dir is briefly absent, never half-written.
-            old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
     """Save an HF directory (safetensors + tokenizer) atomically; LoRA adapters are merged into the weights."""
     out_dir = Path(out_dir)
     plain = _merged_copy(model) if is_peft(model) else model
-    with _atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out_dir

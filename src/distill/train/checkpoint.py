@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import safetensors.torch
 import torch
 
 from distill.errors import DistillError
+from distill.runtime import atomic_directory
 
 STEP_PREFIX = "step_"
 
@@ -35,11 +35,9 @@ def save_checkpoint(
     checkpoint_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     scheduler: Any, keep: int,
 ) -> Path:
-    """Write checkpoints/step_N atomically (temp dir + rename), then drop all but the newest `keep`."""
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    """Write checkpoints/step_N atomically, then drop all but the newest `keep`."""
     final = checkpoint_dir / f"{STEP_PREFIX}{step}"
-    tmp = Path(tempfile.mkdtemp(dir=checkpoint_dir, prefix=f".{final.name}."))
-    try:
+    with atomic_directory(final) as tmp:
         # save_model (not save_file) copes with tied weights that share storage.
         safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
         torch.save(
@@ -47,12 +45,6 @@ def save_checkpoint(
              "rng": _rng_state()},
             tmp / "trainer_state.pt",
         )
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(checkpoint_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
