@@ -65,7 +65,29 @@ def test_missing_section_and_student_source(tmp_path, minimal):
 
 def test_student_needs_exactly_one_source(tmp_path, minimal):
     minimal["student"]["model"] = "x/y"
-    with pytest.raises(DistillError, match=r"student: .*exactly one of student\.model or student\.config"):
+    with pytest.raises(DistillError, match=r"student: .*exactly one of student\.model, .*\(got model, config\)"):
+        load_recipe(_write(tmp_path, minimal))
+
+
+def test_from_teacher_takes_layers_or_keep_layers(tmp_path, minimal):
+    minimal["student"] = {"from_teacher": {"layers": 2, "keep_layers": [0, 1]}}
+    with pytest.raises(DistillError, match=r"student\.from_teacher: .*layers or keep_layers, not both"):
+        load_recipe(_write(tmp_path, minimal))
+    minimal["student"] = {"from_teacher": {"keep_layers": [0, 0]}}
+    with pytest.raises(DistillError, match=r"listed twice"):
+        load_recipe(_write(tmp_path, minimal))
+    minimal["student"] = {"from_teacher": {"layers": 2, "hidden_size": 32}}
+    spec = load_recipe(_write(tmp_path, minimal)).student
+    assert spec.from_teacher.layers == 2 and spec.from_teacher.calibration.samples == 64
+    assert spec.built_from_teacher
+
+
+def test_hidden_state_spec(tmp_path, minimal):
+    minimal["method"] = {"hidden": {"loss": "cosine", "layer_map": [[0, 1], [1, 3]]}}
+    hidden = load_recipe(_write(tmp_path, minimal)).method.hidden
+    assert hidden.layer_map == [(0, 1), (1, 3)] and hidden.weight == 1.0
+    minimal["method"] = {"hidden": {"loss": "l1"}}
+    with pytest.raises(DistillError, match=r"method\.hidden\.loss"):
         load_recipe(_write(tmp_path, minimal))
 
 

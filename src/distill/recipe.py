@@ -41,20 +41,61 @@ class StudentConfig(Section):
     max_position_embeddings: Optional[int] = None  # default: the teacher's
 
 
+class CalibrationSpec(Section):
+    """Text the pruner runs the teacher on to measure which layers, channels and heads matter."""
+
+    file: Optional[str] = None  # default: the recipe's training data (teacher answers), else its prompts
+    samples: int = Field(default=64, gt=0)
+    max_length: int = Field(default=256, gt=8)
+
+
+class FromTeacherSpec(Section):
+    """A student cut out of the teacher: fewer layers (depth) and/or narrower layers (width)."""
+
+    layers: Optional[int] = Field(default=None, gt=0)  # how many teacher layers to keep
+    keep_layers: Optional[list[int]] = None  # or exactly which ones (0-based)
+    layer_selection: Literal["importance", "uniform"] = "importance"  # how `layers` are chosen
+    layer_importance: Literal["block_influence", "skip_loss"] = "block_influence"
+    hidden_size: Optional[int] = Field(default=None, gt=0)  # width targets; None keeps the teacher's
+    intermediate_size: Optional[int] = Field(default=None, gt=0)
+    num_heads: Optional[int] = Field(default=None, gt=0)
+    num_kv_heads: Optional[int] = Field(default=None, gt=0)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+
+    @model_validator(mode="after")
+    def _one_depth_rule(self) -> "FromTeacherSpec":
+        if self.layers is not None and self.keep_layers is not None:
+            raise ValueError("give student.from_teacher.layers or keep_layers, not both")
+        if self.keep_layers is not None and len(set(self.keep_layers)) != len(self.keep_layers):
+            raise ValueError("student.from_teacher.keep_layers: a layer is listed twice")
+        return self
+
+
 class StudentSpec(Section):
-    """Either an existing model (`model`) or a new one (`config`), optionally seeded from the teacher."""
+    """An existing model (`model`), a new one (`config` or `preset`), or one cut from the teacher (`from_teacher`)."""
 
     model: Optional[str] = None
     gguf_file: Optional[str] = None
     config: Optional[StudentConfig] = None
+    preset: Optional[str] = None  # a named StudentConfig, see distill.models.presets
+    from_teacher: Optional[FromTeacherSpec] = None
     init_embeddings: Literal["random", "slice", "project"] = "project"
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> "StudentSpec":
-        if (self.model is None) == (self.config is None):
-            raise ValueError("give exactly one of student.model or student.config")
+        given = [k for k in ("model", "config", "preset", "from_teacher") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of student.model, student.config, student.preset or student.from_teacher"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
         return self
+
+    @property
+    def built_from_teacher(self) -> bool:
+        """Whether the student is made from the teacher's weights or shape (so training needs the teacher)."""
+        return self.model is None
 
 
 class DataSpec(Section):
@@ -86,6 +127,14 @@ class GenerateSpec(Section):
     max_prompts: Optional[int] = Field(default=None, gt=0)
 
 
+class HiddenStateSpec(Section):
+    """Hidden-state KD: student layer i's output matches teacher layer j's, through a learned projection."""
+
+    weight: float = Field(default=1.0, gt=0.0)  # added to the logit loss
+    loss: Literal["mse", "cosine"] = "mse"  # mse is normalised by the teacher states' mean square
+    layer_map: Optional[list[tuple[int, int]]] = None  # [[student, teacher], ...]; default: derived
+
+
 class MethodSpec(Section):
     """What the student learns from: teacher logits (kd) or only teacher text (sft)."""
 
@@ -96,6 +145,8 @@ class MethodSpec(Section):
     beta: float = Field(default=0.5, gt=0.0, lt=1.0)  # JSD mixing weight
     skew: float = Field(default=0.1, ge=0.0, lt=1.0)  # skew KL mixing weight
     chunk_size: int = Field(default=192, gt=0)  # positions per chunk in the memory-safe loss (see docs/benchmarks.md)
+    hidden: Optional[HiddenStateSpec] = None  # also match intermediate hidden states
+
 
 
 class LoraSpec(Section):

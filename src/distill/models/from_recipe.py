@@ -49,14 +49,20 @@ def initial_student(
     recipe: Recipe, teacher: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase,
     device: torch.device, dtype: torch.dtype,
 ) -> PreTrainedModel:
-    """The student before training: an existing model, or one built from student.config."""
+    """The student before training: an existing model, one cut from the teacher, or a new one from a config."""
     from distill.models import build_student, load_model
+    from distill.models.presets import preset_config
 
     spec = recipe.student
     if spec.model is not None:
         path, gguf = model_source(recipe, spec)
         return load_model(path, gguf, dtype=dtype, device=device, trust_remote_code=spec.trust_remote_code)
-    student = build_student(spec.config, teacher, tokenizer, init_embeddings=spec.init_embeddings, seed=recipe.seed)
+    if spec.from_teacher is not None:
+        from distill.models.prune import prune_from_recipe
+
+        return prune_from_recipe(recipe, teacher, tokenizer).to(device=device, dtype=dtype)
+    config = spec.config or preset_config(spec.preset)
+    student = build_student(config, teacher, tokenizer, init_embeddings=spec.init_embeddings, seed=recipe.seed)
     return student.to(device=device, dtype=dtype)
 
 

@@ -28,8 +28,8 @@ class TrainResult:
 
 
 def needs_teacher_weights(recipe: Recipe) -> bool:
-    """KD needs the teacher's logits; a new student is built on the teacher's vocab, positions and embeddings."""
-    return recipe.method.kind == "kd" or recipe.student.config is not None
+    """KD needs the teacher's logits; a new student is built from the teacher's weights or vocab and positions."""
+    return recipe.method.kind == "kd" or recipe.student.built_from_teacher
 
 
 def loss_on_batch(
