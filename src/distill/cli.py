@@ -34,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", action="store_true",
                            help="continue from the newest checkpoint (the default when one exists)")
             p.add_argument("--restart", action="store_true", help="discard existing checkpoints and start over")
+    stu = sub.add_parser("student", help="build the recipe's student (cut from the teacher, or new) without training",
+                         description="Build the recipe's student and save it: <run>/student_init, or --out.")
+    stu.add_argument("recipe", type=Path, help="recipe YAML file")
+    stu.add_argument("--out", type=Path, help="directory to save the student in (default: <run>/student_init)")
+    stu.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe key (repeatable)")
+    stu.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     conv = sub.add_parser("convert", help="convert a .gguf model to a Hugging Face directory (safetensors)")
     conv.add_argument("gguf", help="path to a .gguf file, or pkg://PACKAGE/FILE.gguf")
     conv.add_argument("out_dir", type=Path)
@@ -68,6 +75,11 @@ def _dispatch(args: argparse.Namespace) -> None:
         print(f"converted {args.gguf} -> {out}")
         return
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.command == "student":
+        setup_logging()
+        out = pipeline.build_student(recipe, out_dir=args.out)
+        print(f"student saved to {out}")
+        return
     if getattr(args, "resume", False) and getattr(args, "restart", False):
         raise DistillError("--resume and --restart exclude each other")
     if args.command == "eval":  # reads a run; makes none

@@ -77,6 +77,20 @@ def generate(recipe: Recipe, *, progress: bool = True):
     return stats
 
 
+def build_student(recipe: Recipe, *, out_dir: Path | None = None) -> Path:
+    """Build the recipe's student (cut from the teacher, or new) and save it, without training."""
+    from distill.models.from_recipe import built_student, load_teacher, student_init_dir, teacher_tokenizer
+    from distill.runtime import resolve_device, resolve_dtype
+
+    if recipe.student.model is not None:
+        raise DistillError("student.model: this recipe trains an existing model; there is no student to build")
+    if out_dir is None:
+        prepare_run_dir(recipe)
+    device = resolve_device(recipe.train.device)
+    teacher = load_teacher(recipe, device, resolve_dtype(recipe.teacher.dtype, device))
+    return built_student(recipe, teacher, teacher_tokenizer(recipe), out_dir or student_init_dir(recipe))
+
+
 def train(recipe: Recipe, *, progress: bool = True):
     """Stage 2: distil the student (resumes from the newest checkpoint of the same recipe)."""
     from distill.train.trainer import train as train_student

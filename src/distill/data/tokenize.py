@@ -195,6 +195,22 @@ def encode_example(
     return EncodedExample(input_ids=ids, labels=labels)
 
 
+def example_token_ids(
+    example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int, system_prompt: str | None = None
+) -> list[int]:
+    """All token ids of an example as the model reads them (a prompt alone ends with the generation prompt)."""
+    encoded = encode_example(example, tokenizer, max_length, system_prompt)
+    if encoded is not None:
+        return encoded.input_ids
+    if example.messages is None:
+        return _tokens(tokenizer, example.text or "", True)[:max_length]
+    messages = example.messages
+    if system_prompt and messages and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    ends_with_user = bool(messages) and messages[-1]["role"] == "user"
+    return _tokens(tokenizer, _render(tokenizer, messages, ends_with_user), False)[:max_length]
+
+
 def encode_all(
     examples: list[Example],
     tokenizer: PreTrainedTokenizerBase,
