@@ -1,5 +1,7 @@
-"""Final hidden states and output head, so the chunked loss can form logits a slice at a time."""
+"""Final hidden states and output head, so the chunked loss can form logits a slice at a time; block outputs."""
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 from transformers import PreTrainedModel
@@ -27,14 +29,55 @@ def base_model(model: torch.nn.Module) -> PreTrainedModel:
     return model.get_base_model() if is_peft(model) else model
 
 
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack (embeddings, blocks, final norm) without the output head."""
+    base = base_model(model)
+    return base.get_decoder() if hasattr(base, "get_decoder") else base.model
+
+
 def decoder_hidden_states(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 ) -> torch.Tensor:
     """[B, T, D] hidden states after the final norm: what the output head turns into logits."""
-    base = base_model(model)
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base.model
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    out = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder blocks, in order (through a PEFT wrapper too)."""
+    layers = getattr(_decoder(model), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        name = getattr(base_model(model).config, "name_or_path", "") or type(base_model(model)).__name__
+        raise DistillError(f"{name}: cannot find the decoder blocks (no decoder.layers) for hidden-state KD")
+    return layers
+
+
+def decoder_layer_outputs(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layers: Iterable[int]
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """One forward: ([B, T, D] post-norm hidden states, {i: [B, T, D] raw output of block i} for i in layers).
+
+    Forward hooks, not `output_hidden_states`: transformers 5 replaces the last entry of that tuple with the
+    post-norm state, so the raw output of the last block is not in it.
+    """
+    blocks = decoder_layers(model)
+    wanted = sorted(set(layers))
+    if wanted and not 0 <= wanted[0] <= wanted[-1] < len(blocks):
+        raise DistillError(f"decoder layers {wanted} requested from a model with layers 0..{len(blocks) - 1}")
+    captured: dict[int, torch.Tensor] = {}
+
+    def keep(index: int):
+        def hook(_module, _args, output):
+            captured[index] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    handles = [blocks[i].register_forward_hook(keep(i)) for i in wanted]
+    try:
+        final = decoder_hidden_states(model, input_ids, attention_mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return final, captured
 
 
 def output_head(model: torch.nn.Module) -> torch.Tensor:

@@ -6,15 +6,19 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.errors import DistillError
+from distill.losses.kd import LossOutput
 from distill.recipe import MethodSpec, Recipe
 from distill.runtime import atomic_write_text, resolve_device, resolve_dtype, set_seed
+
+if TYPE_CHECKING:
+    from distill.losses.hidden import HiddenStateMatcher
 
 log = logging.getLogger("distill")
 
@@ -32,35 +36,97 @@ def needs_teacher_weights(recipe: Recipe) -> bool:
     return recipe.method.kind == "kd" or recipe.student.built_from_teacher
 
 
+@dataclass
+class BatchLoss(LossOutput):
+    """LossOutput plus the hidden-state term: detached and unweighted, None when method.hidden is off."""
+
+    hidden: Optional[torch.Tensor] = None
+
+
 def loss_on_batch(
     student: PreTrainedModel, teacher: Optional[PreTrainedModel], batch: dict[str, torch.Tensor],
     method: MethodSpec, compute_dtype: torch.dtype = torch.float32,
-):
-    """The recipe's loss on one micro-batch, without ever holding [batch, seq, vocab] logits."""
+    matcher: Optional["HiddenStateMatcher"] = None,
+) -> BatchLoss:
+    """The recipe's loss on one micro-batch, without ever holding [batch, seq, vocab] logits.
+
+    With a matcher (method.hidden), `method.hidden.weight` times its loss on the block outputs of every real
+    token (prompt included, padding not) is added to the logit loss.
+    """
     from distill.losses import kd_loss_chunked
-    from distill.models import decoder_hidden_states, output_head
+    from distill.models import output_head
+    from distill.models.heads import decoder_layer_outputs
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
     labels = batch["labels"][:, 1:].reshape(-1)  # position i predicts token i+1
+    if matcher is not None and (teacher is None or method.kind != "kd" or method.hidden is None):
+        raise DistillError("method.hidden: hidden-state KD needs method.hidden set, method.kind: kd and a teacher")
+    student_layers = matcher.student_layers if matcher is not None else []
+    teacher_layers = matcher.teacher_layers if matcher is not None else []
     # Master weights stay fp32; a bf16 compute dtype runs the student's body under autocast.
     with torch.autocast(ids.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-        hidden = decoder_hidden_states(student, ids, mask)[:, :-1]
-    hidden = hidden.reshape(-1, hidden.shape[-1])
+        hidden, student_states = decoder_layer_outputs(student, ids, mask, student_layers)
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     teacher_hidden = teacher_head = None
+    teacher_states: dict[int, torch.Tensor] = {}
     if teacher is not None and method.kind == "kd":
         with torch.no_grad():
-            t = decoder_hidden_states(teacher, ids, mask)[:, :-1]
+            t, teacher_states = decoder_layer_outputs(teacher, ids, mask, teacher_layers)
+            t = t[:, :-1]
             teacher_hidden, teacher_head = t.reshape(-1, t.shape[-1]), output_head(teacher)
-    return kd_loss_chunked(
+    out = kd_loss_chunked(
         hidden, output_head(student), teacher_hidden, teacher_head, labels,
         divergence=method.divergence, temperature=method.temperature, alpha=method.alpha,
         beta=method.beta, skew=method.skew, chunk_size=method.chunk_size,
     )
+    if matcher is None:
+        return BatchLoss(**vars(out))
+    hidden_loss = matcher(student_states, teacher_states, mask)
+    return BatchLoss(loss=out.loss + method.hidden.weight * hidden_loss, kd=out.kd, ce=out.ce,
+                     n_tokens=out.n_tokens, hidden=hidden_loss.detach())
 
 
-def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.AdamW:
+def hidden_matcher(
+    recipe: Recipe, student: torch.nn.Module, teacher: Optional[torch.nn.Module]
+) -> Optional["HiddenStateMatcher"]:
+    """The projections for method.hidden (None when it is off); the map follows how the student was pruned."""
+    from distill.losses.hidden import HiddenStateMatcher, check_layer_map, default_layer_map
+    from distill.models.heads import base_model, decoder_layers
+
+    spec = recipe.method.hidden
+    if spec is None:
+        return None
+    _check_hidden_recipe(recipe)
+    student_config, teacher_config = _text_config(base_model(student)), _text_config(base_model(teacher))
+    pruned_from = getattr(base_model(student).config, "distill_pruned_from", None) or {}
+    n_student, n_teacher = len(decoder_layers(student)), len(decoder_layers(teacher))
+    if spec.layer_map is not None:
+        layer_map = check_layer_map(spec.layer_map, n_student, n_teacher)
+    else:
+        layer_map = default_layer_map(n_student, n_teacher, pruned_from.get("teacher_layers"))
+    matcher = HiddenStateMatcher(
+        layer_map, student_config.hidden_size, teacher_config.hidden_size, spec.loss,
+        hidden_channels=pruned_from.get("hidden_channels"), seed=recipe.seed,
+    )
+    log.info("hidden-state KD (%s, weight %g): student->teacher layers %s", spec.loss, spec.weight, layer_map)
+    return matcher.to(next(student.parameters()).device)
+
+
+def _check_hidden_recipe(recipe: Recipe) -> None:
+    if recipe.method.hidden is not None and recipe.method.kind != "kd":
+        raise DistillError(
+            f"method.hidden: hidden-state KD needs the teacher's states (method.kind: kd), "
+            f"got method.kind: {recipe.method.kind}"
+        )
+
+
+def _text_config(model: torch.nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _optimizer(params: list[torch.nn.Parameter], recipe: Recipe) -> torch.optim.AdamW:
     """AdamW; no weight decay on norms, biases and other 1-D parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     t = recipe.train
@@ -164,6 +230,7 @@ def train(
     from distill.train.schedule import lr_multiplier
 
     t = recipe.train
+    _check_hidden_recipe(recipe)  # before any model is loaded
     device = resolve_device(t.device)
     dtype = resolve_dtype(t.dtype, device)
     if t.threads:
@@ -180,14 +247,18 @@ def train(
     if t.lora is not None:
         student = _apply_lora(student, recipe)
     student.train()
-    optimizer = _optimizer(student, recipe)
+    matcher = hidden_matcher(recipe, student, teacher)
+    # Student parameters first, so the optimizer state's layout is the same as without method.hidden.
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    trainable += list(matcher.parameters()) if matcher is not None else []
+    optimizer = _optimizer(trainable, recipe)
     factor = lr_multiplier(t.schedule, total_steps=t.steps, warmup_steps=t.warmup_steps,
                            min_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     start = 0
     if checkpoints and resume:
-        start = load_checkpoint(checkpoints[-1], student, optimizer, scheduler)
+        start = load_checkpoint(checkpoints[-1], student, optimizer, scheduler, matcher)
         log.info("resumed from %s (step %d of %d)", checkpoints[-1], start, t.steps)
     metrics = MetricsLog(run_dir / "metrics.jsonl", start)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -197,18 +268,18 @@ def train(
                dynamic_ncols=True)
     window_tokens, window_start = 0, time.perf_counter()
     for step in bar:
-        totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+        totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, **({"hidden": 0.0} if matcher is not None else {})}
         for micro in range(t.grad_accum):
             idx = batch_indices(len(encoded), t.batch_size, recipe.seed, step * t.grad_accum + micro)
             batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
-            out = loss_on_batch(student, teacher, batch, recipe.method, dtype)
+            out = loss_on_batch(student, teacher, batch, recipe.method, dtype, matcher)
             (out.loss / t.grad_accum).backward()
             for key in totals:
                 totals[key] += float(getattr(out, key).detach()) / t.grad_accum
             window_tokens += int(batch["attention_mask"].sum())
         grad_norm = None
         if t.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), t.max_grad_norm))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -222,14 +293,14 @@ def train(
             bar.set_postfix(loss=f"{last:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             window_tokens, window_start = 0, time.perf_counter()
         if done % t.checkpoint_every == 0 or done == t.steps or done == stop_after:
-            save_checkpoint(checkpoint_dir, done, student, optimizer, scheduler, t.keep_checkpoints)
+            save_checkpoint(checkpoint_dir, done, student, optimizer, scheduler, t.keep_checkpoints, matcher)
         if done == stop_after:
             bar.close()
             return None
     bar.close()
 
     out_dir = trained_student_dir(recipe)
-    save_model(student, tokenizer, out_dir)
+    save_model(student, tokenizer, out_dir)  # the student alone: the matcher's projections are training-only
     seconds = time.perf_counter() - began
     log.info("student saved to %s (%d steps, final loss %.4f, %.0f s)", out_dir, t.steps, last, seconds)
     return TrainResult(student_dir=out_dir, steps=t.steps, final_loss=last, seconds=seconds)
