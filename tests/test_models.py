@@ -527,3 +527,36 @@ def test_convert_gguf_gives_identical_hf_model(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 1
     with torch.no_grad():
         assert torch.equal(load_model(*resolve_model_path(SMOL_REF))(**batch).logits, expected)
+
+
+# ------------------------------------------------------------------------------------------- presets
+
+
+def _llama_params(layers: int, hidden: int, heads: int, kv: int, ffn: int, vocab: int) -> int:
+    """Parameters of a tied Llama, counted by hand: embeddings, per-block attention/MLP/norms, final norm."""
+    head_dim = hidden // heads
+    attention = hidden * heads * head_dim * 2 + hidden * kv * head_dim * 2
+    return vocab * hidden + layers * (attention + 3 * hidden * ffn + 2 * hidden) + hidden
+
+
+@pytest.mark.parametrize("name", ["micro", "tiny", "small", "base", "large"])
+def test_presets_follow_small_model_practice(name):
+    from distill.models.presets import PRESETS
+
+    c = PRESETS[name]
+    assert c.tie_embeddings and c.num_kv_heads < c.num_heads  # tied, GQA
+    assert c.hidden_size // c.num_heads == 64  # rotary head size of SmolLM2 / Llama / Qwen2
+    assert 2.5 <= c.intermediate_size / c.hidden_size <= 3.0
+    assert c.hidden_size / c.num_layers <= 32  # deep and thin (MobileLLM): at most 32 wide per layer
+
+
+def test_preset_student_has_the_documented_size(tmp_path, tiny_teacher_dir):
+    from distill.models.presets import preset_config
+
+    teacher = load_model(str(tiny_teacher_dir))
+    tokenizer = load_tokenizer(str(tiny_teacher_dir))
+    student = build_student(preset_config("micro"), teacher, tokenizer)
+    vocab = teacher.config.vocab_size
+    assert count_params(student) == _llama_params(6, 192, 3, 1, 512, vocab)
+    with pytest.raises(DistillError, match=r"student\.preset: unknown preset 'huge'; choose one of micro, tiny"):
+        preset_config("huge")
