@@ -308,3 +308,22 @@ def test_stories260k_pruned_half_beats_random_init_before_and_after_kd(tmp_path)
     assert p_params == r_params and 0.35 < p_params / count_params(teacher) < 0.6
     assert p_before < r_before / 2, results  # much better before any training
     assert p_after < r_after, results  # and still ahead after the same KD budget
+
+
+def test_calibration_text_falls_back_to_the_prompts_before_the_teacher_answers(tmp_path, tiny_teacher_dir,
+                                                                                pairs_jsonl):
+    from distill.models.prune import calibration_token_ids
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about {w}."}) + "\n" for w in ("cats", "dogs")))
+    raw = tiny_recipe(tmp_path / "run", tiny_teacher_dir, pairs_jsonl)
+    raw["data"] = {"prompts": str(prompts)}
+    raw["student"] = {"from_teacher": {"layers": 1, "calibration": {"samples": 2, "max_length": 32}}}
+    recipe = recipe_from_dict(raw)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    ids = calibration_token_ids(recipe, tokenizer)
+    assert len(ids) == 2
+    assert tokenizer.decode(ids[0]).endswith("<|im_start|>assistant\n")  # the prompt as the teacher reads it
+    raw["student"]["from_teacher"]["calibration"]["file"] = str(pairs_jsonl)  # an explicit file wins
+    ids = calibration_token_ids(recipe_from_dict(raw), tokenizer)
+    assert "Question 0" in tokenizer.decode(ids[0])
