@@ -11,7 +11,7 @@ from distill.errors import DistillError
 log = logging.getLogger("distill")
 
 STAGES = {
-    "run": "all stages in order: generate, train, eval",
+    "run": "all stages in order: generate, student, train, eval",
     "generate": "the teacher answers data.prompts (resumable)",
     "train": "distil the student (resumes from the newest checkpoint)",
     "eval": "measure teacher and student; write report.json and print the table",
@@ -90,6 +90,8 @@ def _dispatch(args: argparse.Namespace) -> None:
     progress = not args.no_progress
     if args.command == "run":
         pipeline.generate(recipe, progress=progress)
+        if recipe.student.model is None:
+            pipeline.build_student(recipe)
         pipeline.train(recipe, progress=progress)
         pipeline.evaluate(recipe, progress=progress)
     elif args.command == "generate":

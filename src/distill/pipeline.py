@@ -1,4 +1,4 @@
-"""The stages of a run, in order, each also callable on its own: generate -> train -> eval."""
+"""The stages of a run, in order, each also callable on its own: generate -> student -> train -> eval."""
 from __future__ import annotations
 
 import logging
@@ -78,7 +78,7 @@ def generate(recipe: Recipe, *, progress: bool = True):
 
 
 def build_student(recipe: Recipe, *, out_dir: Path | None = None) -> Path:
-    """Build the recipe's student (cut from the teacher, or new) and save it, without training."""
+    """Stage 2: build the recipe's student (cut from the teacher, or new) and save it, without training."""
     from distill.models.from_recipe import built_student, load_teacher, student_init_dir, teacher_tokenizer
     from distill.runtime import resolve_device, resolve_dtype
 
@@ -92,14 +92,14 @@ def build_student(recipe: Recipe, *, out_dir: Path | None = None) -> Path:
 
 
 def train(recipe: Recipe, *, progress: bool = True):
-    """Stage 2: distil the student (resumes from the newest checkpoint of the same recipe)."""
+    """Stage 3: distil the student (resumes from the newest checkpoint of the same recipe)."""
     from distill.train.trainer import train as train_student
 
     return train_student(recipe, resume=True, progress=progress)
 
 
 def evaluate(recipe: Recipe, *, progress: bool = True) -> dict:
-    """Stage 3: measure teacher and student on held-out data; write <run>/report.json."""
+    """Stage 4: measure teacher and student on held-out data; write <run>/report.json."""
     from distill.eval.stage import evaluate_run
 
     return evaluate_run(recipe, progress=progress)
@@ -109,5 +109,7 @@ def run(recipe: Recipe, *, restart: bool = False, progress: bool = True) -> dict
     """All stages in order; re-running after a kill resumes where it stopped."""
     prepare_run_dir(recipe, restart=restart)
     generate(recipe, progress=progress)
+    if recipe.student.model is None:
+        build_student(recipe)
     train(recipe, progress=progress)
     return evaluate(recipe, progress=progress)
