@@ -532,13 +532,6 @@ def test_convert_gguf_gives_identical_hf_model(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------- presets
 
 
-def _llama_params(layers: int, hidden: int, heads: int, kv: int, ffn: int, vocab: int) -> int:
-    """Parameters of a tied Llama, counted by hand: embeddings, per-block attention/MLP/norms, final norm."""
-    head_dim = hidden // heads
-    attention = hidden * heads * head_dim * 2 + hidden * kv * head_dim * 2
-    return vocab * hidden + layers * (attention + 3 * hidden * ffn + 2 * hidden) + hidden
-
-
 @pytest.mark.parametrize("name", ["micro", "tiny", "small", "base", "large"])
 def test_presets_follow_small_model_practice(name):
     from distill.models.presets import PRESETS
@@ -557,6 +550,6 @@ def test_preset_student_has_the_documented_size(tmp_path, tiny_teacher_dir):
     tokenizer = load_tokenizer(str(tiny_teacher_dir))
     student = build_student(preset_config("micro"), teacher, tokenizer)
     vocab = teacher.config.vocab_size
-    assert count_params(student) == _llama_params(6, 192, 3, 1, 512, vocab)
+    assert count_params(student) == _llama_params(vocab, 192, 6, 3, 1, 512, tied=True)
     with pytest.raises(DistillError, match=r"student\.preset: unknown preset 'huge'; choose one of micro, tiny"):
         preset_config("huge")

@@ -11,10 +11,11 @@ from distill.errors import DistillError
 log = logging.getLogger("distill")
 
 STAGES = {
-    "run": "all stages in order: generate, student, train, eval",
+    "run": "all stages in order: generate, capture (with teacher.cache), student, train, eval",
     "generate": "the teacher answers data.prompts (resumable)",
     "train": "distil the student (resumes from the newest checkpoint)",
     "eval": "measure teacher and student; write report.json and print the table",
+    "capture": "cache the teacher's top-k log-probs on the training data (teacher.cache; resumable)",
 }
 
 
@@ -41,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     stu.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe key (repeatable)")
     stu.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    plan = sub.add_parser("plan", help="predict a recipe's parameters, FLOPs, memory and training time (runs nothing)")
+    plan.add_argument("recipe", type=Path, help="recipe YAML file")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a recipe key, e.g. --set train.batch_size=4 (repeatable)")
+    plan.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     conv = sub.add_parser("convert", help="convert a .gguf model to a Hugging Face directory (safetensors)")
     conv.add_argument("gguf", help="path to a .gguf file, or pkg://PACKAGE/FILE.gguf")
     conv.add_argument("out_dir", type=Path)
@@ -75,6 +81,11 @@ def _dispatch(args: argparse.Namespace) -> None:
         print(f"converted {args.gguf} -> {out}")
         return
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.command == "plan":  # reads configs and data; writes nothing
+        from distill.plan import format_plan, plan_recipe
+
+        print(format_plan(plan_recipe(recipe)))
+        return
     if args.command == "student":
         setup_logging()
         out = pipeline.build_student(recipe, out_dir=args.out)
@@ -90,6 +101,8 @@ def _dispatch(args: argparse.Namespace) -> None:
     progress = not args.no_progress
     if args.command == "run":
         pipeline.generate(recipe, progress=progress)
+        if recipe.teacher.cache is not None and recipe.method.kind == "kd":  # resumable: done shards are kept
+            pipeline.capture(recipe, progress=progress)
         if recipe.student.model is None:
             pipeline.build_student(recipe)
         pipeline.train(recipe, progress=progress)
@@ -100,6 +113,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         pipeline.train(recipe, progress=progress)
     elif args.command == "eval":
         pipeline.evaluate(recipe, progress=progress)
+    elif args.command == "capture":
+        stats = pipeline.capture(recipe, progress=progress)
+        hint = "" if recipe.teacher.cache else f"; set teacher.cache: {stats.path} to train from it"
+        print(f"teacher cache: {stats.path} ({stats.examples} examples, {stats.bytes / 1e6:.1f} MB){hint}")
 
 
 def main(argv: list[str] | None = None) -> int:

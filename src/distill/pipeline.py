@@ -77,6 +77,13 @@ def generate(recipe: Recipe, *, progress: bool = True):
     return stats
 
 
+def capture(recipe: Recipe, *, progress: bool = True):
+    """Teacher forcing over the training examples into a top-k cache (teacher.cache or <run>/teacher_cache)."""
+    from distill.signals.capture import capture as capture_cache
+
+    return capture_cache(recipe, progress=progress)
+
+
 def build_student(recipe: Recipe, *, out_dir: Path | None = None) -> Path:
     """Stage 2: build the recipe's student (cut from the teacher, or new) and save it, without training."""
     from distill.models.from_recipe import built_student, load_teacher, student_init_dir, teacher_tokenizer
@@ -109,6 +116,8 @@ def run(recipe: Recipe, *, restart: bool = False, progress: bool = True) -> dict
     """All stages in order; re-running after a kill resumes where it stopped."""
     prepare_run_dir(recipe, restart=restart)
     generate(recipe, progress=progress)
+    if recipe.teacher.cache is not None and recipe.method.kind == "kd":  # resumable: done shards are kept
+        capture(recipe, progress=progress)
     if recipe.student.model is None:
         build_student(recipe)
     train(recipe, progress=progress)

@@ -27,6 +27,11 @@ class TeacherSpec(Section):
     gguf_file: Optional[str] = None  # for a hub repo or directory that holds several .gguf files
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
+    # A top-k cache of the teacher's log-probs (`distill capture` writes it): KD trains from it without
+    # loading the teacher's weights; `model` still names the tokenizer and the teacher the cache must come from.
+    cache: Optional[str] = None
+    cache_k: int = Field(default=64, gt=0)  # log-probs kept per position at capture
+    cache_exact: bool = False  # float32 log-probs instead of 1/16-nat steps (~2.5x larger, no quantization)
 
 
 class StudentConfig(Section):

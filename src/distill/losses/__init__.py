@@ -1,4 +1,5 @@
-"""Divergences between teacher and student, the KD/SFT objective (naive and chunked), hidden-state matching."""
+"""Divergences between teacher and student, the KD/SFT objective (naive and chunked; dense or sparse top-k
+teacher signal), hidden-state matching."""
 from distill.losses.divergences import (
     DIVERGENCES,
     forward_kl,
@@ -11,11 +12,13 @@ from distill.losses.divergences import (
 )
 from distill.losses.hidden import HiddenStateMatcher, check_layer_map, default_layer_map
 from distill.losses.kd import LossOutput, kd_loss, kd_loss_chunked
+from distill.losses.sparse import SparseTargets, kd_loss_sparse, kd_loss_sparse_chunked
 
 __all__ = [
     "DIVERGENCES",
     "HiddenStateMatcher",
     "LossOutput",
+    "SparseTargets",
     "check_layer_map",
     "default_layer_map",
     "forward_kl",
@@ -23,6 +26,8 @@ __all__ = [
     "jsd",
     "kd_loss",
     "kd_loss_chunked",
+    "kd_loss_sparse",
+    "kd_loss_sparse_chunked",
     "reverse_kl",
     "skew_forward_kl",
     "skew_reverse_kl",

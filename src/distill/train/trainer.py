@@ -19,6 +19,7 @@ from distill.runtime import atomic_write_text, resolve_device, resolve_dtype, se
 
 if TYPE_CHECKING:
     from distill.losses.hidden import HiddenStateMatcher
+    from distill.losses.sparse import SparseTargets
 
 log = logging.getLogger("distill")
 
@@ -32,8 +33,13 @@ class TrainResult:
 
 
 def needs_teacher_weights(recipe: Recipe) -> bool:
-    """KD needs the teacher's logits; a new student is built from the teacher's weights or vocab and positions."""
-    return recipe.method.kind == "kd" or recipe.student.built_from_teacher
+    """Live KD needs the teacher's logits; a new student is built from the teacher's weights or vocab and positions."""
+    return (recipe.method.kind == "kd" and not uses_teacher_cache(recipe)) or recipe.student.built_from_teacher
+
+
+def uses_teacher_cache(recipe: Recipe) -> bool:
+    """KD from teacher.cache (top-k log-probs captured once) instead of a live teacher."""
+    return recipe.method.kind == "kd" and recipe.teacher.cache is not None
 
 
 @dataclass
@@ -46,10 +52,12 @@ class BatchLoss(LossOutput):
 def loss_on_batch(
     student: PreTrainedModel, teacher: Optional[PreTrainedModel], batch: dict[str, torch.Tensor],
     method: MethodSpec, compute_dtype: torch.dtype = torch.float32,
-    matcher: Optional["HiddenStateMatcher"] = None,
+    matcher: Optional["HiddenStateMatcher"] = None, targets: Optional["SparseTargets"] = None,
 ) -> BatchLoss:
     """The recipe's loss on one micro-batch, without ever holding [batch, seq, vocab] logits.
 
+    The teacher signal is either a live `teacher` (dense logits, chunk by chunk) or `targets`, the sparse top-k
+    rows of a teacher cache for this batch's trained positions (then `teacher` is None).
     With a matcher (method.hidden), `method.hidden.weight` times its loss on the block outputs of every real
     token (prompt included, padding not) is added to the logit loss.
     """
@@ -57,6 +65,8 @@ def loss_on_batch(
     from distill.models import output_head
     from distill.models.heads import decoder_layer_outputs
 
+    if targets is not None:
+        return _sparse_loss_on_batch(student, batch, method, compute_dtype, matcher, targets, teacher)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     labels = batch["labels"][:, 1:].reshape(-1)  # position i predicts token i+1
     if matcher is not None and (teacher is None or method.kind != "kd" or method.hidden is None):
@@ -84,6 +94,31 @@ def loss_on_batch(
     hidden_loss = matcher(student_states, teacher_states, mask)
     return BatchLoss(loss=out.loss + method.hidden.weight * hidden_loss, kd=out.kd, ce=out.ce,
                      n_tokens=out.n_tokens, hidden=hidden_loss.detach())
+
+
+def _sparse_loss_on_batch(
+    student: PreTrainedModel, batch: dict[str, torch.Tensor], method: MethodSpec, compute_dtype: torch.dtype,
+    matcher: Optional["HiddenStateMatcher"], targets: "SparseTargets", teacher: Optional[PreTrainedModel],
+) -> BatchLoss:
+    """loss_on_batch with a cached (sparse) teacher signal."""
+    from distill.losses.sparse import kd_loss_sparse_chunked
+    from distill.models import output_head
+    from distill.models.heads import decoder_hidden_states
+
+    if teacher is not None or matcher is not None or method.kind != "kd":
+        raise DistillError("teacher.cache: cached targets train method.kind: kd alone, without a live teacher "
+                           "or method.hidden")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    labels = batch["labels"][:, 1:].reshape(-1)
+    with torch.autocast(ids.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+        hidden = decoder_hidden_states(student, ids, mask)
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    out = kd_loss_sparse_chunked(
+        hidden, output_head(student), targets, labels, divergence=method.divergence,
+        temperature=method.temperature, alpha=method.alpha, beta=method.beta, skew=method.skew,
+        chunk_size=method.chunk_size,
+    )
+    return BatchLoss(**vars(out))
 
 
 def hidden_matcher(
@@ -118,6 +153,9 @@ def _check_hidden_recipe(recipe: Recipe) -> None:
             f"method.hidden: hidden-state KD needs the teacher's states (method.kind: kd), "
             f"got method.kind: {recipe.method.kind}"
         )
+    if recipe.method.hidden is not None and uses_teacher_cache(recipe):
+        raise DistillError("method.hidden: hidden-state KD needs a live teacher's states, which teacher.cache "
+                           "does not hold; remove method.hidden or teacher.cache")
 
 
 def _text_config(model: torch.nn.Module):
@@ -204,14 +242,23 @@ def _models(recipe: Recipe, device: torch.device, dtype: torch.dtype):
         path, gguf = model_source(recipe, recipe.student)
         student_tok = load_tokenizer(path, gguf)
         if recipe.method.kind == "kd":
-            check_tokenizers(tokenizer, student_tok, teacher.config.vocab_size, student.config.vocab_size)
+            check_tokenizers(tokenizer, student_tok, _teacher_vocab(recipe, teacher), student.config.vocab_size)
         else:
             tokenizer = student_tok
     _log_sizes(student, teacher)
-    if recipe.method.kind != "kd":
+    if recipe.method.kind != "kd" or uses_teacher_cache(recipe):
         teacher = None  # its weights only seeded the student's embeddings
 
     return tokenizer, teacher, student
+
+
+def _teacher_vocab(recipe: Recipe, teacher: Optional[PreTrainedModel]) -> int:
+    if teacher is not None:
+        return teacher.config.vocab_size
+    from distill.signals.cache import read_header
+    from distill.signals.provenance import cache_path
+
+    return read_header(cache_path(recipe)).vocab_size
 
 
 def train(
@@ -244,6 +291,12 @@ def train(
 
     train_examples, _ = recipe_examples(recipe)
     encoded = encode_all(train_examples, tokenizer, recipe.data.max_length, recipe.data.system_prompt)
+    cached = None
+    if uses_teacher_cache(recipe):
+        from distill.signals.reader import open_teacher_cache
+
+        cached = open_teacher_cache(recipe, tokenizer, encoded)  # refuses a partial or foreign cache
+        log.info("teacher: top-%d cache %s (the teacher is not run)", cached.cache.header.k, cached.cache.path)
     if t.lora is not None:
         student = _apply_lora(student, recipe)
     student.train()
@@ -272,7 +325,8 @@ def train(
         for micro in range(t.grad_accum):
             idx = batch_indices(len(encoded), t.batch_size, recipe.seed, step * t.grad_accum + micro)
             batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
-            out = loss_on_batch(student, teacher, batch, recipe.method, dtype, matcher)
+            targets = cached.targets(idx, device) if cached is not None else None
+            out = loss_on_batch(student, teacher, batch, recipe.method, dtype, matcher, targets)
             (out.loss / t.grad_accum).backward()
             for key in totals:
                 totals[key] += float(getattr(out, key).detach()) / t.grad_accum

@@ -1,0 +1,67 @@
+"""Fingerprints a cache header records, and the check that a cache belongs to a recipe's teacher and tokenizer."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from distill.errors import DistillError
+from distill.recipe import Recipe
+from distill.signals.cache import CacheHeader
+
+
+def _hash(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """Vocabulary, special tokens and a probe encoding: what decides which id means what."""
+    from distill.models.compat import PROBE_TEXT
+
+    special = {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    probe = list(tokenizer(PROBE_TEXT, add_special_tokens=True)["input_ids"])
+    return _hash(json.dumps([sorted(tokenizer.get_vocab().items()), special, probe]))
+
+
+def chat_template_hash(tokenizer) -> str:
+    template = getattr(tokenizer, "chat_template", None)
+    return _hash(json.dumps(template, sort_keys=True)) if template else "none"
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """BLAKE2b of every parameter and buffer, in name order (format-independent: a GGUF and its HF copy agree)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def teacher_id(recipe: Recipe) -> str:
+    """The recipe's teacher as a reference: resolved path or hub id, plus the .gguf file when named."""
+    from distill.models.from_recipe import model_ref
+
+    ref = model_ref(recipe, recipe.teacher.model)
+    return ref + (f"#{recipe.teacher.gguf_file}" if recipe.teacher.gguf_file else "")
+
+
+def cache_path(recipe: Recipe) -> Path:
+    """teacher.cache, else <run>/teacher_cache (where `distill capture` writes without one)."""
+    return recipe.path(recipe.teacher.cache) if recipe.teacher.cache else recipe.run_dir / "teacher_cache"
+
+
+def check_provenance(header: CacheHeader, path: Path, recipe: Recipe, tokenizer) -> None:
+    """Refuse a cache made by another teacher, tokenizer or chat template, naming what differs."""
+    found = {
+        "teacher": (header.teacher, teacher_id(recipe)),
+        "tokenizer": (header.tokenizer, tokenizer_hash(tokenizer)),
+        "chat template": (header.chat_template, chat_template_hash(tokenizer)),
+    }
+    for what, (cached, wanted) in found.items():
+        if cached != wanted:
+            raise DistillError(f"{path}: the cache was captured with a different {what} ({cached!r}, the recipe's "
+                               f"is {wanted!r}); capture it again with `distill capture`")
+    if header.k > header.vocab_size:
+        raise DistillError(f"{path}: k = {header.k} is larger than the teacher's vocabulary ({header.vocab_size})")

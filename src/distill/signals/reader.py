@@ -1,0 +1,41 @@
+"""The cached teacher as training sees it: a verified cache that returns SparseTargets for a batch."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from distill.recipe import Recipe
+from distill.signals.cache import TopKCache, example_hash
+
+
+class CachedTeacher:
+    """Sparse targets for micro-batches of the recipe's encoded training examples, from a verified cache."""
+
+    def __init__(self, cache: TopKCache, hashes: Sequence[str]):
+        self.cache, self.hashes = cache, list(hashes)
+        cache.verify(self.hashes)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cache.header.vocab_size
+
+    def targets(self, indices: Sequence[int], device: torch.device | str = "cpu"):
+        """The rows of these examples, concatenated in batch order (the order of the batch's trained labels)."""
+        from distill.losses.sparse import SparseTargets
+
+        rows = [self.cache.rows(i, self.hashes[i]) for i in indices]
+        join = lambda name: torch.from_numpy(np.concatenate([getattr(r, name) for r in rows]))  # noqa: E731
+        return SparseTargets(join("ids"), join("log_probs"), join("tail"), self.vocab_size).to(device)
+
+
+def open_teacher_cache(recipe: Recipe, tokenizer, encoded: Sequence, path: Path | None = None) -> CachedTeacher:
+    """The recipe's teacher.cache, refused (one DistillError line) unless it is complete and belongs to this data."""
+    from distill.signals.provenance import cache_path, check_provenance
+
+    path = Path(path) if path is not None else cache_path(recipe)
+    cache = TopKCache(path)
+    check_provenance(cache.header, path, recipe, tokenizer)
+    return CachedTeacher(cache, [example_hash(e.input_ids, e.labels) for e in encoded])
