@@ -6,7 +6,7 @@ the positions whose label is not -100 (labels are already shifted). Without a te
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -184,22 +184,54 @@ def kd_loss_chunked(
     if n < labels.numel():
         student_hidden, labels = student_hidden[valid], labels[valid]
         teacher_hidden = None if teacher_hidden is None else teacher_hidden[valid]
-    teacher = None if teacher_hidden is None else (teacher_hidden, teacher_head.detach())
-    args = (student_hidden, student_head, teacher, labels, objective, chunk_size)
-    if torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad):
-        loss, ce, kd = _FusedLinearKD.apply(*args)
-    else:
-        loss, ce, kd, _, _ = _chunked_pass(*args, want_hidden_grad=False, want_head_grad=False)
+    teacher = None
+    if teacher_hidden is not None:
+        # Only the shared vocabulary enters the divergence, so the teacher's padded rows are never multiplied.
+        shared = min(student_head.size(0), teacher_head.size(0))
+        teacher = DenseTeacher(teacher_hidden, teacher_head.detach()[:shared])
+    loss, ce, kd = fused_chunked_loss(student_hidden, student_head, teacher, labels, objective, chunk_size,
+                                      _process_chunk)
     return LossOutput(loss=loss, kd=kd, ce=ce, n_tokens=n)
+
+
+@dataclass
+class DenseTeacher:
+    """The live teacher's signal: its final hidden states [N, Dt] and head [V, Dt]; logits are formed per chunk."""
+
+    hidden: Tensor
+    head: Tensor
+
+    def rows(self, index: slice) -> "DenseTeacher":
+        return DenseTeacher(self.hidden[index], self.head)
+
+
+# A chunk's work: (hidden, head, teacher signal rows or None, labels, objective, 1/n, hidden-grad slot or None,
+# head-grad accumulator or None) -> summed (loss, ce, kd) as a float64 [3] tensor.
+ChunkFn = Callable[..., Tensor]
+
+
+def fused_chunked_loss(
+    hidden: Tensor, head: Tensor, signal, labels: Tensor, objective: _Objective, chunk_size: int,
+    chunk_fn: ChunkFn,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean (loss, ce, kd) over the rows, `chunk_size` at a time, for any teacher signal with `.rows(slice)`.
+
+    The dense (live teacher) and sparse (cache) losses differ only in `chunk_fn` and `signal`.
+    """
+    args = (hidden, head, signal, labels, objective, chunk_size, chunk_fn)
+    if torch.is_grad_enabled() and (hidden.requires_grad or head.requires_grad):
+        return _FusedLinearKD.apply(*args)
+    loss, ce, kd, _, _ = _chunked_pass(*args, want_hidden_grad=False, want_head_grad=False)
+    return loss, ce, kd
 
 
 class _FusedLinearKD(torch.autograd.Function):
     """Loss and student grads in one chunked forward pass; backward scales the stored grads."""
 
     @staticmethod
-    def forward(ctx, hidden, head, teacher, labels, objective, chunk_size):  # type: ignore[override]
+    def forward(ctx, hidden, head, signal, labels, objective, chunk_size, chunk_fn):  # type: ignore[override]
         loss, ce, kd, grad_hidden, grad_head = _chunked_pass(
-            hidden, head, teacher, labels, objective, chunk_size,
+            hidden, head, signal, labels, objective, chunk_size, chunk_fn,
             want_hidden_grad=ctx.needs_input_grad[0], want_head_grad=ctx.needs_input_grad[1],
         )
         # Kept on ctx (not save_for_backward) so backward can hand them over without a copy: a [V, D] head
@@ -211,20 +243,21 @@ class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kd):  # type: ignore[override]
         if ctx.grads is None:
-            raise RuntimeError("kd_loss_chunked: backward through the same loss can run only once")
+            raise RuntimeError("chunked KD loss: backward through the same loss can run only once")
         grads, ctx.grads = ctx.grads, None
         if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
             grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
-        return grads[0], grads[1], None, None, None, None
+        return grads[0], grads[1], None, None, None, None, None
 
 
 def _chunked_pass(
     hidden: Tensor,
     head: Tensor,
-    teacher: Optional[tuple[Tensor, Tensor]],
+    signal,
     labels: Tensor,
     objective: _Objective,
     chunk_size: int,
+    chunk_fn: ChunkFn,
     *,
     want_hidden_grad: bool,
     want_head_grad: bool,
@@ -235,15 +268,10 @@ def _chunked_pass(
     grad_hidden = torch.empty_like(hidden) if want_hidden_grad else None
     grad_head = torch.zeros(head.shape, dtype=_wide(head).dtype, device=head.device) if want_head_grad else None
     totals = torch.zeros(3, dtype=torch.float64, device=hidden.device)
-    if teacher is not None:
-        teacher_hidden, teacher_head = teacher
-        # Only the shared vocabulary enters the divergence, so the teacher's padded rows are never multiplied.
-        teacher = (teacher_hidden, teacher_head[: min(head.size(0), teacher_head.size(0))])
     for start in range(0, n, chunk_size):
         rows = slice(start, start + chunk_size)
-        chunk_teacher = None if teacher is None else (teacher[0][rows], teacher[1])
-        totals += _process_chunk(
-            hidden[rows], head, chunk_teacher, labels[rows], objective, 1.0 / n,
+        totals += chunk_fn(
+            hidden[rows], head, None if signal is None else signal.rows(rows), labels[rows], objective, 1.0 / n,
             None if grad_hidden is None else grad_hidden[rows], grad_head,
         )
     loss, ce, kd = (totals / n).to(_wide(hidden).dtype).unbind()
@@ -255,7 +283,7 @@ def _chunked_pass(
 def _process_chunk(
     hidden: Tensor,
     head: Tensor,
-    teacher: Optional[tuple[Tensor, Tensor]],
+    teacher: Optional[DenseTeacher],
     labels: Tensor,
     objective: _Objective,
     scale: float,
@@ -271,7 +299,7 @@ def _process_chunk(
     if teacher is not None:
         # Dividing the chunk's [rows, Dt] hidden states (not the logits or the head) by T is the cheapest way
         # to get teacher logits at temperature T.
-        teacher_log_probs = log_probs(_scaled(teacher[0], objective.temperature) @ teacher[1].t())
+        teacher_log_probs = log_probs(_scaled(teacher.hidden, objective.temperature) @ teacher.head.t())
     if grad_hidden_out is None and grad_head_acc is None:
         with torch.no_grad():
             return torch.stack(objective.sums(student_logits, teacher_log_probs, labels)).double()

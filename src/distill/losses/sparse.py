@@ -36,6 +36,7 @@ from distill.losses.kd import (
     _objective,
     _scaled,
     _wide,
+    fused_chunked_loss,
 )
 
 # A log-prob whose exp() is exactly 0 in float32/float64, but finite (0 * -inf would be NaN in the KL sums).
@@ -168,57 +169,9 @@ def kd_loss_sparse_chunked(
     if n < labels.numel():
         student_hidden, labels = student_hidden[valid], labels[valid]
     targets = targets.to(student_hidden.device)
-    args = (student_hidden, student_head, targets, labels, objective, chunk_size)
-    if torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad):
-        loss, ce, kd = _FusedLinearSparseKD.apply(*args)
-    else:
-        loss, ce, kd, _, _ = _sparse_pass(*args, want_hidden_grad=False, want_head_grad=False)
+    loss, ce, kd = fused_chunked_loss(student_hidden, student_head, targets, labels, objective, chunk_size,
+                                      _sparse_chunk)
     return LossOutput(loss=loss, kd=kd, ce=ce, n_tokens=n)
-
-
-class _FusedLinearSparseKD(torch.autograd.Function):
-    """Loss and student grads in one chunked forward pass; backward scales the stored grads."""
-
-    @staticmethod
-    def forward(ctx, hidden, head, targets, labels, objective, chunk_size):  # type: ignore[override]
-        loss, ce, kd, grad_hidden, grad_head = _sparse_pass(
-            hidden, head, targets, labels, objective, chunk_size,
-            want_hidden_grad=ctx.needs_input_grad[0], want_head_grad=ctx.needs_input_grad[1],
-        )
-        ctx.grads = [grad_hidden, grad_head]
-        ctx.mark_non_differentiable(ce, kd)
-        return loss, ce, kd
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_kd):  # type: ignore[override]
-        if ctx.grads is None:
-            raise RuntimeError("kd_loss_sparse_chunked: backward through the same loss can run only once")
-        grads, ctx.grads = ctx.grads, None
-        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
-            grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
-        return grads[0], grads[1], None, None, None, None
-
-
-def _sparse_pass(
-    hidden: Tensor, head: Tensor, targets: SparseTargets, labels: Tensor, objective: _Objective,
-    chunk_size: int, *, want_hidden_grad: bool, want_head_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Mean (loss, ce, kd) over the rows, plus d(loss)/d(hidden) and d(loss)/d(head) when wanted."""
-    hidden, head = hidden.detach(), head.detach()
-    n = hidden.size(0)
-    grad_hidden = torch.empty_like(hidden) if want_hidden_grad else None
-    grad_head = torch.zeros(head.shape, dtype=_wide(head).dtype, device=head.device) if want_head_grad else None
-    totals = torch.zeros(3, dtype=torch.float64, device=hidden.device)
-    for start in range(0, n, chunk_size):
-        rows = slice(start, start + chunk_size)
-        totals += _sparse_chunk(
-            hidden[rows], head, targets.rows(rows), labels[rows], objective, 1.0 / n,
-            None if grad_hidden is None else grad_hidden[rows], grad_head,
-        )
-    loss, ce, kd = (totals / n).to(_wide(hidden).dtype).unbind()
-    if grad_head is not None:
-        grad_head = grad_head.to(head.dtype)
-    return loss, ce, kd, grad_hidden, grad_head
 
 
 def _sparse_chunk(
