@@ -421,8 +421,7 @@ def prune_teacher(
                   else measure_importance(teacher, batches, width=False).layers)
     if keep is None:
         keep = select_layers(spec.layers or num_layers, num_layers, scores)
-    student = prune_depth(teacher, keep) if len(keep) < num_layers or keep != list(range(num_layers)) else None
-    student = student or _rebuild(teacher, {}, dict(teacher.state_dict()))
+    student = prune_depth(teacher, keep)  # a copy even when every layer is kept: the teacher stays untouched
     channels = None
     if _narrower(target, student.config):
         student, channels = prune_width(student, target, measure_importance(student, batches))
