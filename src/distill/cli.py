@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("gguf", help="path to a .gguf file, or pkg://PACKAGE/FILE.gguf")
     conv.add_argument("out_dir", type=Path)
     conv.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    exp = sub.add_parser("export", help="export a run's student (or a model directory) with a model card",
+                         description="Write the student as safetensors + tokenizer + README.md model card.")
+    exp.add_argument("source", type=Path, help="run directory (recipe.yaml, student/) or HF model directory")
+    exp.add_argument("--out", type=Path, required=True, help="directory to write (replaced atomically)")
+    exp.add_argument("--format", dest="fmt", default="hf", help="output format (supported: hf)")
+    exp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     return parser
 
 
@@ -79,6 +85,13 @@ def _dispatch(args: argparse.Namespace) -> None:
         setup_logging()
         out = convert_gguf(args.gguf, args.out_dir)
         print(f"converted {args.gguf} -> {out}")
+        return
+    if args.command == "export":
+        from distill.export import export_model
+
+        setup_logging()
+        out = export_model(args.source, args.out, args.fmt)
+        print(f"exported {args.source} -> {out}")
         return
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "plan":  # reads configs and data; writes nothing

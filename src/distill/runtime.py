@@ -50,10 +50,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; the result should read like any file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -73,7 +80,7 @@ def atomic_directory(out_dir: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
         yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a saved model should read like any folder
+        _readable_like_any_folder(tmp)
         old = None
         if out_dir.exists():
             # Linux cannot swap two directories in one step: out_dir is briefly absent, never half-written.
@@ -84,3 +91,11 @@ def atomic_directory(out_dir: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _readable_like_any_folder(folder: Path) -> None:
+    """mkdtemp/mkstemp (here and in libraries' own atomic saves) make things private: give them the umask modes."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
