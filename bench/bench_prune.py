@@ -57,11 +57,11 @@ def _measure(model, teacher, batches, shared_vocab: int) -> dict:
 
 def _held_out(recipe, tokenizer):
     from distill.data.splits import recipe_examples
-    from distill.data.tokenize import collate, encode_all
+    from distill.data.tokenize import collate, encode_all, padding_id
 
     _, held_out = recipe_examples(recipe)
     encoded = encode_all(held_out, tokenizer, recipe.data.max_length, recipe.data.system_prompt)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = padding_id(tokenizer)
     return lambda: (collate(encoded[i:i + 8], pad) for i in range(0, len(encoded), 8))
 
 

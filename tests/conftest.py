@@ -35,6 +35,15 @@ def require_shared(path: Path) -> Path:
     return path
 
 
+def tinystories_split(tmp_path: Path, train: int, held_out: int) -> tuple[Path, Path]:
+    """The first `train` TinyStories paragraphs and `held_out` from paragraph 2000 on, as two .txt files."""
+    paragraphs = require_shared(TINYSTORIES_TEXT).read_text().split("\n\n")
+    train_file, held_out_file = tmp_path / "train.txt", tmp_path / "held_out.txt"
+    train_file.write_text("\n\n".join(paragraphs[:train]))
+    held_out_file.write_text("\n\n".join(paragraphs[2000:2000 + held_out]))
+    return train_file, held_out_file
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """A byte-level BPE tokenizer (vocab 320) with ChatML special tokens and a chat template."""

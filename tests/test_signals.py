@@ -290,17 +290,14 @@ def _eval_kl(student_dir: Path, teacher, batches) -> float:
 
 @pytest.mark.slow
 def test_top64_cache_trains_stories260k_as_well_as_online_kd(tmp_path):
-    from conftest import STORIES260K, TINYSTORIES_TEXT, require_shared
+    from conftest import STORIES260K, require_shared, tinystories_split
     from distill.data.examples import read_examples
     from distill.data.tokenize import collate, encode_all
     from distill.models import load_model, load_tokenizer
     from distill.train.trainer import train
 
     require_shared(STORIES260K)
-    paragraphs = require_shared(TINYSTORIES_TEXT).read_text().split("\n\n")
-    train_file, held_out_file = tmp_path / "train.txt", tmp_path / "held_out.txt"
-    train_file.write_text("\n\n".join(paragraphs[:96]))
-    held_out_file.write_text("\n\n".join(paragraphs[2000:2032]))
+    train_file, held_out_file = tinystories_split(tmp_path, train=96, held_out=32)
     spec = {
         "seed": 0, "teacher": {"model": str(STORIES260K)},
         "student": {"config": {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2,

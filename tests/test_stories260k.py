@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import STORIES260K, TINYSTORIES_TEXT, require_shared
+from conftest import STORIES260K, require_shared, tinystories_split
 from distill.recipe import recipe_from_dict
 from distill.train.trainer import train
 
@@ -35,10 +35,7 @@ def test_kd_student_beats_ce_only_student(tmp_path):
     from distill.models import load_model, load_tokenizer
 
     require_shared(STORIES260K)
-    paragraphs = require_shared(TINYSTORIES_TEXT).read_text().split("\n\n")
-    train_file, held_out_file = tmp_path / "train.txt", tmp_path / "held_out.txt"
-    train_file.write_text("\n\n".join(paragraphs[:600]))
-    held_out_file.write_text("\n\n".join(paragraphs[2000:2100]))
+    train_file, held_out_file = tinystories_split(tmp_path, train=600, held_out=100)
 
     results = {}
     for kind in ("kd", "sft"):

@@ -232,6 +232,11 @@ def encode_all(
 # ---------------------------------------------------------------- batches
 
 
+def padding_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its end-of-sequence token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def collate(batch: list[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: input_ids (pad_id), attention_mask (0) and labels (-100) on padding."""
     width = max(len(e.input_ids) for e in batch)

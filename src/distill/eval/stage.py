@@ -49,7 +49,7 @@ def _mean(values: list[float]) -> float | None:
 def evaluate_run(recipe: Recipe, *, progress: bool = True) -> dict:
     """Measure teacher and student; write <run>/report.json and <run>/samples.jsonl; print the table."""
     from distill.data.splits import recipe_examples
-    from distill.data.tokenize import encode_all
+    from distill.data.tokenize import encode_all, padding_id
     from distill.eval.metrics import agreement, decode_speed, model_size, peak_memory_mb, perplexity, rouge_l
     from distill.eval.report import build_report, write_report
     from distill.models import check_tokenizers, load_model, load_tokenizer
@@ -71,7 +71,7 @@ def evaluate_run(recipe: Recipe, *, progress: bool = True) -> dict:
     if not held_out:
         raise DistillError("eval: no held-out examples; set data.eval or data.eval_fraction > 0")
     encoded = encode_all(held_out, tokenizer, recipe.data.max_length, recipe.data.system_prompt)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     batches = lambda: _batches(encoded, recipe.eval.batch_size, pad_id, device)  # noqa: E731
     pairs = [p for p in map(_prompt_and_reference, held_out) if p is not None]
     conversations, references = [p[0] for p in pairs], [p[1] for p in pairs]

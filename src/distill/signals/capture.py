@@ -60,7 +60,7 @@ def capture(
 ) -> CaptureStats:
     """Write (or complete) the recipe's teacher cache; `stop_after_shards` ends early, as a kill would."""
     from distill.data.splits import recipe_examples
-    from distill.data.tokenize import encode_all
+    from distill.data.tokenize import encode_all, padding_id
     from distill.models.from_recipe import load_teacher, teacher_tokenizer
     from distill.runtime import resolve_device, resolve_dtype
     from distill.signals.provenance import cache_path, chat_template_hash, teacher_id, tokenizer_hash, weights_hash
@@ -87,7 +87,7 @@ def capture(
     done = writer.complete_shards()
     todo = [s for s in range(header.n_shards) if s not in done][:stop_after_shards]
     total = sum(len(trained_positions(encoded[i].labels)) for s in todo for i in header.shard_range(s))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     loop_began = time.perf_counter()
     bar = tqdm(total=total, unit="tok", desc="capture", disable=not progress, dynamic_ncols=True)
     size = batch_size or recipe.train.batch_size

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from distill.data.tokenize import padding_id
+
 Messages = list[dict[str, str]]
 
 
@@ -49,7 +51,7 @@ def generate_texts(
     """Answer a batch of conversations at once (left-padded, KV cache); temperature 0 is greedy."""
     model.eval()
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     prompts = [prompt_ids(tokenizer, m) for m in conversations]
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)

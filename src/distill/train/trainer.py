@@ -270,7 +270,7 @@ def train(
     it returns None then and a later call resumes.
     """
     from distill.data.splits import recipe_examples
-    from distill.data.tokenize import batch_indices, collate, encode_all
+    from distill.data.tokenize import batch_indices, collate, encode_all, padding_id
     from distill.models import save_model
     from distill.models.from_recipe import trained_student_dir
     from distill.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -314,7 +314,7 @@ def train(
         start = load_checkpoint(checkpoints[-1], student, optimizer, scheduler, matcher)
         log.info("resumed from %s (step %d of %d)", checkpoints[-1], start, t.steps)
     metrics = MetricsLog(run_dir / "metrics.jsonl", start)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
 
     began, last = time.perf_counter(), float("nan")
     bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="train", disable=not progress,
