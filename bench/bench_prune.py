@@ -5,7 +5,7 @@ the same teacher answers; perplexity on held-out teacher answers, top-1 agreemen
 measured on the student right after it is built (student_init) and after training:
     python bench/bench_prune.py                        # all variants, 40 KD steps each (~40 min on 2 cores)
     python bench/bench_prune.py --steps 20 --variants both random_both
-The teacher answers the quickstart prompts once (in <out>/teacher_data.jsonl); every variant reuses them.
+The teacher answers the quickstart prompts once (in <out>/teacher_data/); every variant reuses them.
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def run_variant(out: Path, name: str, steps: int) -> dict:
 
     recipe = _recipe(out, name, VARIANTS[name], steps)
     prepare_run_dir(recipe, restart=True)
-    shutil.copy(out / "teacher_data.jsonl", recipe.run_dir / "teacher_data.jsonl")
+    shutil.copytree(out / "teacher_data", recipe.run_dir / "teacher_data", dirs_exist_ok=True)
     tokenizer = teacher_tokenizer(recipe)
     teacher = load_teacher(recipe, torch.device("cpu"), torch.float32)
     batches = _held_out(recipe, tokenizer)
@@ -99,12 +99,12 @@ def _generate(out: Path) -> None:
     """The teacher answers the quickstart prompts once; every variant trains on the same answers."""
     from distill.pipeline import generate, prepare_run_dir
 
-    if (out / "teacher_data.jsonl").is_file():
+    if (out / "teacher_data").is_dir():
         return
     recipe = _recipe(out, "generate", VARIANTS["both"], 1)
     prepare_run_dir(recipe)
     generate(recipe, progress=False)
-    shutil.copy(recipe.run_dir / "teacher_data.jsonl", out / "teacher_data.jsonl")
+    shutil.copytree(recipe.run_dir / "teacher_data", out / "teacher_data")
 
 
 def _fmt(row: dict) -> str:

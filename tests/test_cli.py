@@ -35,11 +35,12 @@ def test_run_end_to_end_writes_every_artifact(tmp_path, tiny_teacher_dir, capsys
     path = _recipe_file(tmp_path, recipe)
     assert main(["run", str(path), "--no-progress", "--set", "train.steps=3"]) == 0
     run = tmp_path / "run"
-    for name in ("recipe.yaml", "teacher_data.jsonl", "metrics.jsonl", "log.txt", "report.json", "samples.jsonl",
+    for name in ("recipe.yaml", "teacher_data/shard-00000.jsonl", "metrics.jsonl", "log.txt", "report.json", "samples.jsonl",
+                 "report.html", "report.md",
                  "student/config.json", "student/model.safetensors", "student/tokenizer.json"):
         assert (run / name).exists(), name
     assert yaml.safe_load((run / "recipe.yaml").read_text())["train"]["steps"] == 3  # resolved, with --set
-    assert len((run / "teacher_data.jsonl").read_text().splitlines()) == 12
+    assert len((run / "teacher_data/shard-00000.jsonl").read_text().splitlines()) == 12
     report = json.loads((run / "report.json").read_text())
     for side in ("teacher", "student"):
         assert REPORT_KEYS <= set(report[side]), side
@@ -55,7 +56,7 @@ def test_run_end_to_end_writes_every_artifact(tmp_path, tiny_teacher_dir, capsys
     assert main(["run", str(path), "--no-progress", "--set", "train.steps=3"]) == 0
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
-    assert len((run / "teacher_data.jsonl").read_text().splitlines()) == 12
+    assert len((run / "teacher_data/shard-00000.jsonl").read_text().splitlines()) == 12
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

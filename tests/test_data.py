@@ -185,7 +185,7 @@ def test_read_prompts_errors(tmp_path):
     only_system = {"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]}
     with pytest.raises(DistillError, match=r"p.jsonl:2: conversation does not end with a user turn"):
         read_prompts(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "ok"}, only_system]))
-    with pytest.raises(DistillError, match=r"p2.jsonl:1: unknown record layout .*expected one of: prompt;"):
+    with pytest.raises(DistillError, match=r"p2.jsonl:1: unknown record layout .*expected one of: prompt \(or question\);"):
         read_prompts(write_jsonl(tmp_path / "p2.jsonl", [{"text": "not a prompt"}]))
 
 

@@ -11,7 +11,7 @@ from distill.errors import DistillError
 log = logging.getLogger("distill")
 
 STAGES = {
-    "run": "all stages in order: generate, capture (with teacher.cache), student, train, eval",
+    "run": "all stages in order: generate, capture (with teacher.cache), student, train, eval, report",
     "generate": "the teacher answers data.prompts (resumable)",
     "train": "distil the student (resumes from the newest checkpoint)",
     "eval": "measure teacher and student; write report.json and print the table",
@@ -57,6 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", type=Path, required=True, help="directory to write (replaced atomically)")
     exp.add_argument("--format", dest="fmt", default="hf", help="output format (supported: hf)")
     exp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    rep = sub.add_parser("report", help="write a run's report.html (self-contained, with plots) and report.md",
+                         description="Write <run>/report.html and <run>/report.md from the run's files.")
+    rep.add_argument("run_dir", type=Path, help="run directory")
+    rep.add_argument("--compare", dest="compare_with", type=Path, nargs="+", default=[], metavar="RUN",
+                     help="other run directories to place on the quality-vs-size and quality-vs-speed charts")
+    rep.add_argument("--out", type=Path, help="HTML file to write (default: <run>/report.html)")
+    rep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    cmp = sub.add_parser("compare", help="print a table comparing several runs")
+    cmp.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN", help="run directories")
+    cmp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     return parser
 
 
@@ -93,6 +103,17 @@ def _dispatch(args: argparse.Namespace) -> None:
         out = export_model(args.source, args.out, args.fmt)
         print(f"exported {args.source} -> {out}")
         return
+    if args.command == "report":
+        from distill.report.html import write_report
+
+        out = write_report(args.run_dir, out=args.out, compare_with=args.compare_with)
+        print(f"report: {out}")
+        return
+    if args.command == "compare":
+        from distill.report.compare import compare_runs
+
+        print(compare_runs(args.run_dirs))
+        return
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "plan":  # reads configs and data; writes nothing
         from distill.plan import format_plan, plan_recipe
@@ -120,6 +141,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             pipeline.build_student(recipe)
         pipeline.train(recipe, progress=progress)
         pipeline.evaluate(recipe, progress=progress)
+        print(f"report: {pipeline.report(recipe)}")
     elif args.command == "generate":
         pipeline.generate(recipe, progress=progress)
     elif args.command == "train":

@@ -49,31 +49,63 @@ def prepare_run_dir(recipe: Recipe, *, restart: bool = False) -> Path:
     return run_dir
 
 
-def generate(recipe: Recipe, *, progress: bool = True):
-    """Stage 1: the teacher answers data.prompts into <run>/teacher_data.jsonl (resumable)."""
-    from distill.data.examples import read_prompts
-    from distill.data.splits import teacher_data_path
+def teacher_backend(recipe: Recipe):
+    """The recipe's teacher as a text generator: an OpenAI-compatible server (teacher.endpoint) or local weights."""
+    t = recipe.teacher
+    if t.endpoint is not None:
+        from distill.teachers.openai_client import OpenAIBackend
+
+        return OpenAIBackend(t.endpoint, t.model, api_key_env=t.api_key_env, concurrency=t.concurrency,
+                             timeout_s=t.timeout_s, max_retries=t.max_retries, name=t.model)
     from distill.models.from_recipe import load_teacher, teacher_tokenizer
     from distill.runtime import resolve_device, resolve_dtype
+    from distill.teachers.backend import LocalBackend
+
+    device = resolve_device(recipe.train.device)
+    model = load_teacher(recipe, device, resolve_dtype(t.dtype, device))
+    return LocalBackend(model, teacher_tokenizer(recipe), name=t.model, batch_size=recipe.generate.batch_size)
+
+
+def generation_settings(recipe: Recipe):
+    """(sampling parameters, reasoning mode) of the recipe's generate section."""
+    from distill.teachers.backend import SamplingParams
+    from distill.teachers.generate import Reasoning
+
+    g = recipe.generate
+    params = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+                            seed=recipe.seed, stop=tuple(g.stop))
+    return params, Reasoning(mode=g.reasoning, prompt=g.reasoning_prompt, marker=g.answer_marker)
+
+
+def recipe_prompts(recipe: Recipe) -> list:
+    """The prompts the teacher answers: data.prompts, mapped by data.fields, cut to generate.max_prompts."""
+    from distill.data.examples import read_prompts
+
+    prompts = read_prompts(recipe.path(recipe.data.prompts), fields=recipe.data.fields, on_error=recipe.data.on_error)
+    return prompts[: recipe.generate.max_prompts] if recipe.generate.max_prompts else prompts
+
+
+def generate(recipe: Recipe, *, progress: bool = True):
+    """Stage 1: the teacher answers data.prompts into <run>/teacher_data/ shards (resumable)."""
+    from distill.data.splits import teacher_data_path
     from distill.teachers.generate import generate_responses
 
     if recipe.data.prompts is None:
         log.info("generate: no data.prompts in the recipe; nothing to do")
         return None
-    prompts = read_prompts(recipe.path(recipe.data.prompts))
-    if recipe.generate.max_prompts:
-        prompts = prompts[: recipe.generate.max_prompts]
-    device = resolve_device(recipe.train.device)
-    teacher = load_teacher(recipe, device, resolve_dtype(recipe.teacher.dtype, device))
-    g = recipe.generate
+    prompts = recipe_prompts(recipe)
+    params, reasoning = generation_settings(recipe)
+    out = teacher_data_path(recipe)
     stats = generate_responses(
-        teacher, teacher_tokenizer(recipe), prompts, teacher_data_path(recipe),
-        teacher_name=recipe.teacher.model, batch_size=g.batch_size, max_new_tokens=g.max_new_tokens,
-        temperature=g.temperature, top_p=g.top_p, seed=recipe.seed, system_prompt=recipe.data.system_prompt,
+        teacher_backend(recipe), prompts, out, params=params, samples=recipe.generate.samples,
+        system_prompt=recipe.data.system_prompt, reasoning=reasoning, shard_records=recipe.generate.shard_records,
         progress=progress,
     )
-    log.info("generate: %d new answers (%d already there), %d tokens, %.0f s -> %s", stats.done,
-             stats.skipped_existing, stats.new_tokens, stats.seconds, teacher_data_path(recipe))
+    log.info("generate: %d new answers (%d already there), %d failed, %d prompt + %d new tokens, %.0f s -> %s",
+             stats.done, stats.skipped_existing, stats.failed, stats.prompt_tokens, stats.new_tokens,
+             stats.seconds, out)
+    for error, count in sorted(stats.errors.items(), key=lambda item: -item[1])[:3]:
+        log.warning("generate: %d request(s) failed: %s (re-run to retry them)", count, error)
     return stats
 
 
@@ -112,6 +144,13 @@ def evaluate(recipe: Recipe, *, progress: bool = True) -> dict:
     return evaluate_run(recipe, progress=progress)
 
 
+def report(recipe: Recipe) -> Path:
+    """Stage 5: <run>/report.html (self-contained, with plots) and report.md from the run's files."""
+    from distill.report.html import write_report
+
+    return write_report(recipe.run_dir)
+
+
 def run(recipe: Recipe, *, restart: bool = False, progress: bool = True) -> dict:
     """All stages in order; re-running after a kill resumes where it stopped."""
     prepare_run_dir(recipe, restart=restart)
@@ -121,4 +160,6 @@ def run(recipe: Recipe, *, restart: bool = False, progress: bool = True) -> dict
     if recipe.student.model is None:
         build_student(recipe)
     train(recipe, progress=progress)
-    return evaluate(recipe, progress=progress)
+    result = evaluate(recipe, progress=progress)
+    report(recipe)
+    return result

@@ -267,7 +267,7 @@ def _example_lengths(recipe: Recipe, tokenizer) -> tuple[list[tuple[int, int]], 
     """(tokens, trained positions) per training example (or a sample), how many examples, and the source."""
     from distill.data.splits import recipe_examples, teacher_data_path
 
-    if recipe.data.prompts is not None and not teacher_data_path(recipe).is_file():
+    if recipe.data.prompts is not None and not teacher_data_path(recipe).is_dir():
         lengths = _prompt_lengths(recipe, tokenizer)
         count = len(lengths)
         source = (f"estimated: {count} prompts of data.prompts + generate.max_new_tokens="

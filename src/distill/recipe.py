@@ -32,6 +32,13 @@ class TeacherSpec(Section):
     cache: Optional[str] = None
     cache_k: int = Field(default=64, gt=0)  # log-probs kept per position at capture
     cache_exact: bool = False  # float32 log-probs instead of 1/16-nat steps (~2.5x larger, no quantization)
+    # An OpenAI-compatible server (vLLM, llama.cpp, Ollama, `distill serve`, a hosted API) writes the teacher data;
+    # `model` is then the model name the server knows. The key is read from the env var named here, never logged.
+    endpoint: Optional[str] = None  # e.g. http://127.0.0.1:8000/v1
+    api_key_env: Optional[str] = None
+    concurrency: int = Field(default=8, gt=0)  # requests in flight
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=5, ge=0)
 
 
 class StudentConfig(Section):
@@ -114,6 +121,9 @@ class DataSpec(Section):
     system_prompt: Optional[str] = None
     max_length: int = Field(default=512, gt=8)
     text_files: list[str] = Field(default_factory=list)  # plain reference text for perplexity
+    # The prompt file's own key names, ours -> theirs: e.g. {prompt: question, reference: answer} for GSM8K.
+    fields: dict[str, str] = Field(default_factory=dict)
+    on_error: Literal["stop", "skip"] = "stop"  # malformed prompt records: stop at the first, or skip and count
 
     @model_validator(mode="after")
     def _some_data(self) -> "DataSpec":
@@ -130,6 +140,23 @@ class GenerateSpec(Section):
     temperature: float = Field(default=0.0, ge=0.0)  # 0 = greedy
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     max_prompts: Optional[int] = Field(default=None, gt=0)
+    samples: int = Field(default=1, gt=0)  # answers per prompt (needs temperature > 0 when > 1)
+    stop: list[str] = Field(default_factory=list)  # stop strings
+    # Chain of thought: ask the teacher to reason step by step, then keep the reasoning in the training text
+    # or strip it (train on the final answer only; the reasoning stays in the record).
+    reasoning: Literal["off", "keep", "strip"] = "off"
+    reasoning_prompt: str = (
+        "Think step by step and show your reasoning. Then give the final answer on its own line, "
+        "starting with 'Answer:'."
+    )
+    answer_marker: str = "Answer:"
+    shard_records: int = Field(default=5000, gt=0)  # records per teacher-data shard
+
+    @model_validator(mode="after")
+    def _samples_need_sampling(self) -> "GenerateSpec":
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError("generate.samples > 1 needs generate.temperature > 0 (greedy answers are all the same)")
+        return self
 
 
 class HiddenStateSpec(Section):

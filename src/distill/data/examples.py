@@ -1,10 +1,11 @@
 """Reading training examples and prompts (JSONL, JSON, TXT; several record layouts) and the train/eval split."""
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -22,7 +23,10 @@ EXAMPLE_LAYOUTS = (
     "conversations [{from, value}] (ShareGPT)",
     "text",
 )
-PROMPT_LAYOUTS = ("prompt", "instruction/input (Alpaca)", "messages [{role, content}]", "conversations [{from, value}]")
+PROMPT_LAYOUTS = (
+    "prompt (or question)", "instruction/input (Alpaca)", "messages [{role, content}]", "conversations [{from, value}]"
+)
+PROMPT_SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".parquet")
 ANSWER_KEYS = ("response", "completion", "output", "answer")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 ROLES = ("system", "user", "assistant")
@@ -43,11 +47,17 @@ class Prompt:
 
     id: str
     messages: Messages
+    tags: list[str] = field(default_factory=list)  # route to a teacher, group in reports
+    reference: str | None = None  # a known answer (GSM8K's `#### N`, Alpaca's output): verification, eval
 
     @property
     def user_text(self) -> str:
         """The final user message (what the prompt asks)."""
         return self.messages[-1]["content"]
+
+
+class Malformed(str):
+    """A line that is not JSON at all: an error, or one counted skip with on_error="skip"."""
 
 
 class RecordError(Exception):
@@ -107,9 +117,10 @@ def _jsonl_records(path: Path, text: str) -> Records:
         if not line.strip():
             continue
         try:
-            yield f"{path}:{number}", json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DistillError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
+            record = Malformed(f"not valid JSON ({err.msg} at column {err.colno})")
+        yield f"{path}:{number}", record
 
 
 def _json_records(path: Path) -> Records:
@@ -296,7 +307,36 @@ def prompt_from_record(record: Any) -> Prompt:
     else:
         raise _unknown_layout(record, PROMPT_LAYOUTS)
     messages = _with_system(record, messages)
-    return Prompt(id=_record_id(record, messages), messages=messages)
+    return Prompt(id=_record_id(record, messages), messages=messages, tags=_tags(record), reference=_reference(record))
+
+
+def _tags(record: dict) -> list[str]:
+    tags = record.get("tags", record.get("tag", []))
+    tags = [tags] if isinstance(tags, str) else tags
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise RecordError("'tags' must be a string or a list of strings")
+    return tags
+
+
+def _reference(record: dict) -> str | None:
+    """A known answer carried by a prompt record (its `reference`, or its answer field)."""
+    for key in ("reference",) + ANSWER_KEYS:
+        value = record.get(key)
+        if isinstance(value, str) and value.strip():
+            return value
+    return None
+
+
+def map_fields(record: Any, fields: dict[str, str]) -> Any:
+    """Rename a record's own keys to ours (`fields`: ours -> theirs), e.g. {"prompt": "question"}."""
+    if not fields or not isinstance(record, dict):
+        return record
+    mapped = dict(record)
+    for ours, theirs in fields.items():
+        if theirs not in record:
+            raise RecordError(f"missing {theirs!r} (data.fields.{ours})")
+        mapped[ours] = record[theirs]
+    return mapped
 
 
 def _record_id(record: dict, content: Any) -> str:
@@ -310,21 +350,30 @@ class _Collector:
     """Turns records into items: errors name file:line, repeated ids are refused, duplicates and empty answers
     are skipped with one counted warning each."""
 
-    def __init__(self, path: Path, empty_reason: str = "an empty answer"):
-        self.path, self.empty_reason = path, empty_reason
+    def __init__(self, path: Path, empty_reason: str = "an empty answer", skip_bad: bool | None = None):
+        # skip_bad None: this reader cannot skip; False: it can (data.on_error: skip), so the error says so
+        self.path, self.empty_reason, self.skip_bad = path, empty_reason, skip_bad
+        self.bad, self.first_bad = 0, ""
         self.first: dict[str, str] = {}
         self.items: list = []
         self.duplicates, self.empty, self.first_empty = 0, 0, ""
 
     def add(self, where: str, record: Any, parse: Callable[[Any], Example | Prompt]) -> None:
         try:
+            if isinstance(record, Malformed):
+                raise RecordError(record)
             item = parse(record)
         except EmptyAnswer:
             self.empty += 1
             self.first_empty = self.first_empty or where
             return
         except RecordError as err:
-            raise DistillError(f"{where}: {err}") from None
+            if not self.skip_bad:
+                hint = "" if self.skip_bad is None else " (or set data.on_error: skip)"
+                raise DistillError(f"{where}: {err}{hint}") from None
+            self.bad += 1
+            self.first_bad = self.first_bad or f"{where}: {err}"
+            return
         if item.id in self.first:
             if isinstance(record, dict) and record.get("id") is not None:
                 raise DistillError(f"{where}: duplicate id {item.id!r} (first at {self.first[item.id]})")
@@ -337,6 +386,8 @@ class _Collector:
         if self.empty:
             log.warning("%s: skipped %d record(s) with %s (first at %s)",
                         self.path, self.empty, self.empty_reason, self.first_empty)
+        if self.bad:
+            log.warning("%s: skipped %d malformed record(s) (first: %s)", self.path, self.bad, self.first_bad)
         if self.duplicates:
             log.warning("%s: skipped %d exact duplicate record(s)", self.path, self.duplicates)
         if not self.items:
@@ -359,28 +410,90 @@ def read_examples(path: str | Path) -> list[Example]:
     return collector.finish("examples")
 
 
-def read_prompts(path: str | Path) -> list[Prompt]:
-    """Prompts from .jsonl/.json (answers, if present, are ignored) or .txt (one prompt per line)."""
+def _csv_records(path: Path) -> Records:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}
+
+
+def _parquet_records(path: Path) -> Records:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DistillError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    for index, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+        yield f"{path}: row {index}", row
+
+
+def _prompt_records(path: Path) -> Records:
+    suffix = path.suffix.lower()
+    if suffix not in PROMPT_SUFFIXES:
+        raise DistillError(f"{path}: unsupported file type {path.suffix!r} (expected {', '.join(PROMPT_SUFFIXES)})")
+    if suffix == ".txt":
+        lines = enumerate(_read_text(path).splitlines(), start=1)
+        return ((f"{path}:{n}", {"prompt": line.strip()}) for n, line in lines if line.strip())
+    if suffix == ".csv":
+        return _csv_records(_existing(path))
+    if suffix == ".parquet":
+        return _parquet_records(_existing(path))
+    return _json_records(path)
+
+
+def _existing(path: Path) -> Path:
+    if not path.is_file():
+        raise DistillError(f"{path}: file not found")
+    return path
+
+
+def read_prompts(path: str | Path, *, fields: dict[str, str] | None = None, on_error: str = "stop") -> list[Prompt]:
+    """Prompts from .jsonl/.json/.csv/.parquet (answers become references) or .txt (one prompt per line).
+
+    `fields` maps our keys (prompt, instruction, input, messages, reference, tags, id, system) to the file's;
+    on_error="skip" skips malformed records with one counted warning instead of stopping at the first.
+    """
     path = Path(path)
-    _check_suffix(path)
-    collector = _Collector(path)
-    if path.suffix.lower() == ".txt":
-        for number, line in enumerate(_read_text(path).splitlines(), start=1):
-            if line.strip():
-                collector.add(f"{path}:{number}", {"prompt": line.strip()}, prompt_from_record)
-    else:
-        for where, record in _json_records(path):
-            collector.add(where, record, prompt_from_record)
+    collector = _Collector(path, skip_bad=on_error == "skip")
+    parse = (lambda record: prompt_from_record(map_fields(record, fields))) if fields else prompt_from_record
+    for where, record in _prompt_records(path):
+        collector.add(where, record, parse)
     return collector.finish("prompts")
 
 
-def load_teacher_data(path: str | Path) -> list[Example]:
-    """Examples from a teacher_data.jsonl written by generate_responses; empty answers are skipped with a warning."""
+def load_teacher_data(path: str | Path, ids: list[str] | None = None) -> list[Example]:
+    """Examples from teacher answers: a generate-stage directory of shards, or one JSONL file (e.g. filtered).
+
+    `ids` picks the records a recipe asks for (the directory may also hold answers of other teachers or
+    settings); failed requests are left out; empty answers are skipped with a warning.
+    """
     path = Path(path)
     collector = _Collector(path, empty_reason="an empty teacher response")
-    for where, record in _jsonl_records(path, _read_text(path)):
-        collector.add(where, record, example_from_record)
+    if path.is_dir():
+        from distill.teachers.generate import latest_records, shard_paths
+
+        if not shard_paths(path):
+            raise DistillError(f"{path}: no teacher data shards; run `distill generate` first")
+        latest = latest_records(path)
+        chosen = list(latest.values()) if ids is None else [latest[i] for i in ids if i in latest]
+        missing = 0 if ids is None else len(ids) - sum(r.get("status", "ok") == "ok" for r in chosen)
+        if missing:
+            log.warning("%s: %d of %d planned teacher answers are missing or failed; re-run `distill generate` "
+                        "to retry them", path, missing, len(ids))
+        records = ((f"{path}/{r['id']}", r) for r in chosen)
+    else:
+        records = _jsonl_records(path, _read_text(path))
+    for where, record in records:
+        if isinstance(record, dict) and record.get("status", "ok") != "ok":
+            continue
+        collector.add(where, _training_view(record), example_from_record)
     return collector.finish("examples")
+
+
+def _training_view(record: Any) -> Any:
+    """A teacher record as a training example: its conversation, under its own content address."""
+    if isinstance(record, dict) and "messages" in record and "id" in record:
+        return {"id": record["id"], "messages": record["messages"]}
+    return record
 
 
 # ---------------------------------------------------------------- split

@@ -6,12 +6,23 @@ from pathlib import Path
 from distill.errors import DistillError
 from distill.recipe import Recipe
 
-TEACHER_DATA = "teacher_data.jsonl"
+TEACHER_DATA = "teacher_data"
 
 
 def teacher_data_path(recipe: Recipe) -> Path:
-    """Where the generate stage writes the teacher's answers."""
+    """Where the generate stage writes the teacher's answers (a directory of JSONL shards)."""
     return recipe.run_dir / TEACHER_DATA
+
+
+def planned_ids(recipe: Recipe) -> list[str]:
+    """The content addresses of the answers this recipe asks its teacher for (prompts x samples)."""
+    from distill.pipeline import generation_settings, recipe_prompts
+    from distill.teachers.generate import plan_requests
+
+    params, reasoning = generation_settings(recipe)
+    requests = plan_requests(recipe_prompts(recipe), recipe.teacher.model, params, recipe.generate.samples,
+                             recipe.data.system_prompt, reasoning)
+    return [r.id for r in requests]
 
 
 def recipe_examples(recipe: Recipe) -> tuple[list, list]:
@@ -21,9 +32,9 @@ def recipe_examples(recipe: Recipe) -> tuple[list, list]:
     examples = []
     if recipe.data.prompts is not None:
         path = teacher_data_path(recipe)
-        if not path.is_file():
+        if not path.is_dir():
             raise DistillError(f"{path}: no teacher data yet; run `distill generate` (or `distill run`) first")
-        examples += load_teacher_data(path)
+        examples += load_teacher_data(path, ids=planned_ids(recipe))
     if recipe.data.train is not None:
         examples += read_examples(recipe.path(recipe.data.train))
     if not examples:

@@ -457,7 +457,7 @@ def calibration_token_ids(recipe, tokenizer) -> list[list[int]]:
     data = recipe.data
     if calibration.file is not None:
         examples = read_examples(recipe.path(calibration.file))
-    elif data.train is not None or (data.prompts is not None and teacher_data_path(recipe).is_file()):
+    elif data.train is not None or (data.prompts is not None and teacher_data_path(recipe).is_dir()):
         examples = recipe_examples(recipe)[0]  # the held-out split stays unseen
     else:  # before the teacher has answered: its prompts still show which parts of the model fire
         examples = [Example(id=p.id, messages=p.messages) for p in read_prompts(recipe.path(data.prompts))]

@@ -45,11 +45,12 @@ RATIOS = (
 )
 
 
-def _cell(value: Any, fmt: Callable[[float], str]) -> str:
+def cell(value: Any, fmt: Callable[[float], str]) -> str:
+    """One formatted value; a dash when it was not measured."""
     return MISSING if value is None else fmt(value)
 
 
-def _ratio_cell(teacher: Any, student: Any) -> str:
+def ratio_cell(teacher: Any, student: Any) -> str:
     """student / teacher as a multiplier: reads the same for higher- and lower-is-better rows."""
     if teacher is None or student is None or teacher == 0:
         return MISSING
@@ -61,8 +62,8 @@ def _metric_lines(teacher: dict, student: dict) -> list[str]:
     rows = [header]
     for row in ROWS:
         t, s = teacher.get(row.key), student.get(row.key)
-        ratio = _ratio_cell(t, s) if row.show_ratio else ""
-        rows.append((row.label, row.better, _cell(t, row.fmt), _cell(s, row.fmt), ratio))
+        ratio = ratio_cell(t, s) if row.show_ratio else ""
+        rows.append((row.label, row.better, cell(t, row.fmt), cell(s, row.fmt), ratio))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return [
         "  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1])] + [c.rjust(w) for c, w in zip(r[2:], widths[2:])])
@@ -73,7 +74,7 @@ def _metric_lines(teacher: dict, student: dict) -> list[str]:
 
 def _ratio_lines(ratios: dict) -> list[str]:
     width = max(len(label) for _, label, _ in RATIOS)
-    return [f"{label.ljust(width)}  {_cell(ratios.get(key), fmt)}" for key, label, fmt in RATIOS]
+    return [f"{label.ljust(width)}  {cell(ratios.get(key), fmt)}" for key, label, fmt in RATIOS]
 
 
 def format_table(report: dict) -> str:

@@ -1,29 +1,55 @@
-"""The resumable teacher-responses stage: answer every prompt once, appending to a JSONL file batch by batch."""
+"""The teacher-data stage: every (prompt, sample) answered once into append-only JSONL shards, resumably.
+
+Each record's id is a content address: a hash of the conversation, the teacher and the generation parameters
+(and the sample number), so changing any of them makes new records instead of mixing old and new answers.
+A failed request is written as a `status: failed` record, counted, and retried by the next run; a kill leaves at
+most a partial last line, which the next run cuts off.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from tqdm import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.data.examples import Messages, Prompt
 from distill.errors import DistillError
-from distill.teachers.local import Generation, generate_texts, prompt_ids
+from distill.teachers.backend import Completion, Failure, Result, SamplingParams, TeacherBackend
+
+SHARD_GLOB = "shard-*.jsonl"
+
+
+@dataclass
+class Reasoning:
+    """Chain-of-thought mode: `keep` trains on the reasoning too, `strip` on the final answer only."""
+
+    mode: str = "off"  # off | keep | strip
+    prompt: str = ""
+    marker: str = "Answer:"
 
 
 @dataclass
 class GenerationStats:
     """What one run of the stage did."""
 
-    done: int  # prompts answered in this run
-    skipped_existing: int  # prompts already answered in out_path
-    new_tokens: int
-    seconds: float
+    done: int = 0  # records answered in this run
+    failed: int = 0  # requests that failed in this run (retried by the next)
+    skipped_existing: int = 0  # (prompt, sample) pairs already answered
+    retried: int = 0  # of this run's requests, how many had failed in an earlier run
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
     empty: int = 0  # answers with no text (kept in the file; load_teacher_data skips them)
+    errors: dict[str, int] = field(default_factory=dict)  # failure message -> count
+
+
+# ---------------------------------------------------------------- the shard store
 
 
 def _drop_partial_line(path: Path) -> None:
@@ -35,103 +61,210 @@ def _drop_partial_line(path: Path) -> None:
             f.truncate(keep)
 
 
-def existing_records(path: Path) -> dict[str, dict]:
-    """Records already in a teacher_data.jsonl, by id (a partial last line is removed first)."""
-    if not path.exists():
-        return {}
-    _drop_partial_line(path)
-    records = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DistillError(f"{path}:{number}: not valid JSON ({err.msg}); delete the file to regenerate") from None
-        if not isinstance(record, dict) or "id" not in record:
-            raise DistillError(f"{path}:{number}: not a teacher record (no 'id')")
-        records[str(record["id"])] = record
-    return records
+def shard_paths(data_dir: Path) -> list[Path]:
+    """The shards of a teacher-data directory, in write order."""
+    return sorted(Path(data_dir).glob(SHARD_GLOB))
 
 
-def _check_same_teacher(path: Path, records: dict[str, dict], teacher_name: str) -> None:
-    others = {r.get("teacher") for r in records.values()} - {teacher_name}
-    if others:
-        raise DistillError(
-            f"{path}: holds answers from teacher {sorted(map(str, others))[0]!r}, not {teacher_name!r}; "
-            "delete it or use another output_dir"
-        )
+def read_records(data_dir: Path) -> Iterator[tuple[str, dict]]:
+    """(file:line, record) for every line of every shard; a partial last line is removed first."""
+    for path in shard_paths(data_dir):
+        _drop_partial_line(path)
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DistillError(f"{path}:{number}: not valid JSON ({err.msg}); delete the shard to redo it")
+                if not isinstance(record, dict) or "id" not in record:
+                    raise DistillError(f"{path}:{number}: not a teacher record (no 'id')")
+                yield f"{path}:{number}", record
 
 
-def _conversation(prompt: Prompt, system_prompt: str | None) -> Messages:
-    if system_prompt and prompt.messages[0]["role"] != "system":
-        return [{"role": "system", "content": system_prompt}] + prompt.messages
-    return prompt.messages
+def latest_records(data_dir: Path) -> dict[str, dict]:
+    """The current record of each id: an answer beats any failure; the newest of equals wins."""
+    current: dict[str, dict] = {}
+    for _, record in read_records(data_dir):
+        old = current.get(record["id"])
+        if old is None or old.get("status", "ok") != "ok":
+            current[record["id"]] = record
+    return current
 
 
-def _append(path: Path, records: list[dict]) -> None:
-    """Append whole lines and make them durable before the next batch starts."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
+class ShardWriter:
+    """Appends whole, fsynced lines to a fresh shard per run, starting a new one every `shard_records` lines."""
+
+    def __init__(self, data_dir: Path, shard_records: int):
+        self.data_dir, self.shard_records = Path(data_dir), shard_records
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        existing = shard_paths(self.data_dir)
+        self.next_index = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
+        self.path: Path | None = None
+        self.lines = 0
+
+    def append(self, records: list[dict]) -> None:
+        """Write records, so that a kill at any moment leaves every earlier record whole on disk."""
+        while records:
+            if self.path is None or self.lines >= self.shard_records:
+                self.path = self.data_dir / f"shard-{self.next_index:05d}.jsonl"
+                self.next_index, self.lines = self.next_index + 1, 0
+            room = self.shard_records - self.lines
+            chunk, records = records[:room], records[room:]
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chunk))
+                f.flush()
+                os.fsync(f.fileno())
+            self.lines += len(chunk)
+
+
+# ---------------------------------------------------------------- requests and records
+
+
+@dataclass
+class Request:
+    """One (prompt, sample) to answer."""
+
+    prompt: Prompt
+    sample: int
+    conversation: Messages
+    id: str
+
+
+def record_id(conversation: Messages, teacher: str, params: SamplingParams, sample: int) -> str:
+    """The content address of one answer: what was asked, of whom, how, and which sample."""
+    key = {"messages": conversation, "teacher": teacher, "params": params.identity(), "sample": sample}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:20]
+
+
+def conversation_for(prompt: Prompt, system_prompt: str | None, reasoning: Reasoning) -> Messages:
+    """What the teacher is asked: the prompt, with the system prompt and any reasoning instruction added."""
+    messages = [dict(m) for m in prompt.messages]
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    if reasoning.mode != "off":
+        messages[-1]["content"] = f"{messages[-1]['content']}\n\n{reasoning.prompt}"
+    return messages
+
+
+def split_reasoning(text: str, marker: str) -> tuple[str | None, str | None]:
+    """(reasoning, final answer) of a chain-of-thought answer; (None, None) when the marker is missing."""
+    matches = list(re.finditer(re.escape(marker), text, flags=re.IGNORECASE))
+    if not matches:
+        return None, None
+    last = matches[-1]
+    return text[:last.start()].strip(), text[last.end():].strip()
+
+
+def _record(request: Request, result: Result, teacher: str, reasoning: Reasoning) -> dict:
+    prompt = request.prompt
+    base = {
+        "id": request.id, "prompt_id": prompt.id, "sample": request.sample, "teacher": teacher,
+        "prompt": prompt.user_text, "tags": prompt.tags, "reference": prompt.reference,
+    }
+    if isinstance(result, Failure):
+        return {**base, "status": "failed", "error": result.error, "attempts": result.attempts}
+    response, thinking = result.text, None
+    if reasoning.mode != "off":
+        thinking, answer = split_reasoning(result.text, reasoning.marker)
+        if reasoning.mode == "strip" and answer is not None:
+            response = answer
+    # The training conversation is the original prompt (no reasoning instruction) plus the kept answer.
+    training = conversation_for(prompt, _system_of(request.conversation, prompt), Reasoning())
+    return {
+        **base, "status": "ok",
+        "messages": training + [{"role": "assistant", "content": response}],
+        "response": response, "reasoning": thinking, "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens, "new_tokens": result.new_tokens,
+    }
+
+
+def _system_of(conversation: Messages, prompt: Prompt) -> str | None:
+    added = conversation[0]["role"] == "system" and prompt.messages[0]["role"] != "system"
+    return conversation[0]["content"] if added else None
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def plan_requests(
+    prompts: list[Prompt], teacher: str, params: SamplingParams, samples: int,
+    system_prompt: str | None = None, reasoning: Reasoning | None = None,
+) -> list[Request]:
+    """Every (prompt, sample) pair with its content address."""
+    reasoning = reasoning or Reasoning()
+    if len({p.id for p in prompts}) != len(prompts):
+        raise DistillError("prompts have repeated ids; every prompt needs its own id")
+    requests = []
+    for prompt in prompts:
+        conversation = conversation_for(prompt, system_prompt, reasoning)
+        for sample in range(samples):
+            requests.append(Request(prompt, sample, conversation, record_id(conversation, teacher, params, sample)))
+    return requests
+
+
+def _sample_params(params: SamplingParams, sample: int) -> SamplingParams:
+    """Each sample number draws with its own seed, so the samples of one prompt differ from each other."""
+    return params if params.temperature == 0 else SamplingParams(**{**params.__dict__, "seed": params.seed + sample})
 
 
 def generate_responses(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+    backend: TeacherBackend,
     prompts: list[Prompt],
-    out_path: Path,
+    data_dir: Path,
     *,
-    teacher_name: str,
-    batch_size: int = 8,
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
+    params: SamplingParams | None = None,
+    samples: int = 1,
     system_prompt: str | None = None,
+    reasoning: Reasoning | None = None,
+    shard_records: int = 5000,
     progress: bool = True,
 ) -> GenerationStats:
-    """Answer the prompts not yet in out_path and append them; killing and re-running loses and repeats nothing."""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    if len({p.id for p in prompts}) != len(prompts):
-        raise DistillError("prompts have repeated ids; every prompt needs its own id")
-    existing = existing_records(out_path)
-    _check_same_teacher(out_path, existing, teacher_name)
-    todo = [(p, _conversation(p, system_prompt)) for p in prompts if p.id not in existing]
-    # Longest first: similar lengths share a batch (less padding) and memory trouble shows up at once.
-    todo.sort(key=lambda item: (-len(prompt_ids(tokenizer, item[1])), item[0].id))
-    stats = GenerationStats(done=0, skipped_existing=len(prompts) - len(todo), new_tokens=0, seconds=0.0)
-    bar = tqdm(total=len(prompts), initial=stats.skipped_existing, desc="teacher answers", unit="prompt",
-               disable=not progress)
+    """Answer the (prompt, sample) pairs not yet answered in data_dir; killing and re-running loses nothing."""
+    params, reasoning = params or SamplingParams(), reasoning or Reasoning()
+    requests = plan_requests(prompts, backend.name, params, samples, system_prompt, reasoning)
+    existing = latest_records(data_dir)
+    todo = [r for r in requests if existing.get(r.id, {}).get("status") != "ok"]
+    stats = GenerationStats(skipped_existing=len(requests) - len(todo))
+    stats.retried = sum(r.id in existing for r in todo)
+    writer = ShardWriter(data_dir, shard_records)
+    bar = tqdm(total=len(requests), initial=stats.skipped_existing, desc=f"teacher answers ({backend.name})",
+               unit="answer", disable=not progress)
     start = time.perf_counter()
-    for first in range(0, len(todo), batch_size):
-        batch = todo[first:first + batch_size]
-        answers = generate_texts(
-            model, tokenizer, [conv for _, conv in batch], max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, seed=seed + first,
-        )
-        records = [_record(p, conv, a, teacher_name) for (p, conv), a in zip(batch, answers)]
-        _append(out_path, records)
-        stats.done += len(records)
-        stats.new_tokens += sum(a.new_tokens for a in answers)
-        stats.empty += sum(not a.text for a in answers)
+    for sample, chunk in _chunks(todo, backend.batch_size):
+        results = backend.generate([r.conversation for r in chunk], _sample_params(params, sample))
+        if len(results) != len(chunk):
+            raise DistillError(f"teacher {backend.name}: {len(results)} results for {len(chunk)} requests")
+        writer.append([_record(r, res, backend.name, reasoning) for r, res in zip(chunk, results)])
+        _count(stats, results)
         stats.seconds = time.perf_counter() - start
-        bar.update(len(records))
-        bar.set_postfix(tokens=stats.new_tokens, tok_per_s=f"{stats.new_tokens / max(stats.seconds, 1e-9):.1f}")
+        bar.update(len(chunk))
+        bar.set_postfix(failed=stats.failed, tokens=stats.new_tokens,
+                        tok_per_s=f"{stats.new_tokens / max(stats.seconds, 1e-9):.1f}")
     bar.close()
     stats.seconds = time.perf_counter() - start
     return stats
 
 
-def _record(prompt: Prompt, conversation: Messages, answer: Generation, teacher_name: str) -> dict:
-    return {
-        "id": prompt.id,
-        "prompt": prompt.user_text,
-        "messages": conversation + [{"role": "assistant", "content": answer.text}],
-        "response": answer.text,
-        "finish_reason": answer.finish_reason,
-        "new_tokens": answer.new_tokens,
-        "teacher": teacher_name,
-    }
+def _chunks(todo: list[Request], size: int) -> Iterator[tuple[int, list[Request]]]:
+    """Batches of one sample number each; longest prompts first so similar lengths share a batch."""
+    by_sample: dict[int, list[Request]] = {}
+    for request in todo:
+        by_sample.setdefault(request.sample, []).append(request)
+    for sample in sorted(by_sample):
+        group = sorted(by_sample[sample], key=lambda r: (-len(json.dumps(r.conversation)), r.id))
+        for first in range(0, len(group), size):
+            yield sample, group[first:first + size]
+
+
+def _count(stats: GenerationStats, results: list[Result]) -> None:
+    for result in results:
+        if isinstance(result, Completion):
+            stats.done += 1
+            stats.prompt_tokens += result.prompt_tokens
+            stats.new_tokens += result.new_tokens
+            stats.empty += not result.text
+        else:
+            stats.failed += 1
+            stats.errors[result.error] = stats.errors.get(result.error, 0) + 1

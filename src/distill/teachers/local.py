@@ -1,23 +1,11 @@
 """Batched generation with an in-process transformers model (teacher answers, eval answers)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.data.tokenize import padding_id
-
-Messages = list[dict[str, str]]
-
-
-@dataclass
-class Generation:
-    """One generated answer."""
-
-    text: str
-    finish_reason: str  # "stop" (hit EOS) or "length" (hit max_new_tokens)
-    new_tokens: int
+from distill.teachers.backend import Completion, Messages, SamplingParams
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> list[int]:
@@ -37,51 +25,72 @@ def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set
     return {i for i in ids if i is not None}
 
 
-@torch.inference_mode()
-def generate_texts(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    conversations: list[Messages],
-    *,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-) -> list[Generation]:
-    """Answer a batch of conversations at once (left-padded, KV cache); temperature 0 is greedy."""
-    model.eval()
-    device = next(model.parameters()).device
-    pad_id = padding_id(tokenizer)
-    prompts = [prompt_ids(tokenizer, m) for m in conversations]
+def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, ids in enumerate(prompts):
         input_ids[row, width - len(ids):] = torch.tensor(ids)
         attention[row, width - len(ids):] = 1
+    return input_ids, attention
+
+
+def _cut_at_stop_string(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text, False) if cut < 0 else (text[:cut], True)
+
+
+def _top_logprobs(logits: tuple[torch.Tensor, ...], row: int, length: int, k: int) -> list[list[tuple[int, float]]]:
+    """The model's own top-k log-probs (before any sampling warper) at each of a row's generated tokens."""
+    steps = torch.stack([step[row].float() for step in logits[:length]])
+    values, ids = torch.log_softmax(steps, dim=-1).topk(k, dim=-1)
+    return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+
+
+@torch.inference_mode()
+def generate_texts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[Messages],
+    *,
+    params: SamplingParams | None = None,
+    max_new_tokens: int | None = None,
+) -> list[Completion]:
+    """Answer a batch of conversations at once (left-padded, KV cache); temperature 0 is greedy."""
+    params = params or SamplingParams()
+    if max_new_tokens is not None:
+        params = SamplingParams(**{**params.__dict__, "max_new_tokens": max_new_tokens})
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id = padding_id(tokenizer)
+    prompts = [prompt_ids(tokenizer, m) for m in conversations]
+    input_ids, attention = _left_padded(prompts, pad_id)
     stop = _stop_ids(model, tokenizer)
-    sampling = {"do_sample": False}
-    if temperature > 0:
-        torch.manual_seed(seed)
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    options: dict = {"do_sample": False}
+    if params.temperature > 0:
+        torch.manual_seed(params.seed)
+        options = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
+    if params.stop:
+        options.update(stop_strings=list(params.stop), tokenizer=tokenizer)
+    if params.top_logprobs:
+        options.update(output_logits=True, return_dict_in_generate=True)
     out = model.generate(
-        input_ids=input_ids.to(device),
-        attention_mask=attention.to(device),
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad_id,
-        eos_token_id=sorted(stop),
-        top_k=None,
-        **sampling,
+        input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=params.max_new_tokens,
+        pad_token_id=pad_id, eos_token_id=sorted(stop), top_k=None, **options,
     )
+    sequences = out.sequences if params.top_logprobs else out
     results = []
-    for row in out[:, width:].tolist():
-        end = next((i for i, t in enumerate(row) if t in stop), None)
-        tokens = row if end is None else row[:end]
-        results.append(
-            Generation(
-                text=tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-                finish_reason="length" if end is None else "stop",
-                new_tokens=len(tokens) + (0 if end is None else 1),
-            )
-        )
+    for row, generated in enumerate(sequences[:, input_ids.shape[1]:].tolist()):
+        end = next((i for i, t in enumerate(generated) if t in stop), None)
+        tokens = generated if end is None else generated[:end]
+        text, stopped = _cut_at_stop_string(tokenizer.decode(tokens, skip_special_tokens=True), params.stop)
+        new_tokens = len(tokens) + (0 if end is None else 1)
+        results.append(Completion(
+            text=text.strip(),
+            finish_reason="stop" if end is not None or stopped else "length",
+            prompt_tokens=len(prompts[row]),
+            new_tokens=new_tokens,
+            token_ids=generated[:new_tokens],
+            top_logprobs=_top_logprobs(out.logits, row, new_tokens, params.top_logprobs) if params.top_logprobs else None,
+        ))
     return results

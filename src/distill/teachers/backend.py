@@ -1,0 +1,98 @@
+"""One interface for every teacher that writes text: an in-process model, an OpenAI-compatible server, vLLM."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Protocol, Union
+
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a teacher answers; part of every record's content address, so changing one regenerates."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    top_logprobs: int = 0  # > 0: also return the teacher's top-k log-probs at each generated token
+
+    def identity(self) -> dict:
+        """The fields that change what the teacher writes (the seed only matters when sampling)."""
+        out = asdict(self)
+        out.pop("top_logprobs")
+        if self.temperature == 0:
+            out.pop("seed")
+            out.pop("top_p")
+        return out
+
+
+@dataclass
+class Completion:
+    """One answer from a teacher."""
+
+    text: str
+    finish_reason: str  # "stop" (ended by itself or a stop string) or "length" (hit max_new_tokens)
+    prompt_tokens: int
+    new_tokens: int
+    token_ids: list[int] | None = None  # the generated ids, when the backend knows them
+    # Per generated token, the teacher's best (id, log-prob) pairs, best first (params.top_logprobs of them).
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+@dataclass
+class Failure:
+    """A request that produced no answer; it is recorded, counted and retried on the next run."""
+
+    error: str  # one line, never containing credentials
+    attempts: int = 1
+
+
+Result = Union[Completion, Failure]
+
+
+class TeacherBackend(Protocol):
+    """What the generate stage needs from a teacher."""
+
+    name: str  # identifies the teacher in records and in their content address
+    batch_size: int  # how many conversations one generate() call should get
+
+    def generate(self, conversations: list[Messages], params: SamplingParams) -> list[Result]:
+        """One result per conversation, in order; failures are returned, not raised."""
+        ...
+
+
+@dataclass
+class LocalBackend:
+    """An in-process transformers model: batched, left-padded, KV cache."""
+
+    model: object
+    tokenizer: object
+    name: str
+    batch_size: int = 8
+    stats: dict = field(default_factory=lambda: {"batches": 0})
+
+    def generate(self, conversations: list[Messages], params: SamplingParams) -> list[Result]:
+        """Answer conversations in batches of batch_size; an out-of-memory batch fails its rows, not the run."""
+        from distill.teachers.local import generate_texts
+
+        results: list[Result] = []
+        for first in range(0, len(conversations), self.batch_size):
+            batch = conversations[first:first + self.batch_size]
+            try:
+                results.extend(generate_texts(self.model, self.tokenizer, batch, params=params))
+            except RuntimeError as err:  # e.g. CUDA OOM on a long batch: count it, retry next run
+                results.extend(Failure(error=f"{type(err).__name__}: {str(err).splitlines()[0]}") for _ in batch)
+            self.stats["batches"] += 1
+        return results
+
+
+def as_judge(backend: TeacherBackend, params: SamplingParams | None = None) -> Callable[[list[Messages]], list[str]]:
+    """A judge callable (conversations -> texts) over any backend; failed requests judge as empty text."""
+    params = params or SamplingParams(max_new_tokens=256, temperature=0.0)
+
+    def judge(conversations: list[Messages]) -> list[str]:
+        return [r.text if isinstance(r, Completion) else "" for r in backend.generate(conversations, params)]
+
+    return judge
