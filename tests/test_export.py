@@ -108,14 +108,15 @@ def _bad_run(tmp_path: Path) -> Path:
     return run
 
 
-@pytest.mark.parametrize("case", ["missing", "no_student", "not_a_model", "gguf", "into_source"])
+@pytest.mark.parametrize("case", ["missing", "no_student", "not_a_model", "onnx", "quant", "into_source"])
 def test_bad_inputs_exit_2_and_write_nothing(tmp_path, tiny_student_dir, capsys, case):
     out = tmp_path / "out"
     source, extra, named = {
         "missing": (tmp_path / "nope", [], "nope"),
         "no_student": (_bad_run(tmp_path), [], "student"),
         "not_a_model": (tmp_path, [], str(tmp_path)),
-        "gguf": (tiny_student_dir, ["--format", "gguf"], "gguf: not yet supported (supported: hf)"),
+        "onnx": (tiny_student_dir, ["--format", "onnx"], "onnx: not supported (supported: hf, gguf)"),
+        "quant": (tiny_student_dir, ["--format", "gguf", "--quant", "q3_k"], "unknown GGUF type (supported: f32,"),
         "into_source": (tiny_student_dir, [], "would replace the source"),
     }[case]
     if case == "into_source":
@@ -126,6 +127,16 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, tiny_student_dir, capsys,
     assert len(err.splitlines()) == 1 and named in err
     assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == before
     assert not list(tmp_path.glob(".out.*"))  # no temp dir left behind
+
+
+def test_gguf_export_from_the_cli_is_verified_by_loading_it_back(tmp_path, tiny_student_dir, capsys):
+    out = tmp_path / "gguf"
+    assert main(["export", str(tiny_student_dir), "--out", str(out), "--format", "gguf", "--quant", "q8_0"]) == 0
+    written = out / "model-q8_0.gguf"
+    assert str(written) in capsys.readouterr().out
+    check = json.loads((out / "model-q8_0.gguf.verify.json").read_text())
+    assert check["tokenizer_match"] and check["top1_agreement"] > 0.9 and check["mean_kl"] < 1e-3
+    assert check["bytes"] == written.stat().st_size
 
 
 def test_card_of_a_cut_student_names_kept_layers_and_widths():

@@ -51,11 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("gguf", help="path to a .gguf file, or pkg://PACKAGE/FILE.gguf")
     conv.add_argument("out_dir", type=Path)
     conv.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
-    exp = sub.add_parser("export", help="export a run's student (or a model directory) with a model card",
-                         description="Write the student as safetensors + tokenizer + README.md model card.")
+    exp = sub.add_parser("export", help="export a run's student (or a model directory): HF safetensors or GGUF",
+                         description="Write the student as safetensors + tokenizer + model card (hf), or as one "
+                                     "llama.cpp GGUF file, loaded back and compared with the source (gguf).")
     exp.add_argument("source", type=Path, help="run directory (recipe.yaml, student/) or HF model directory")
-    exp.add_argument("--out", type=Path, required=True, help="directory to write (replaced atomically)")
-    exp.add_argument("--format", dest="fmt", default="hf", help="output format (supported: hf)")
+    exp.add_argument("--out", type=Path, required=True,
+                     help="directory to write (hf), or a .gguf file / a directory for model-QUANT.gguf (gguf)")
+    exp.add_argument("--format", dest="fmt", default="hf", help="output format: hf (default) or gguf")
+    exp.add_argument("--quant", default=None,
+                     help="gguf: f32, f16 (default), bf16, q8_0, q5_1, q5_0, q4_1 or q4_0")
+    exp.add_argument("--no-verify", action="store_true", help="gguf: skip loading the file back to compare logits")
     exp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     rep = sub.add_parser("report", help="write a run's report.html (self-contained, with plots) and report.md",
                          description="Write <run>/report.html and <run>/report.md from the run's files.")
@@ -100,7 +105,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         from distill.export import export_model
 
         setup_logging()
-        out = export_model(args.source, args.out, args.fmt)
+        out = export_model(args.source, args.out, args.fmt, args.quant, verify=not args.no_verify)
         print(f"exported {args.source} -> {out}")
         return
     if args.command == "report":

@@ -211,6 +211,7 @@ class TrainSpec(Section):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPUs that support it, else fp32
     device: str = "auto"
     threads: Optional[int] = Field(default=None, gt=0)
+    packing: bool = False  # pack several examples into rows of data.max_length tokens (no attention across them)
 
 
 class EvalSpec(Section):

@@ -40,21 +40,27 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write a file so that readers see either the old or the whole new content, never a part."""
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside path for a writer to fill; it replaces path only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; the result should read like any file
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a file so that readers see either the old or the whole new content, never a part."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _umask() -> int:

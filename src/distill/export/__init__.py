@@ -1,19 +1,44 @@
-"""Export a trained student for use outside distill: `distill export RUN_DIR --out OUT_DIR [--format hf]`."""
+"""Export a trained student for use outside distill: `distill export RUN_DIR --out OUT [--format hf|gguf]`."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from distill.errors import DistillError
-from distill.export.hf import export_hf, model_card
+from distill.export.hf import export_hf, model_card, model_dir_of
 
-FORMATS = ("hf",)
+log = logging.getLogger("distill")
+
+FORMATS = ("hf", "gguf")
+DEFAULT_QUANT = {"hf": None, "gguf": "f16"}
 
 
-def export_model(source: Path, out_dir: Path, fmt: str = "hf") -> Path:
-    """Export source (a run directory or an HF model directory) to out_dir in the given format."""
+def export_model(source: Path, out: Path, fmt: str = "hf", quant: str | None = None, *, verify: bool = True) -> Path:
+    """Export source (a run directory or an HF model directory) to out in the given format and quantization."""
     if fmt not in FORMATS:
-        raise DistillError(f"--format {fmt}: not yet supported (supported: {', '.join(FORMATS)})")
-    return export_hf(Path(source), Path(out_dir))
+        raise DistillError(f"--format {fmt}: not supported (supported: {', '.join(FORMATS)})")
+    quant = quant or DEFAULT_QUANT[fmt]
+    if fmt == "gguf":
+        return _export_gguf(Path(source), Path(out), quant, verify)
+    if quant is not None:
+        raise DistillError(f"--quant {quant}: --format hf writes full-precision weights (for int8/int4 see docs/export.md)")
+    return export_hf(Path(source), Path(out))
+
+
+def _export_gguf(source: Path, out: Path, quant: str, verify: bool) -> Path:
+    from distill.export.gguf import export_gguf, parse_qtype, verify_gguf
+    from distill.runtime import atomic_write_json
+
+    parse_qtype(quant)  # an unknown type fails before anything is read
+    written = export_gguf(model_dir_of(source), out, quant)
+    if verify:
+        check = verify_gguf(model_dir_of(source), written)
+        atomic_write_json(written.with_name(written.name + ".verify.json"), check)
+        log.info("verified %s by loading it back: max |logit diff| %.3g, mean KL %.3g nats/token, top-1 agreement "
+                 "%.3f, perplexity %.3f vs %.3f (source), tokenizer %s", written.name, check["max_abs_logit_diff"],
+                 check["mean_kl"], check["top1_agreement"], check["ppl_gguf"], check["ppl_source"],
+                 "identical" if check["tokenizer_match"] else "DIFFERS")
+    return written
 
 
 __all__ = ["FORMATS", "export_hf", "export_model", "model_card"]
