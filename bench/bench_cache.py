@@ -5,8 +5,9 @@
 
 1. Size and quantization error at k = 8, 32, 64, 128: the teacher runs once over alpaca chat examples
    (teacher forcing, assistant tokens only); each k's rows are written by the cache writer (shard files with
-   index, dictionary and digest: bytes on disk) in quantized (1/16 nat) and exact (float32) mode. The error is
-   the KL of the exact (top-k + tail) distribution to the decoded one, per trained token.
+   index, id table and digest: bytes on disk) in quantized (1/16-nat grid, coarser for rare tokens) and exact
+   (float32) mode. The error is the KL of the exact (top-k + tail) distribution to the decoded one, per trained
+   token.
 2. Capture throughput: `capture()` end to end at k = 64 (teacher forward, top-k, encoding, atomic shard writes).
 3. One training step (forward + backward, batch of --batch examples) of the same student, three ways:
    online KD (live teacher, dense chunked loss), KD from the k = 64 cache, and plain SFT (CE only).
@@ -68,13 +69,13 @@ def _kl_rows(exact, decoded) -> np.ndarray:
     return (np.exp(p) * (p - q)).sum(1)
 
 
-def _written_bytes(out: Path, header_args: dict, rows: list, hashes: list[str]) -> int:
+def _written_bytes(out: Path, header_args: dict, rows: list, hashes: list[str], labels: list) -> int:
     """Bytes of the shard files the cache writer makes for these rows."""
     from distill.signals.cache import CacheHeader, TopKCache, TopKCacheWriter
 
     writer = TopKCacheWriter(out, CacheHeader(**header_args))
     for i, r in enumerate(rows):
-        writer.add(i, hashes[i], r)
+        writer.add(i, hashes[i], r, labels[i])
     return TopKCache(out).total_bytes()
 
 
@@ -89,6 +90,7 @@ def size_and_error(out: Path, teacher, head, encoded, pad_id: int) -> list[dict]
         per_example += _batch_rows(teacher, head, encoded[start:start + 8], 128, pad_id, 192, head.device)
     tokens = sum(len(r) for r in per_example)
     hashes = [example_hash(e.input_ids, e.labels) for e in encoded]
+    labels = [e.labels for e in encoded]
     results = []
     for k in KS:
         cuts = []
@@ -97,8 +99,8 @@ def size_and_error(out: Path, teacher, head, encoded, pad_id: int) -> list[dict]
             cuts.append(TopKRows(rows.ids[:, :k], rows.log_probs[:, :k], rest.astype(np.float32)))
         common = dict(teacher="bench", teacher_weights="-", tokenizer="-", chat_template="-", vocab_size=head.size(0),
                       k=k, compressor="lzma2", dataset="-", n_examples=len(cuts), shard_examples=256)
-        q_bytes = _written_bytes(out / f"q{k}", {**common, "step": 1 / 16}, cuts, hashes)
-        e_bytes = _written_bytes(out / f"e{k}", {**common, "step": None}, cuts, hashes)
+        q_bytes = _written_bytes(out / f"q{k}", {**common, "step": 1 / 16}, cuts, hashes, labels)
+        e_bytes = _written_bytes(out / f"e{k}", {**common, "step": None}, cuts, hashes, labels)
         quant = Codec(head.size(0), k, 1 / 16)
         err = np.concatenate([_kl_rows(c, quant.decode(quant.encode(c), len(c))) for c in cuts])
         results.append({"k": k, "tokens": tokens, "bytes_per_token": q_bytes / tokens,

@@ -149,3 +149,30 @@ def test_killed_training_resumes_without_losing_or_repeating_steps(tmp_path, tin
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 401))
     assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
+
+
+def test_generate_filter_train_uses_only_kept_answers(tmp_path, tiny_teacher_dir, capsys):
+    from distill.data.splits import recipe_examples
+    from distill.recipe import load_recipe
+
+    recipe = tiny_recipe(tmp_path / "run", tiny_teacher_dir, _prompts(tmp_path))
+    recipe["data"] = {"prompts": recipe["data"].pop("train"), "max_length": 48, "eval_fraction": 0.0}
+    recipe["generate"] = {"max_new_tokens": 6, "batch_size": 4, "temperature": 1.0}
+    # The random teacher writes word salad: keep only answers of 2+ words, no other filter.
+    recipe["filter"] = {"truncated": False, "garbled": False, "refusal": False, "repetition": False,
+                        "near_dedup": False, "length": {"min_words": 2}}
+    path = _recipe_file(tmp_path, recipe)
+    assert main(["generate", str(path), "--no-progress"]) == 0
+    assert main(["train", str(path), "--no-progress"]) == 2  # filtered data missing: says so
+    assert "run `distill filter` first" in capsys.readouterr().err
+    assert main(["filter", str(path), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    report = json.loads((run / "teacher_data.filtered.jsonl.report.json").read_text())
+    kept = [json.loads(x) for x in (run / "teacher_data.filtered.jsonl").read_text().splitlines()]
+    assert report["total_in"] == 12 and report["total_out"] == len(kept)
+    assert all(len(r["response"].split()) >= 2 for r in kept)
+    rejected = {f["name"]: f["rejected"] for f in report["filters"]}
+    assert report["total_in"] - report["failed"] - sum(rejected.values()) == len(kept)
+    if kept:
+        train, _ = recipe_examples(load_recipe(path))
+        assert {e.id for e in train} <= {r["id"] for r in kept}

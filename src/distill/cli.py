@@ -15,6 +15,7 @@ STAGES = {
     "generate": "the teacher answers data.prompts (resumable)",
     "train": "distil the student (resumes from the newest checkpoint)",
     "eval": "measure teacher and student; write report.json and print the table",
+    "filter": "keep the teacher answers that pass the recipe's filter section (writes a report)",
     "capture": "cache the teacher's top-k log-probs on the training data (teacher.cache; resumable)",
 }
 
@@ -31,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         # SUPPRESS: a subcommand's default must not overwrite `distill --debug COMMAND`
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+        if name in ("run", "eval"):
+            p.add_argument("--lm-eval", metavar="TASKS",
+                           help="also run lm-evaluation-harness tasks (same as --set eval.lm_eval=TASKS): lm-eval "
+                                "names, or NAME=PATH.jsonl:KIND for local files (docs/eval.md)")
         if name in ("run", "train"):
             p.add_argument("--resume", action="store_true",
                            help="continue from the newest checkpoint (the default when one exists)")
@@ -62,6 +67,15 @@ def _parser() -> argparse.ArgumentParser:
                      help="gguf: f32, f16 (default), bf16, q8_0, q5_1, q5_0, q4_1 or q4_0")
     exp.add_argument("--no-verify", action="store_true", help="gguf: skip loading the file back to compare logits")
     exp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    srv = sub.add_parser("serve", help="serve a local model over an OpenAI-compatible HTTP API (/v1/chat/completions)",
+                         description="An OpenAI-compatible server (/v1/models, /v1/chat/completions, /v1/completions "
+                                     "with logprobs) over a local model, batching concurrent requests.")
+    srv.add_argument("model", help="hub id, local HF directory, .gguf file or pkg://PACKAGE/FILE.gguf")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--batch-size", type=int, default=8, help="most requests answered together")
+    srv.add_argument("--api-key-env", metavar="VAR", help="require `Authorization: Bearer $VAR` on every request")
+    srv.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     rep = sub.add_parser("report", help="write a run's report.html (self-contained, with plots) and report.md",
                          description="Write <run>/report.html and <run>/report.md from the run's files.")
     rep.add_argument("run_dir", type=Path, help="run directory")
@@ -108,6 +122,12 @@ def _dispatch(args: argparse.Namespace) -> None:
         out = export_model(args.source, args.out, args.fmt, args.quant, verify=not args.no_verify)
         print(f"exported {args.source} -> {out}")
         return
+    if args.command == "serve":
+        from distill.teachers.server import serve
+
+        setup_logging()
+        serve(args.model, host=args.host, port=args.port, batch_size=args.batch_size, api_key_env=args.api_key_env)
+        return
     if args.command == "report":
         from distill.report.html import write_report
 
@@ -119,6 +139,8 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         print(compare_runs(args.run_dirs))
         return
+    if getattr(args, "lm_eval", None):
+        args.overrides.append(f"eval.lm_eval={args.lm_eval}")
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "plan":  # reads configs and data; writes nothing
         from distill.plan import format_plan, plan_recipe
@@ -140,6 +162,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     progress = not args.no_progress
     if args.command == "run":
         pipeline.generate(recipe, progress=progress)
+        pipeline.filter_data(recipe)
         if recipe.teacher.cache is not None and recipe.method.kind == "kd":  # resumable: done shards are kept
             pipeline.capture(recipe, progress=progress)
         if recipe.student.model is None:
@@ -149,6 +172,14 @@ def _dispatch(args: argparse.Namespace) -> None:
         print(f"report: {pipeline.report(recipe)}")
     elif args.command == "generate":
         pipeline.generate(recipe, progress=progress)
+    elif args.command == "filter":
+        if recipe.filter is None:
+            raise DistillError(f"{args.recipe}: no filter section; add `filter: {{}}` for the default filters")
+        result = pipeline.filter_data(recipe)
+        if result is None:
+            raise DistillError(f"{args.recipe}: no data.prompts, so no teacher answers to filter")
+        print(f"kept {result.total_out} of {result.total_in} teacher answers -> "
+              f"{recipe.run_dir / 'teacher_data.filtered.jsonl'}")
     elif args.command == "train":
         pipeline.train(recipe, progress=progress)
     elif args.command == "eval":

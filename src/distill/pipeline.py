@@ -109,6 +109,42 @@ def generate(recipe: Recipe, *, progress: bool = True):
     return stats
 
 
+def filter_data(recipe: Recipe):
+    """Stage 1b: keep the teacher answers that pass recipe.filter -> <run>/teacher_data.filtered.jsonl (+ report)."""
+    from distill.data.filters import filter_to_file, format_filter_report
+    from distill.data.splits import filtered_data_path, planned_ids, teacher_data_path
+    from distill.teachers.generate import latest_records
+
+    if recipe.filter is None or recipe.data.prompts is None:
+        return None
+    data_dir = teacher_data_path(recipe)
+    if not data_dir.is_dir():
+        raise DistillError(f"{data_dir}: no teacher data yet; run `distill generate` first")
+    latest = latest_records(data_dir)
+    located = [(f"{data_dir}/{i}", latest[i]) for i in planned_ids(recipe) if i in latest]
+    judge = _filter_judge(recipe) if recipe.filter.judge.enabled else None
+    result = filter_to_file(located, filtered_data_path(recipe), recipe.filter, source=str(data_dir), judge=judge,
+                            base_dir=recipe.base_dir)
+    log.info("filter: kept %d of %d teacher answers (%d failed requests) -> %s\n%s", result.total_out,
+             result.total_in, result.failed, filtered_data_path(recipe), format_filter_report(result))
+    return result
+
+
+def _filter_judge(recipe: Recipe):
+    """The filter's LLM judge: filter.judge.model, else the recipe's teacher (served or local)."""
+    from distill.teachers.backend import LocalBackend, SamplingParams, as_judge
+
+    spec = recipe.filter.judge
+    if spec.model is None:
+        backend = teacher_backend(recipe)
+    else:
+        from distill.models import load_model, load_tokenizer
+
+        backend = LocalBackend(load_model(spec.model), load_tokenizer(spec.model), name=spec.model,
+                               batch_size=spec.batch_size)
+    return as_judge(backend, SamplingParams(max_new_tokens=spec.max_new_tokens))
+
+
 def capture(recipe: Recipe, *, progress: bool = True):
     """Teacher forcing over the training examples into a top-k cache (teacher.cache or <run>/teacher_cache)."""
     from distill.signals.capture import capture as capture_cache
@@ -155,6 +191,7 @@ def run(recipe: Recipe, *, restart: bool = False, progress: bool = True) -> dict
     """All stages in order; re-running after a kill resumes where it stopped."""
     prepare_run_dir(recipe, restart=restart)
     generate(recipe, progress=progress)
+    filter_data(recipe)
     if recipe.teacher.cache is not None and recipe.method.kind == "kd":  # resumable: done shards are kept
         capture(recipe, progress=progress)
     if recipe.student.model is None:

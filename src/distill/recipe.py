@@ -20,6 +20,10 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+# The filter section's classes live beside the filters they configure; they subclass Section, so import after it.
+from distill.data.filters import FilterSpec  # noqa: E402
+
+
 class TeacherSpec(Section):
     """Where the teacher comes from: a hub id, a local HF directory, a .gguf file or pkg://package/file."""
 
@@ -31,7 +35,7 @@ class TeacherSpec(Section):
     # loading the teacher's weights; `model` still names the tokenizer and the teacher the cache must come from.
     cache: Optional[str] = None
     cache_k: int = Field(default=64, gt=0)  # log-probs kept per position at capture
-    cache_exact: bool = False  # float32 log-probs instead of 1/16-nat steps (~2.5x larger, no quantization)
+    cache_exact: bool = False  # float32 log-probs instead of quantized ones (~2.7x larger)
     # An OpenAI-compatible server (vLLM, llama.cpp, Ollama, `distill serve`, a hosted API) writes the teacher data;
     # `model` is then the model name the server knows. The key is read from the env var named here, never logged.
     endpoint: Optional[str] = None  # e.g. http://127.0.0.1:8000/v1
@@ -214,6 +218,16 @@ class TrainSpec(Section):
     packing: bool = False  # pack several examples into rows of data.max_length tokens (no attention across them)
 
 
+class JudgeSpec(Section):
+    """Pairwise judging of student vs teacher answers (each pair twice, positions swapped)."""
+
+    model: Optional[str] = None  # default: the recipe's teacher (local weights or teacher.endpoint)
+    endpoint: Optional[str] = None  # an OpenAI-compatible server for the judge
+    api_key_env: Optional[str] = None
+    rubric: Optional[str] = None  # default: distill.eval.judge.DEFAULT_RUBRIC
+    max_items: int = Field(default=32, gt=0)
+
+
 class EvalSpec(Section):
     """What `distill eval` measures."""
 
@@ -221,7 +235,19 @@ class EvalSpec(Section):
     batch_size: int = Field(default=8, gt=0)
     speed_prompt_tokens: int = Field(default=64, gt=0)
     speed_new_tokens: int = Field(default=32, gt=0)
+    speed_batch_sizes: list[int] = Field(default_factory=lambda: [1, 8])
     measure_speed: bool = True
+    before_training: bool = True  # also measure <run>/student_init, so the report shows what training recovered
+    general_text: bool = True  # perplexity on general text outside the training domain (capability collapse)
+    calibration: bool = True  # expected calibration error of next-token probabilities on the held-out text
+    suites: list[str] = Field(default_factory=list)  # shipped suite names or suite YAML paths (docs/eval.md)
+    judge: Optional[JudgeSpec] = None
+    contamination_ngram: int = Field(default=13, gt=1)  # eval items sharing an n-gram with training are flagged
+    # lm-evaluation-harness tasks (pip install distill[lm-eval]): lm-eval names (need the hub) or local
+    # NAME=PATH.jsonl:KIND (multiple_choice | generate | perplexity), comma-separated; see docs/eval.md.
+    lm_eval: Optional[str] = None
+    lm_eval_limit: Optional[int] = Field(default=None, gt=0)
+    lm_eval_fewshot: Optional[int] = Field(default=None, ge=0)
 
 
 class Recipe(Section):
@@ -233,6 +259,7 @@ class Recipe(Section):
     student: StudentSpec
     data: DataSpec
     generate: GenerateSpec = Field(default_factory=GenerateSpec)
+    filter: Optional[FilterSpec] = None  # when given, training uses only the teacher answers that pass it
     method: MethodSpec = Field(default_factory=MethodSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)

@@ -14,6 +14,11 @@ def teacher_data_path(recipe: Recipe) -> Path:
     return recipe.run_dir / TEACHER_DATA
 
 
+def filtered_data_path(recipe: Recipe) -> Path:
+    """Where the filter stage writes the teacher answers that pass recipe.filter (its report beside it)."""
+    return recipe.run_dir / "teacher_data.filtered.jsonl"
+
+
 def planned_ids(recipe: Recipe) -> list[str]:
     """The content addresses of the answers this recipe asks its teacher for (prompts x samples)."""
     from distill.pipeline import generation_settings, recipe_prompts
@@ -34,6 +39,10 @@ def recipe_examples(recipe: Recipe) -> tuple[list, list]:
         path = teacher_data_path(recipe)
         if not path.is_dir():
             raise DistillError(f"{path}: no teacher data yet; run `distill generate` (or `distill run`) first")
+        if recipe.filter is not None:
+            path = filtered_data_path(recipe)
+            if not path.is_file():
+                raise DistillError(f"{path}: the recipe filters its teacher data; run `distill filter` first")
         examples += load_teacher_data(path, ids=planned_ids(recipe))
     if recipe.data.train is not None:
         examples += read_examples(recipe.path(recipe.data.train))

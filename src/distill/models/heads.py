@@ -36,10 +36,16 @@ def _decoder(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def decoder_hidden_states(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[B, T, D] hidden states after the final norm: what the output head turns into logits."""
-    out = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    """[B, T, D] hidden states after the final norm: what the output head turns into logits.
+
+    Packed rows (distill.data.packing) pass position_ids that restart per example and no attention_mask.
+    """
+    # Passed only when given: not every decoder's forward takes position_ids.
+    positions = {} if position_ids is None else {"position_ids": position_ids}
+    out = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **positions)
     return out.last_hidden_state
 
 
@@ -53,7 +59,8 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 def decoder_layer_outputs(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layers: Iterable[int]
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layers: Iterable[int],
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """One forward: ([B, T, D] post-norm hidden states, {i: [B, T, D] raw output of block i} for i in layers).
 
@@ -73,7 +80,7 @@ def decoder_layer_outputs(
 
     handles = [blocks[i].register_forward_hook(keep(i)) for i in wanted]
     try:
-        final = decoder_hidden_states(model, input_ids, attention_mask)
+        final = decoder_hidden_states(model, input_ids, attention_mask, position_ids)
     finally:
         for handle in handles:
             handle.remove()

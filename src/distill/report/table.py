@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+from distill.eval.report import METRIC_KEYS
+
 MISSING = "—"
 HIGHER, LOWER = "↑", "↓"
 
@@ -28,12 +30,16 @@ ROWS = (
     Row("bytes_on_disk", "weights on disk (MB)", _scaled(2**20, 1), LOWER, True),
     Row("peak_memory_mb", "peak memory (MB)", _fixed(1), LOWER, True),
     Row("perplexity", "perplexity", _fixed(2), LOWER, True),
+    Row("perplexity_general", "perplexity, general text", _fixed(2), LOWER, True),
     Row("top1_agreement", "top-1 agreement", _fixed(3), HIGHER, False),
     Row("kl_to_teacher", "KL to teacher", _fixed(4), LOWER, False),
     Row("rougeL_ref", "ROUGE-L vs reference", _fixed(3), HIGHER, True),
     Row("rougeL_teacher", "ROUGE-L vs teacher", _fixed(3), HIGHER, False),
+    Row("ece", "calibration error (ECE)", _fixed(3), LOWER, True),
     Row("prefill_tokens_per_s", "prefill tok/s", _fixed(1), HIGHER, True),
     Row("decode_tokens_per_s", "decode tok/s", _fixed(1), HIGHER, True),
+    Row("time_to_first_token_s", "time to first token (ms)", _scaled(1e-3, 1), LOWER, True),
+    Row("decode_tokens_per_s_b8", "decode tok/s, batch 8", _fixed(1), HIGHER, True),
 )
 
 RATIOS = (
@@ -57,19 +63,52 @@ def ratio_cell(teacher: Any, student: Any) -> str:
     return f"{student / teacher:,.2f}x"
 
 
-def _metric_lines(teacher: dict, student: dict) -> list[str]:
-    header = ("metric", "", "teacher", "student", "student/teacher")
+def _metric_lines(teacher: dict, student: dict, before: dict | None = None) -> list[str]:
+    """One row per metric either model has; with `before`, a column for the student before training."""
+    header = ("metric", "", "teacher", "student", "student/teacher") + (("before training",) if before else ())
     rows = [header]
     for row in ROWS:
         t, s = teacher.get(row.key), student.get(row.key)
+        if t is None and s is None and row.key not in METRIC_KEYS:
+            continue  # an optional metric this run did not measure
         ratio = ratio_cell(t, s) if row.show_ratio else ""
-        rows.append((row.label, row.better, cell(t, row.fmt), cell(s, row.fmt), ratio))
+        extra = (cell(before.get(row.key), row.fmt),) if before else ()
+        rows.append((row.label, row.better, cell(t, row.fmt), cell(s, row.fmt), ratio) + extra)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return [
         "  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1])] + [c.rjust(w) for c, w in zip(r[2:], widths[2:])])
         .rstrip()
         for r in rows
     ]
+
+
+def _suite_lines(report: dict) -> list[str]:
+    suites = report.get("suites") or {}
+    teacher, student = suites.get("teacher", {}), suites.get("student", {})
+    lines = []
+    for suite, tasks in student.items():
+        for task, score in tasks.items():
+            t = teacher.get(suite, {}).get(task)
+            lines.append(f"  {suite}/{task}: teacher {cell(t, _fixed(3))}, student {cell(score, _fixed(3))}")
+    return ["", "task suites"] + lines if lines else []
+
+
+def _judge_lines(report: dict) -> list[str]:
+    judge = report.get("judge")
+    if not judge:
+        return []
+    rate = cell(judge.get("win_rate"), lambda v: f"{100 * v:.1f}%")
+    return ["", f"judge ({judge.get('judge')}): student wins {rate} of {judge.get('judged')} judged pairs "
+                f"({judge.get('wins')} wins, {judge.get('ties')} ties, {judge.get('losses')} losses; "
+                f"each pair judged in both orders)"]
+
+
+def _contamination_lines(report: dict) -> list[str]:
+    c = report.get("contamination")
+    if not c or not c.get("overlapping"):
+        return []
+    return ["", f"warning: {c['overlapping']} of {c['eval_items']} eval items share a {c['ngram']}-gram with the "
+                "training data (report.json: contamination)"]
 
 
 def _ratio_lines(ratios: dict) -> list[str]:
@@ -79,6 +118,7 @@ def _ratio_lines(ratios: dict) -> list[str]:
 
 def format_table(report: dict) -> str:
     """Teacher vs student, one metric a row (↑ higher is better, ↓ lower is better), then the ratios."""
-    lines = _metric_lines(report.get("teacher", {}), report.get("student", {}))
+    lines = _metric_lines(report.get("teacher", {}), report.get("student", {}), report.get("student_init"))
     lines += ["", "ratios"] + _ratio_lines(report.get("ratios", {}))
+    lines += _suite_lines(report) + _judge_lines(report) + _contamination_lines(report)
     return "\n".join(lines) + "\n"

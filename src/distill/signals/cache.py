@@ -3,10 +3,12 @@
     <cache>/cache.json          provenance + encoding (written first; a resumed capture must match it)
     <cache>/shard_00000.bin     examples [0, S), shard_00001.bin [S, 2S), ... (each written atomically)
 
-A shard file is: MAGIC, a 4-byte little-endian length, a JSON index, the shard's compressed id table,
-the example blobs, and a 32-byte BLAKE2b digest of everything before it. The index gives each example's position
-count, blob offset, size, CRC-32, and the hash of the token ids and labels it was captured on, so training can
-prove the pairing.
+A shard file is: MAGIC, a 4-byte little-endian length, the compressed JSON index, the shard's compressed id
+table, the blobs, and a 32-byte BLAKE2b digest of everything before it. A blob holds consecutive examples, enough
+for BLOB_ENTRIES entries (positions x k): the compressor learns its statistics afresh in each blob, and one
+example at k = 8 is too little to learn from. The index gives each example's position count, the offset, size
+and CRC-32 of the blob that holds it (shared by that blob's examples), and the hash of the token ids and labels
+it was captured on, so training can prove the pairing.
 """
 from __future__ import annotations
 
@@ -22,11 +24,12 @@ import numpy as np
 
 from distill.errors import DistillError
 from distill.runtime import atomic_write_bytes, atomic_write_json
-from distill.signals.encoding import ENCODING_VERSION, Codec, IdTable, TopKRows
+from distill.signals.encoding import ENCODING_VERSION, Codec, IdTable, TopKRows, compress, decompress
 
 HEADER = "cache.json"
 FORMAT = "distill-topk-cache"
-MAGIC = b"DTKC\x01"
+MAGIC = b"DTKC" + bytes([ENCODING_VERSION])
+BLOB_ENTRIES = 4096
 _DIGEST = 32
 _TABLES_KEPT = 64
 IGNORE = -100
@@ -43,6 +46,23 @@ def example_hash(input_ids: Sequence[int], labels: Sequence[int]) -> str:
 def trained_positions(labels: Sequence[int]) -> np.ndarray:
     """Positions i whose next token is trained (labels[i + 1] != -100): the rows a cache holds for an example."""
     return np.nonzero(np.asarray(labels[1:]) != IGNORE)[0]
+
+
+def next_tokens(labels: Sequence[int]) -> np.ndarray:
+    """The token each cached row predicts (its label), in row order: the codec stores ids relative to it."""
+    following = np.asarray(labels[1:], dtype=np.int64)
+    return following[following != IGNORE]
+
+
+def blob_groups(positions: Sequence[int], k: int) -> list[range]:
+    """Consecutive examples, each group closed once it holds BLOB_ENTRIES entries (the last may hold fewer)."""
+    groups, start, entries = [], 0, 0
+    for i, n in enumerate(positions):
+        entries += n * k
+        if entries >= BLOB_ENTRIES or i == len(positions) - 1:
+            groups.append(range(start, i + 1))
+            start, entries = i + 1, 0
+    return groups
 
 
 def dataset_hash(hashes: Sequence[str]) -> str:
@@ -110,14 +130,14 @@ def read_header(path: Path) -> CacheHeader:
 class TopKCacheWriter:
     """Writes a cache shard by shard; a shard is on disk whole or not at all, so a killed capture resumes.
 
-    `add(index, example_hash, rows)` takes examples in index order (from capture, or later from generation)
-    and writes each shard as soon as its last example arrives.
+    `add(index, example_hash, rows, labels)` takes examples in index order (from capture, or later from
+    generation) and writes each shard as soon as its last example arrives.
     """
 
     def __init__(self, path: Path, header: CacheHeader):
         self.path, self.header, self.codec = Path(path), header, header.codec
         self._check_or_write_header()
-        self._pending: list[tuple[int, str, TopKRows]] = []
+        self._pending: list[tuple[int, str, TopKRows, np.ndarray]] = []
 
     def _check_or_write_header(self) -> None:
         file = self.path / HEADER
@@ -144,26 +164,34 @@ class TopKCacheWriter:
                 continue
         return done
 
-    def add(self, index: int, example_hash: str, rows: TopKRows) -> None:
-        """Queue one example's rows; writes its shard once the shard's last example is in."""
+    def add(self, index: int, example_hash: str, rows: TopKRows, labels: Sequence[int]) -> None:
+        """Queue one example's rows (`labels`: the example's, -100 where untrained); writes its shard once the
+        shard's last example is in."""
         shard = index // self.header.shard_examples
         expected = self.header.shard_range(shard).start + len(self._pending)
         if index != expected:
             raise ValueError(f"examples must be added in order: got {index}, expected {expected}")
-        self._pending.append((index, example_hash, rows))
+        tokens = next_tokens(labels)
+        if len(tokens) != len(rows):
+            raise ValueError(f"example {index}: {len(rows)} rows but {len(tokens)} trained labels")
+        self._pending.append((index, example_hash, rows, tokens))
         if index == self.header.shard_range(shard).stop - 1:
             self._write_shard(shard)
 
     def _write_shard(self, shard: int) -> None:
-        table = IdTable.of([rows.ids for _, _, rows in self._pending])
-        blobs = [table.to_bytes()] + [self.codec.encode(rows, table) for _, _, rows in self._pending]
+        _, hashes, rows, tokens = zip(*self._pending)
+        table = IdTable.of([r.ids[r.ids != t[:, None]] for r, t in zip(rows, tokens)])  # labels need no rank
+        groups = blob_groups([len(r) for r in rows], self.header.k)
+        blobs = [table.to_bytes()] + [self.codec.encode(rows[g.start:g.stop], table, tokens[g.start:g.stop])
+                                      for g in groups]
         offsets = np.cumsum([0] + [len(b) for b in blobs[:-1]]).tolist()
+        blob_of = [b for b, g in enumerate(groups, start=1) for _ in g]  # per example, its blob in `blobs`
         index = {
             "shard": shard, "first": self._pending[0][0], "count": len(self._pending),
-            "hashes": [h for _, h, _ in self._pending], "positions": [len(r) for _, _, r in self._pending],
+            "hashes": list(hashes), "positions": [len(r) for r in rows],
             "id_table": [offsets[0], len(blobs[0]), zlib.crc32(blobs[0])],
-            "offsets": offsets[1:], "sizes": [len(b) for b in blobs[1:]],
-            "crc32": [zlib.crc32(b) for b in blobs[1:]],
+            "offsets": [offsets[b] for b in blob_of], "sizes": [len(blobs[b]) for b in blob_of],
+            "crc32": [zlib.crc32(blobs[b]) for b in blob_of],
         }
         body = MAGIC + _index_bytes(index) + b"".join(blobs)
         atomic_write_bytes(self.path / shard_name(shard), body + hashlib.blake2b(body, digest_size=_DIGEST).digest())
@@ -171,8 +199,8 @@ class TopKCacheWriter:
 
 
 def _index_bytes(index: dict) -> bytes:
-    text = json.dumps(index, separators=(",", ":")).encode()
-    return struct.pack("<I", len(text)) + text
+    packed = compress(json.dumps(index, separators=(",", ":")).encode())
+    return struct.pack("<I", len(packed)) + packed
 
 
 def _read_shard_index(file: Path, header: CacheHeader, shard: int, check_digest: bool = True) -> dict:
@@ -181,6 +209,9 @@ def _read_shard_index(file: Path, header: CacheHeader, shard: int, check_digest:
         raise DistillError(f"{file}: shard missing (the capture did not finish); run `distill capture` again")
     data = file.read_bytes()
     body, digest = data[:-_DIGEST], data[-_DIGEST:]
+    if data[:4] == MAGIC[:4] and data[4:5] != MAGIC[4:]:
+        raise DistillError(f"{file}: a shard of encoding version {data[4]} (this distill reads version "
+                           f"{MAGIC[4]}); capture the cache again")
     if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 4 + _DIGEST:
         raise DistillError(f"{file}: not a distill cache shard (bad magic or truncated)")
     if check_digest and hashlib.blake2b(body, digest_size=_DIGEST).digest() != digest:
@@ -188,7 +219,7 @@ def _read_shard_index(file: Path, header: CacheHeader, shard: int, check_digest:
     (length,) = struct.unpack_from("<I", data, len(MAGIC))
     start = len(MAGIC) + 4
     try:
-        index = json.loads(data[start:start + length])
+        index = json.loads(decompress(data[start:start + length]))
     except ValueError:
         raise DistillError(f"{file}: unreadable shard index") from None
     expected = header.shard_range(shard)
@@ -197,6 +228,17 @@ def _read_shard_index(file: Path, header: CacheHeader, shard: int, check_digest:
                            f"expected {expected.start}+{len(expected)}")
     index["payload_start"] = start + length
     return index
+
+
+def _blob_members(entry: dict, slot: int) -> range:
+    """The slots of the examples that share `slot`'s blob (consecutive, with the same offset)."""
+    offsets = entry["offsets"]
+    first = last = slot
+    while first > 0 and offsets[first - 1] == offsets[slot]:
+        first -= 1
+    while last + 1 < len(offsets) and offsets[last + 1] == offsets[slot]:
+        last += 1
+    return range(first, last + 1)
 
 
 class TopKCache:
@@ -225,8 +267,9 @@ class TopKCache:
                                        "training batch's (different data, tokenizer, template or max_length)")
             self._indexes[shard] = index
 
-    def rows(self, index: int, example_hash: str) -> TopKRows:
-        """One example's rows; refuses a blob whose CRC or token hash does not match."""
+    def rows(self, index: int, example_hash: str, labels: Sequence[int]) -> TopKRows:
+        """One example's rows (`labels`: the example's, as captured); refuses a blob whose CRC or token hash
+        does not match."""
         shard, slot = divmod(index, self.header.shard_examples)
         file = self.path / shard_name(shard)
         entry = self._indexes.get(shard)
@@ -237,7 +280,9 @@ class TopKCache:
         try:
             blob = self._read(file, entry, entry["offsets"][slot], entry["sizes"][slot], entry["crc32"][slot],
                               f"example {index}")
-            return self.codec.decode(blob, entry["positions"][slot], self._table(shard, file, entry))
+            members = _blob_members(entry, slot)
+            return self.codec.decode(blob, [entry["positions"][m] for m in members], self._table(shard, file, entry),
+                                     next_tokens(labels), member=slot - members.start)
         except ValueError as err:
             raise DistillError(f"{file}: example {index} cannot be decoded ({err})") from None
 

@@ -97,7 +97,7 @@ def capture(
             batch = list(range(start, min(start + size, span.stop)))
             for i, rows in zip(batch, _batch_rows(teacher, head, [encoded[i] for i in batch], k, pad_id,
                                                   recipe.method.chunk_size, device)):
-                writer.add(i, hashes[i], rows)
+                writer.add(i, hashes[i], rows, encoded[i].labels)
                 bar.update(len(rows))
     bar.close()
     stats = CaptureStats(path=path, examples=len(encoded), positions=total, new_shards=len(todo),

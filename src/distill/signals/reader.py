@@ -14,8 +14,8 @@ from distill.signals.cache import TopKCache, example_hash
 class CachedTeacher:
     """Sparse targets for micro-batches of the recipe's encoded training examples, from a verified cache."""
 
-    def __init__(self, cache: TopKCache, hashes: Sequence[str]):
-        self.cache, self.hashes = cache, list(hashes)
+    def __init__(self, cache: TopKCache, hashes: Sequence[str], labels: Sequence[Sequence[int]]):
+        self.cache, self.hashes, self.labels = cache, list(hashes), list(labels)
         cache.verify(self.hashes)
 
     @property
@@ -26,7 +26,7 @@ class CachedTeacher:
         """The rows of these examples, concatenated in batch order (the order of the batch's trained labels)."""
         from distill.losses.sparse import SparseTargets
 
-        rows = [self.cache.rows(i, self.hashes[i]) for i in indices]
+        rows = [self.cache.rows(i, self.hashes[i], self.labels[i]) for i in indices]
         join = lambda name: torch.from_numpy(np.concatenate([getattr(r, name) for r in rows]))  # noqa: E731
         return SparseTargets(join("ids"), join("log_probs"), join("tail"), self.vocab_size).to(device)
 
@@ -38,4 +38,4 @@ def open_teacher_cache(recipe: Recipe, tokenizer, encoded: Sequence, path: Path 
     path = Path(path) if path is not None else cache_path(recipe)
     cache = TopKCache(path)
     check_provenance(cache.header, path, recipe, tokenizer)
-    return CachedTeacher(cache, [example_hash(e.input_ids, e.labels) for e in encoded])
+    return CachedTeacher(cache, [example_hash(e.input_ids, e.labels) for e in encoded], [e.labels for e in encoded])

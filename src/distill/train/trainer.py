@@ -67,7 +67,8 @@ def loss_on_batch(
 
     if targets is not None:
         return _sparse_loss_on_batch(student, batch, method, compute_dtype, matcher, targets, teacher)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ids, real = batch["input_ids"], batch["attention_mask"]
+    mask, positions = _attention_inputs(batch)
     labels = batch["labels"][:, 1:].reshape(-1)  # position i predicts token i+1
     if matcher is not None and (teacher is None or method.kind != "kd" or method.hidden is None):
         raise DistillError("method.hidden: hidden-state KD needs method.hidden set, method.kind: kd and a teacher")
@@ -75,13 +76,13 @@ def loss_on_batch(
     teacher_layers = matcher.teacher_layers if matcher is not None else []
     # Master weights stay fp32; a bf16 compute dtype runs the student's body under autocast.
     with torch.autocast(ids.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-        hidden, student_states = decoder_layer_outputs(student, ids, mask, student_layers)
+        hidden, student_states = decoder_layer_outputs(student, ids, mask, student_layers, positions)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     teacher_hidden = teacher_head = None
     teacher_states: dict[int, torch.Tensor] = {}
     if teacher is not None and method.kind == "kd":
         with torch.no_grad():
-            t, teacher_states = decoder_layer_outputs(teacher, ids, mask, teacher_layers)
+            t, teacher_states = decoder_layer_outputs(teacher, ids, mask, teacher_layers, positions)
             t = t[:, :-1]
             teacher_hidden, teacher_head = t.reshape(-1, t.shape[-1]), output_head(teacher)
     out = kd_loss_chunked(
@@ -91,9 +92,20 @@ def loss_on_batch(
     )
     if matcher is None:
         return BatchLoss(**vars(out))
-    hidden_loss = matcher(student_states, teacher_states, mask)
+    hidden_loss = matcher(student_states, teacher_states, real)
     return BatchLoss(loss=out.loss + method.hidden.weight * hidden_loss, kd=out.kd, ce=out.ce,
                      n_tokens=out.n_tokens, hidden=hidden_loss.detach())
+
+
+def _attention_inputs(batch: dict[str, torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(attention_mask, position_ids) for the model's forward.
+
+    A packed batch (distill.data.packing) gives position_ids alone: transformers builds the block-diagonal mask
+    from their restarts only when no 2-D attention_mask is passed. Its attention_mask just marks real tokens.
+    """
+    if "position_ids" in batch:
+        return None, batch["position_ids"]
+    return batch["attention_mask"], None
 
 
 def _sparse_loss_on_batch(
@@ -108,6 +120,8 @@ def _sparse_loss_on_batch(
     if teacher is not None or matcher is not None or method.kind != "kd":
         raise DistillError("teacher.cache: cached targets train method.kind: kd alone, without a live teacher "
                            "or method.hidden")
+    if "position_ids" in batch:
+        raise DistillError(_PACKING_WITH_CACHE)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     labels = batch["labels"][:, 1:].reshape(-1)
     with torch.autocast(ids.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
@@ -156,6 +170,15 @@ def _check_hidden_recipe(recipe: Recipe) -> None:
     if recipe.method.hidden is not None and uses_teacher_cache(recipe):
         raise DistillError("method.hidden: hidden-state KD needs a live teacher's states, which teacher.cache "
                            "does not hold; remove method.hidden or teacher.cache")
+
+
+_PACKING_WITH_CACHE = ("train.packing does not work with teacher.cache yet (its targets are per example); "
+                       "set train.packing: false or remove teacher.cache")
+
+
+def _check_packing_recipe(recipe: Recipe) -> None:
+    if recipe.train.packing and uses_teacher_cache(recipe):
+        raise DistillError(_PACKING_WITH_CACHE)
 
 
 def _text_config(model: torch.nn.Module):
@@ -269,6 +292,7 @@ def train(
     `stop_after` ends this call after that many completed steps (checkpointing first), as a kill would;
     it returns None then and a later call resumes.
     """
+    from distill.data.packing import check_packing_support, collate_packed, fill_ratio, pack_examples
     from distill.data.splits import recipe_examples
     from distill.data.tokenize import batch_indices, collate, encode_all, padding_id
     from distill.models import save_model
@@ -278,6 +302,7 @@ def train(
 
     t = recipe.train
     _check_hidden_recipe(recipe)  # before any model is loaded
+    _check_packing_recipe(recipe)
     device = resolve_device(t.device)
     dtype = resolve_dtype(t.dtype, device)
     if t.threads:
@@ -288,6 +313,10 @@ def train(
     checkpoints = list_checkpoints(checkpoint_dir) if resume else []
 
     tokenizer, teacher, student = _models(recipe, device, dtype)
+    if t.packing:
+        for model, name in ((student, "student"), (teacher, "teacher")):
+            if model is not None:
+                check_packing_support(model, name)
 
     train_examples, _ = recipe_examples(recipe)
     encoded = encode_all(train_examples, tokenizer, recipe.data.max_length, recipe.data.system_prompt)
@@ -297,6 +326,12 @@ def train(
 
         cached = open_teacher_cache(recipe, tokenizer, encoded)  # refuses a partial or foreign cache
         log.info("teacher: top-%d cache %s (the teacher is not run)", cached.cache.header.k, cached.cache.path)
+    # The batch order draws from `items`: examples, or with train.packing rows of several examples.
+    items, to_batch = encoded, collate
+    if t.packing:
+        items, to_batch = pack_examples(encoded, recipe.data.max_length, recipe.seed), collate_packed
+        log.info("packing: %d examples in %d rows of %d tokens (%.0f%% filled)", len(encoded), len(items),
+                 recipe.data.max_length, 100 * fill_ratio(items, recipe.data.max_length))
     if t.lora is not None:
         student = _apply_lora(student, recipe)
     student.train()
@@ -323,8 +358,8 @@ def train(
     for step in bar:
         totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, **({"hidden": 0.0} if matcher is not None else {})}
         for micro in range(t.grad_accum):
-            idx = batch_indices(len(encoded), t.batch_size, recipe.seed, step * t.grad_accum + micro)
-            batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
+            idx = batch_indices(len(items), t.batch_size, recipe.seed, step * t.grad_accum + micro)
+            batch = {k: v.to(device) for k, v in to_batch([items[i] for i in idx], pad_id).items()}
             targets = cached.targets(idx, device) if cached is not None else None
             out = loss_on_batch(student, teacher, batch, recipe.method, dtype, matcher, targets)
             (out.loss / t.grad_accum).backward()
