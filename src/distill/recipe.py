@@ -226,6 +226,7 @@ class JudgeSpec(Section):
     api_key_env: Optional[str] = None
     rubric: Optional[str] = None  # default: distill.eval.judge.DEFAULT_RUBRIC
     max_items: int = Field(default=32, gt=0)
+    max_new_tokens: int = Field(default=64, gt=0)  # the verdict is asked for on the last line
 
 
 class EvalSpec(Section):

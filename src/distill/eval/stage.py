@@ -214,7 +214,7 @@ def _suite_sections(recipe: Recipe, suites: list, models: dict, tokenizer, progr
 def _judge_section(recipe: Recipe, teacher, tokenizer, data: EvalData, student_answers, teacher_answers) -> dict:
     """Pairwise win rate of the student's answers against the teacher's, judged by eval.judge's model."""
     from distill.eval.judge import pairwise_judge
-    from distill.teachers.backend import as_judge
+    from distill.teachers.backend import SamplingParams, as_judge
 
     spec = recipe.eval.judge
     if spec is None:
@@ -222,7 +222,7 @@ def _judge_section(recipe: Recipe, teacher, tokenizer, data: EvalData, student_a
     backend = _judge_backend(recipe, teacher, tokenizer)
     items = [{"prompt": c[-1]["content"], "answer_a": s, "answer_b": t}
              for c, s, t in zip(data.conversations, student_answers, teacher_answers)][: spec.max_items]
-    result = pairwise_judge(as_judge(backend), items, spec.rubric)
+    result = pairwise_judge(as_judge(backend, SamplingParams(max_new_tokens=spec.max_new_tokens)), items, spec.rubric)
     atomic_write_text(recipe.run_dir / "judge.jsonl",
                       "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in result.pop("items")))
     result["judge"] = backend.name
