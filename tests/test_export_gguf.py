@@ -198,6 +198,8 @@ def test_stories260k_f32_is_exact_and_tokenizes_the_same(tmp_path, stories):
     report = verify_gguf(stories, path, texts=TEXTS)
     assert report["max_abs_logit_diff"] < 1e-4
     assert report["tokenizer_match"], report["tokenizer_mismatches"]
+    # The whole round trip (the GGUF's own tokenizer in and out, its weights): the same greedy text.
+    assert report["greedy"]["same"] == report["greedy"]["prompts"] == 3, report["greedy"]["rows"]
     reader = GGUFReader(path)
     assert _field(reader, "tokenizer.ggml.model") == "llama"
     assert _field(reader, "tokenizer.ggml.add_bos_token") is True

@@ -64,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="directory to write (hf), or a .gguf file / a directory for model-QUANT.gguf (gguf)")
     exp.add_argument("--format", dest="fmt", default="hf", help="output format: hf (default) or gguf")
     exp.add_argument("--quant", default=None,
-                     help="gguf: f32, f16 (default), bf16, q8_0, q5_1, q5_0, q4_1 or q4_0")
+                     help="hf: int8 or int4 (weight-only; pip install distill[quantize]); "
+                          "gguf: f32, f16 (default), bf16, q8_0, q5_1, q5_0, q4_1 or q4_0")
     exp.add_argument("--no-verify", action="store_true", help="gguf: skip loading the file back to compare logits")
     exp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     srv = sub.add_parser("serve", help="serve a local model over an OpenAI-compatible HTTP API (/v1/chat/completions)",

@@ -11,6 +11,7 @@ log = logging.getLogger("distill")
 
 FORMATS = ("hf", "gguf")
 DEFAULT_QUANT = {"hf": None, "gguf": "f16"}
+HF_QUANTS = {"int8": 8, "int4": 4}  # weight-only, optimum-quanto (pip install distill[quantize])
 
 
 def export_model(source: Path, out: Path, fmt: str = "hf", quant: str | None = None, *, verify: bool = True) -> Path:
@@ -20,9 +21,22 @@ def export_model(source: Path, out: Path, fmt: str = "hf", quant: str | None = N
     quant = quant or DEFAULT_QUANT[fmt]
     if fmt == "gguf":
         return _export_gguf(Path(source), Path(out), quant, verify)
-    if quant is not None:
-        raise DistillError(f"--quant {quant}: --format hf writes full-precision weights (for int8/int4 see docs/export.md)")
-    return export_hf(Path(source), Path(out))
+    if quant is None:
+        return export_hf(Path(source), Path(out))
+    if quant not in HF_QUANTS:
+        raise DistillError(f"--quant {quant}: unknown for --format hf (supported: {', '.join(HF_QUANTS)})")
+    return _export_quantized(Path(source), Path(out), HF_QUANTS[quant])
+
+
+def _export_quantized(source: Path, out: Path, bits: int) -> Path:
+    from distill.export.quantize import quantize_model
+
+    report = quantize_model(model_dir_of(source), out, bits)
+    log.info("int%d: %.1f MB (%.2fx of fp32), decode %.2fx the fp32 speed, perplexity %.3f vs %.3f, top-1 "
+             "agreement with fp32 %.3f; load it with distill.export.quantize.load_quantized", bits,
+             report.quantized_bytes / 1e6, report.size_ratio, report.speedup or float("nan"),
+             report.quantized_perplexity, report.source_perplexity, report.top1_agreement)
+    return out
 
 
 def _export_gguf(source: Path, out: Path, quant: str, verify: bool) -> Path:
@@ -38,6 +52,10 @@ def _export_gguf(source: Path, out: Path, quant: str, verify: bool) -> Path:
                  "%.3f, perplexity %.3f vs %.3f (source), tokenizer %s", written.name, check["max_abs_logit_diff"],
                  check["mean_kl"], check["top1_agreement"], check["ppl_gguf"], check["ppl_source"],
                  "identical" if check["tokenizer_match"] else "DIFFERS")
+        greedy = check["greedy"]
+        log.info("greedy answers identical to the source's on %d of %d prompts (%d new tokens each)%s",
+                 greedy["same"], greedy["prompts"], greedy["new_tokens"],
+                 "" if greedy["same"] == greedy["prompts"] else "; see the .verify.json for where they part")
     return written
 
 

@@ -42,6 +42,7 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": (MODEL_ARCH.QWEN2, False),
 }
 _SKIPPED_TENSORS = ("rotary_emb.inv_freq",)  # recomputed by every runtime; llama.cpp drops them too
+GREEDY_PROMPTS = ("Write one sentence about the sea.", "What is 12 plus 30?", "Name three colours.")
 DEFAULT_TEXTS = (
     "Once upon a time there was a little robot who loved to read books.",
     "The quick brown fox jumps over the lazy dog. Paris is the capital of France.",
@@ -505,7 +506,27 @@ def verify_gguf(
         **compare_logits(source, loaded, sequences),
         "tokenizer_match": not mismatches,
         "tokenizer_mismatches": mismatches,
+        "greedy": compare_greedy(source, source_tok, loaded, gguf_tok, GREEDY_PROMPTS),
     }
+
+
+def compare_greedy(source, source_tok, other, other_tok, prompts: Sequence[str], new_tokens: int = 24) -> dict:
+    """Greedy answers of the source (its tokenizer) and of the loaded file (its own tokenizer) to the same prompts."""
+    from distill.teachers.backend import SamplingParams
+    from distill.teachers.local import generate_texts
+
+    params = SamplingParams(max_new_tokens=new_tokens)
+    rows = []
+    for prompt in prompts:
+        conversation = [{"role": "user", "content": prompt}]
+        [a] = generate_texts(source, source_tok, [conversation], params=params)
+        [b] = generate_texts(other, other_tok, [conversation], params=params)
+        first = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
+        if first is None and len(a.token_ids) != len(b.token_ids):
+            first = min(len(a.token_ids), len(b.token_ids))
+        rows.append({"prompt": prompt, "source": a.text, "gguf": b.text, "same": first is None,
+                     "first_difference": first})
+    return {"same": sum(r["same"] for r in rows), "prompts": len(rows), "new_tokens": new_tokens, "rows": rows}
 
 
 @torch.no_grad()
