@@ -403,3 +403,21 @@ def test_bad_input_errors_name_the_line(tmp_path):
         filter_file(tmp_path / "in.jsonl", tmp_path / "in.jsonl", FilterSpec())
     with pytest.raises(DistillError, match="record 2: 'response' must be a string"):
         filter_records([rec(NORMAL), {"id": "x", "response": 3}], FilterSpec())
+
+
+def test_cli_filters_a_records_file_with_set_overrides(tmp_path, capsys):
+    from distill.cli import main
+
+    records = [{"id": f"r{i}", "status": "ok", "prompt": f"Question {i}?", "finish_reason": "stop",
+                "response": "I'm sorry, but I cannot help with that." if i == 0 else f"Answer number {i} is here."}
+               for i in range(4)]
+    src = tmp_path / "records.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "kept.jsonl"
+    assert main(["filter", str(src), "--out", str(out), "--set", "filter.near_dedup=false"]) == 0
+    kept = [json.loads(x)["id"] for x in out.read_text().splitlines()]
+    assert kept == ["r1", "r2", "r3"]  # the refusal is gone
+    assert "kept 3 of 4 records" in capsys.readouterr().out
+    assert main(["filter", str(src), "--out", str(out), "--set", "filter.length.min_words=x"]) == 2
+    assert "filter.length.min_words" in capsys.readouterr().err
+    assert main(["filter", str(src)]) == 2  # no --out

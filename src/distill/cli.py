@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         # SUPPRESS: a subcommand's default must not overwrite `distill --debug COMMAND`
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+        if name == "filter":
+            p.add_argument("--out", type=Path, help="with a records file instead of a recipe: where to write the "
+                                                    "kept records (settings: --set filter.KEY=VALUE)")
         if name in ("run", "eval"):
             p.add_argument("--lm-eval", metavar="TASKS",
                            help="also run lm-evaluation-harness tasks (same as --set eval.lm_eval=TASKS): lm-eval "
@@ -140,6 +143,9 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         print(compare_runs(args.run_dirs))
         return
+    if args.command == "filter" and args.recipe.suffix.lower() in (".jsonl", ".json"):
+        _filter_file(args)
+        return
     if getattr(args, "lm_eval", None):
         args.overrides.append(f"eval.lm_eval={args.lm_eval}")
     recipe = load_recipe(args.recipe, args.overrides)
@@ -189,6 +195,26 @@ def _dispatch(args: argparse.Namespace) -> None:
         stats = pipeline.capture(recipe, progress=progress)
         hint = "" if recipe.teacher.cache else f"; set teacher.cache: {stats.path} to train from it"
         print(f"teacher cache: {stats.path} ({stats.examples} examples, {stats.bytes / 1e6:.1f} MB){hint}")
+
+
+def _filter_file(args: argparse.Namespace) -> None:
+    """`distill filter RECORDS.jsonl --out KEPT.jsonl`: the default filters (or --set filter.*) on any file."""
+    from pydantic import ValidationError
+
+    from distill.data.filters import FilterSpec, filter_file, format_filter_report
+    from distill.recipe import apply_overrides
+
+    if args.out is None:
+        raise DistillError(f"{args.recipe}: a records file needs --out FILE for the kept records")
+    settings = apply_overrides({}, args.overrides).get("filter", {})
+    try:
+        spec = FilterSpec.model_validate(settings)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise DistillError(f"--set filter.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    result = filter_file(args.recipe, args.out, spec, base_dir=Path.cwd())
+    print(format_filter_report(result))
+    print(f"kept {result.total_out} of {result.total_in} records -> {args.out}")
 
 
 def main(argv: list[str] | None = None) -> int:
