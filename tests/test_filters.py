@@ -421,3 +421,16 @@ def test_cli_filters_a_records_file_with_set_overrides(tmp_path, capsys):
     assert main(["filter", str(src), "--out", str(out), "--set", "filter.length.min_words=x"]) == 2
     assert "filter.length.min_words" in capsys.readouterr().err
     assert main(["filter", str(src)]) == 2  # no --out
+
+
+def test_judge_best_per_prompt_keeps_the_top_answer_of_each_prompt():
+    from distill.data.filters import FilterSpec, filter_records
+
+    records = [{"id": f"{p}{k}", "prompt_id": p, "status": "ok", "prompt": f"question {p}", "finish_reason": "stop",
+                "response": f"answer {p} {k} with score {score}"}
+               for p, ks in (("a", (5, 9, 7)), ("b", (8, 8))) for k, score in enumerate(ks)]
+    judge = lambda convs: [f"Score: {c[-1]['content'].split('score ')[-1].split()[0]}" for c in convs]  # noqa: E731
+    spec = FilterSpec.model_validate({"near_dedup": False, "exact_dedup": False, "repetition": False,
+                                      "judge": {"enabled": True, "threshold": 6, "best_per_prompt": True}})
+    kept = filter_records(records, spec, judge=judge).kept
+    assert [r["id"] for r in kept] == ["a1", "b0"]  # a: 9 beats 7 (5 is under the threshold); b: first of equals

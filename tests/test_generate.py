@@ -207,3 +207,30 @@ def test_local_generation_stop_strings_and_top_logprobs(backend, prompts):
         [cut] = generate_texts(backend.model, backend.tokenizer, [conversation],
                                params=SamplingParams(max_new_tokens=6, stop=(stop,)))
         assert stop not in cut.text and plain.text.startswith(cut.text) and cut.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("mixture", ["route", "all"])
+def test_mixture_of_teachers_routes_by_tag_or_asks_all(tmp_path, tiny_teacher_dir, tiny_student_dir, mixture):
+    from conftest import tiny_recipe
+    from distill import pipeline
+    from distill.data.splits import planned_ids, teacher_data_path
+    from distill.recipe import recipe_from_dict
+
+    rows = [{"id": f"p{i}", "prompt": f"Question {i}?", "tags": ["math"] if i % 2 else []} for i in range(4)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = tiny_recipe(tmp_path / "run", tiny_teacher_dir, tmp_path / "prompts.jsonl")
+    raw["data"] = {"prompts": str(tmp_path / "prompts.jsonl"), "max_length": 48}
+    raw["generate"] = {"max_new_tokens": 3, "batch_size": 4, "mixture": mixture,
+                       "teachers": [{"model": str(tiny_student_dir), "tags": ["math"]}]}
+    recipe = recipe_from_dict(raw)
+    pipeline.generate(recipe, progress=False)
+    latest = latest_records(teacher_data_path(recipe))
+    by_teacher = {}
+    for r in latest.values():
+        by_teacher.setdefault(r["teacher"], set()).add(r["prompt_id"])
+    if mixture == "route":
+        assert by_teacher == {str(tiny_student_dir): {"p1", "p3"}, str(tiny_teacher_dir): {"p0", "p2"}}
+    else:
+        assert by_teacher == {str(tiny_student_dir): {"p0", "p1", "p2", "p3"},
+                              str(tiny_teacher_dir): {"p0", "p1", "p2", "p3"}}
+    assert sorted(planned_ids(recipe)) == sorted(latest)  # training takes exactly these answers

@@ -49,21 +49,45 @@ def prepare_run_dir(recipe: Recipe, *, restart: bool = False) -> Path:
     return run_dir
 
 
-def teacher_backend(recipe: Recipe):
-    """The recipe's teacher as a text generator: an OpenAI-compatible server (teacher.endpoint) or local weights."""
-    t = recipe.teacher
+def teacher_backend(recipe: Recipe, spec=None):
+    """A teacher as a text generator: an OpenAI-compatible server (spec.endpoint) or local weights.
+
+    `spec` is recipe.teacher (the default) or one of generate.teachers.
+    """
+    t = spec or recipe.teacher
     if t.endpoint is not None:
         from distill.teachers.openai_client import OpenAIBackend
 
         return OpenAIBackend(t.endpoint, t.model, api_key_env=t.api_key_env, concurrency=t.concurrency,
                              timeout_s=t.timeout_s, max_retries=t.max_retries, name=t.model)
+    from distill.models import load_model, load_tokenizer
     from distill.models.from_recipe import load_teacher, teacher_tokenizer
     from distill.runtime import resolve_device, resolve_dtype
     from distill.teachers.backend import LocalBackend
 
     device = resolve_device(recipe.train.device)
-    model = load_teacher(recipe, device, resolve_dtype(t.dtype, device))
-    return LocalBackend(model, teacher_tokenizer(recipe), name=t.model, batch_size=recipe.generate.batch_size)
+    dtype = resolve_dtype(t.dtype, device)
+    if spec is None or spec is recipe.teacher:
+        model, tokenizer = load_teacher(recipe, device, dtype), teacher_tokenizer(recipe)
+    else:
+        model = load_model(t.model, t.gguf_file, dtype=dtype, device=device, trust_remote_code=t.trust_remote_code)
+        tokenizer = load_tokenizer(t.model, t.gguf_file, trust_remote_code=t.trust_remote_code)
+    return LocalBackend(model, tokenizer, name=t.model, batch_size=recipe.generate.batch_size)
+
+
+def teacher_assignments(recipe: Recipe) -> list[tuple[object, list]]:
+    """(teacher spec, the prompts it answers) for every teacher that answers any (mixture of teachers)."""
+    prompts, g = recipe_prompts(recipe), recipe.generate
+    if not g.teachers:
+        return [(recipe.teacher, prompts)]
+    if g.mixture == "all":
+        return [(recipe.teacher, prompts)] + [(t, prompts) for t in g.teachers]
+    routed: list[list] = [[] for _ in range(len(g.teachers) + 1)]  # the last: the recipe's teacher
+    for prompt in prompts:
+        first = next((i for i, t in enumerate(g.teachers) if set(t.tags) & set(prompt.tags)), len(g.teachers))
+        routed[first].append(prompt)
+    pairs = list(zip(list(g.teachers) + [recipe.teacher], routed))
+    return [(spec, chosen) for spec, chosen in pairs if chosen]
 
 
 def generation_settings(recipe: Recipe):
@@ -86,27 +110,28 @@ def recipe_prompts(recipe: Recipe) -> list:
 
 
 def generate(recipe: Recipe, *, progress: bool = True):
-    """Stage 1: the teacher answers data.prompts into <run>/teacher_data/ shards (resumable)."""
+    """Stage 1: the teacher(s) answer data.prompts into <run>/teacher_data/ shards (resumable)."""
     from distill.data.splits import teacher_data_path
     from distill.teachers.generate import generate_responses
 
     if recipe.data.prompts is None:
         log.info("generate: no data.prompts in the recipe; nothing to do")
         return None
-    prompts = recipe_prompts(recipe)
     params, reasoning = generation_settings(recipe)
-    out = teacher_data_path(recipe)
-    stats = generate_responses(
-        teacher_backend(recipe), prompts, out, params=params, samples=recipe.generate.samples,
-        system_prompt=recipe.data.system_prompt, reasoning=reasoning, shard_records=recipe.generate.shard_records,
-        progress=progress,
-    )
-    log.info("generate: %d new answers (%d already there), %d failed, %d prompt + %d new tokens, %.0f s -> %s",
-             stats.done, stats.skipped_existing, stats.failed, stats.prompt_tokens, stats.new_tokens,
-             stats.seconds, out)
-    for error, count in sorted(stats.errors.items(), key=lambda item: -item[1])[:3]:
-        log.warning("generate: %d request(s) failed: %s (re-run to retry them)", count, error)
-    return stats
+    out, all_stats = teacher_data_path(recipe), []
+    for spec, prompts in teacher_assignments(recipe):
+        stats = generate_responses(
+            teacher_backend(recipe, spec), prompts, out, params=params, samples=recipe.generate.samples,
+            system_prompt=recipe.data.system_prompt, reasoning=reasoning,
+            shard_records=recipe.generate.shard_records, progress=progress,
+        )
+        log.info("generate (%s): %d new answers (%d already there), %d failed, %d prompt + %d new tokens, %.0f s "
+                 "-> %s", spec.model, stats.done, stats.skipped_existing, stats.failed, stats.prompt_tokens,
+                 stats.new_tokens, stats.seconds, out)
+        for error, count in sorted(stats.errors.items(), key=lambda item: -item[1])[:3]:
+            log.warning("generate: %d request(s) failed: %s (re-run to retry them)", count, error)
+        all_stats.append(stats)
+    return all_stats[0] if len(all_stats) == 1 else all_stats
 
 
 def filter_data(recipe: Recipe):

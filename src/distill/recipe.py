@@ -136,6 +136,21 @@ class DataSpec(Section):
         return self
 
 
+class GenerationTeacherSpec(Section):
+    """Another teacher that writes answers (a mixture of teachers); `teacher` stays the KD and tokenizer teacher."""
+
+    model: str  # hub id, directory, .gguf or pkg://; with `endpoint`, the model name the server knows
+    gguf_file: Optional[str] = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    endpoint: Optional[str] = None
+    api_key_env: Optional[str] = None
+    concurrency: int = Field(default=8, gt=0)
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=5, ge=0)
+    tags: list[str] = Field(default_factory=list)  # mixture "route": prompts with one of these tags come here
+
+
 class GenerateSpec(Section):
     """How the teacher answers the prompts (response distillation data)."""
 
@@ -155,6 +170,10 @@ class GenerateSpec(Section):
     )
     answer_marker: str = "Answer:"
     shard_records: int = Field(default=5000, gt=0)  # records per teacher-data shard
+    # More teachers: "route" sends each prompt to the first of them whose tags it has (else to `teacher`);
+    # "all" has every teacher answer every prompt (keep the best with filter.judge.best_per_prompt).
+    teachers: list[GenerationTeacherSpec] = Field(default_factory=list)
+    mixture: Literal["route", "all"] = "route"
 
     @model_validator(mode="after")
     def _samples_need_sampling(self) -> "GenerateSpec":

@@ -146,6 +146,8 @@ class JudgeFilter(FilterSection):
     keep_unparsed: bool = False  # a reply with no score: keep (true) or drop (false) the record
     model: Optional[str] = None  # the judge model for the CLI to load; None: the recipe's teacher
     max_new_tokens: int = Field(default=32, gt=0)  # for the CLI's judge generation
+    # Keep only the best-scored answer of each prompt (several samples or teachers: best-of-n by the judge).
+    best_per_prompt: bool = False
 
 
 class FilterSpec(Section):
@@ -472,6 +474,7 @@ def judge_conversation(record: dict, rubric: str) -> Messages:
 
 def check_with_judge(records: list[dict], spec: JudgeFilter, judge: Judge) -> Verdicts:
     reasons: list[Optional[str]] = []
+    scores: list[Optional[float]] = []
     for start in range(0, len(records), spec.batch_size):
         batch = records[start:start + spec.batch_size]
         replies = judge([judge_conversation(r, spec.rubric) for r in batch])
@@ -479,11 +482,27 @@ def check_with_judge(records: list[dict], spec: JudgeFilter, judge: Judge) -> Ve
             raise DistillError(f"filter.judge: the judge returned {len(replies)} replies for {len(batch)} records")
         for reply in replies:
             score = parse_score(reply)
+            scores.append(score)
             if score is None:
                 reasons.append(None if spec.keep_unparsed else f"no score in the judge's reply: {_snippet(reply)!r}")
             else:
                 reasons.append(None if score >= spec.threshold else f"judge score {score:g} < {spec.threshold:g}")
+    if spec.best_per_prompt:
+        reasons = _only_best_per_prompt(records, scores, reasons)
     return Verdicts(reasons)
+
+
+def _only_best_per_prompt(records: list[dict], scores: list, reasons: list) -> list:
+    """Among each prompt's surviving answers keep the highest-scored (the first of equals); reject the rest."""
+    best: dict[str, int] = {}
+    for i, record in enumerate(records):
+        if reasons[i] is None:
+            key, score = str(record.get("prompt_id", record.get("prompt"))), scores[i] or 0.0
+            if key not in best or score > (scores[best[key]] or 0.0):
+                best[key] = i
+    winners = set(best.values())
+    return [r if r is not None or i in winners else f"judge: another answer to this prompt scored higher"
+            for i, r in enumerate(reasons)]
 
 
 # ---------------------------------------------------------------- the pipeline

@@ -20,14 +20,16 @@ def filtered_data_path(recipe: Recipe) -> Path:
 
 
 def planned_ids(recipe: Recipe) -> list[str]:
-    """The content addresses of the answers this recipe asks its teacher for (prompts x samples)."""
-    from distill.pipeline import generation_settings, recipe_prompts
+    """The content addresses of the answers this recipe asks its teacher(s) for (prompts x samples)."""
+    from distill.pipeline import generation_settings, teacher_assignments
     from distill.teachers.generate import plan_requests
 
     params, reasoning = generation_settings(recipe)
-    requests = plan_requests(recipe_prompts(recipe), recipe.teacher.model, params, recipe.generate.samples,
-                             recipe.data.system_prompt, reasoning)
-    return [r.id for r in requests]
+    ids = []
+    for spec, prompts in teacher_assignments(recipe):
+        ids += [r.id for r in plan_requests(prompts, spec.model, params, recipe.generate.samples,
+                                            recipe.data.system_prompt, reasoning)]
+    return ids
 
 
 def recipe_examples(recipe: Recipe) -> tuple[list, list]:
