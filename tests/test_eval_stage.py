@@ -88,3 +88,12 @@ def test_lm_eval_section_scores_teacher_and_student(evaluated, tmp_path, tiny_te
     lm = section["lm_eval"]
     assert lm["teacher"]["mc"]["n"] == 3 and 0 <= lm["teacher"]["mc"]["acc"] <= 1
     assert lm["teacher"] == lm["student"]  # the same model scores the same
+
+
+def test_html_report_shows_before_training_contamination_suites_and_judge(evaluated):
+    from distill.report.html import write_report
+
+    recipe, _ = evaluated
+    html = write_report(recipe.run_dir).read_text()
+    assert "before training" in html and "Contamination: 1 of 2 eval items" in html
+    assert "Task suites" in html and "Judge win rate" in html and "Calibration" in html

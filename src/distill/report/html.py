@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional, Sequence
 from distill.errors import DistillError
 from distill.report import plots
 from distill.report.compare import RunFiles, load_run
+from distill.eval.report import METRIC_KEYS
 from distill.report.table import MISSING, RATIOS, ROWS, cell, ratio_cell, format_table
 from distill.runtime import atomic_write_text
 
@@ -165,14 +166,34 @@ def _summary(run: RunFiles) -> str:
 
 
 def _metrics_table(report: dict) -> str:
-    """The rows and cells of the CLI table (distill.report.table), as HTML."""
+    """The rows and cells of the CLI table (distill.report.table), as HTML; a before-training column if measured."""
     teacher, student = report.get("teacher") or {}, report.get("student") or {}
+    before = report.get("student_init") if isinstance(report.get("student_init"), dict) else None
     rows = []
     for row in ROWS:
         t, s = teacher.get(row.key), student.get(row.key)
+        if t is None and s is None and row.key not in METRIC_KEYS:
+            continue  # an optional metric this run did not measure
         ratio = ratio_cell(t, s) if row.show_ratio else ""
-        rows.append([_esc(row.label), row.better, _esc(cell(t, row.fmt)), _esc(cell(s, row.fmt)), _esc(ratio)])
-    return _table(["metric", "", "teacher", "student", "student/teacher"], rows, numeric_from=2)
+        extra = [_esc(cell(before.get(row.key), row.fmt))] if before else []
+        rows.append([_esc(row.label), row.better, _esc(cell(t, row.fmt)), _esc(cell(s, row.fmt)), _esc(ratio)]
+                    + extra)
+    header = ["metric", "", "teacher", "student", "student/teacher"] + (["before training"] if before else [])
+    return _table(header, rows, numeric_from=2) + _contamination_note(report)
+
+
+def _contamination_note(report: dict) -> str:
+    c = report.get("contamination")
+    if not isinstance(c, dict):
+        return ""
+    if not c.get("overlapping"):
+        return (f'<p class="note">No eval item shares a {_esc(c.get("ngram"))}-gram with the training data '
+                f'({_esc(c.get("eval_items"))} items checked).</p>')
+    examples = "".join(f"<li><code>{_esc(e.get('id'))}</code>: {_esc(e.get('text'))}</li>"
+                       for e in c.get("examples", []))
+    return (f'<p class="missing">Contamination: {_esc(c["overlapping"])} of {_esc(c.get("eval_items"))} eval '
+            f'items share a {_esc(c.get("ngram"))}-gram with the training data; their scores may be inflated.</p>'
+            f"<ul>{examples}</ul>")
 
 
 def _ratios_table(report: dict) -> str:
