@@ -127,16 +127,9 @@ _KIND_CONFIG: dict[str, dict[str, Any]] = {
 
 def _canonical_records(path: Path, kind: str, fields: dict[str, str]) -> list[dict[str, Any]]:
     """Every record checked (one-line errors naming file:line) and rewritten with the keys the config reads."""
-    from distill.eval.suites import _records  # noqa: PLC0415 -- suites imports transformers
+    from distill.eval.suites import parsed_records  # noqa: PLC0415 -- suites imports transformers
 
-    records = []
-    for where, record in _records(path):
-        if not isinstance(record, dict):
-            raise DistillError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        try:
-            records.append(_canonical(record, kind, fields))
-        except ValueError as err:
-            raise DistillError(f"{where}: {err}") from None
+    records = parsed_records(path, lambda where, record: _canonical(record, kind, fields))
     if not records:
         raise DistillError(f"{path}: no records")
     return records

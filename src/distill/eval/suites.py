@@ -252,17 +252,23 @@ def _item(where: str, record: dict, spec: TaskSpec) -> Item:
 
 
 def _read_items(path: Path, spec: TaskSpec) -> list[Item]:
-    items = []
-    for where, record in _records(path)[: spec.limit]:
-        if not isinstance(record, dict):
-            raise DistillError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        try:
-            items.append(_item(where, record, spec))
-        except ValueError as err:
-            raise DistillError(f"{where}: {err}") from None
+    items = parsed_records(path, lambda where, record: _item(where, record, spec), spec.limit)
     if not items:
         raise DistillError(f"{path}: no items (task {spec.name!r})")
     return items
+
+
+def parsed_records(path: Path, parse: Callable[[str, dict], Any], limit: int | None = None) -> list:
+    """parse(where, record) of each JSONL object; a non-object or a ValueError is one line naming file:line."""
+    out = []
+    for where, record in _records(path)[:limit]:
+        if not isinstance(record, dict):
+            raise DistillError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        try:
+            out.append(parse(where, record))
+        except ValueError as err:
+            raise DistillError(f"{where}: {err}") from None
+    return out
 
 
 # ---------------------------------------------------------------- running

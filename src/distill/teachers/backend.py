@@ -88,6 +88,20 @@ class LocalBackend:
         return results
 
 
+def read_api_key(env_var: str | None, setting: str) -> str | None:
+    """The key held by the environment variable `env_var` (named by `setting`), or None when none is asked for."""
+    import os
+
+    from distill.errors import DistillError
+
+    if env_var is None:
+        return None
+    key = os.environ.get(env_var)
+    if not key:
+        raise DistillError(f"{setting}: ${env_var} is not set (it should hold the API key)")
+    return key
+
+
 def as_judge(backend: TeacherBackend, params: SamplingParams | None = None) -> Callable[[list[Messages]], list[str]]:
     """A judge callable (conversations -> texts) over any backend; failed requests judge as empty text."""
     params = params or SamplingParams(max_new_tokens=256, temperature=0.0)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import email.utils
 import logging
-import os
 import queue
 import random
 import re
@@ -18,6 +17,7 @@ import requests
 import urllib3
 
 from distill.errors import DistillError
+from distill.teachers.backend import read_api_key
 from distill.teachers.backend import Completion, Failure, Messages, Result, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class OpenAIBackend:
         self.stats: dict = {"requests": 0, "retries": 0, "completions": 0, "failures": {},
                             "prompt_tokens": 0, "completion_tokens": 0, "logprobs_unrecovered": 0}
         self._url = f"{self.base_url}/{'chat/completions' if use_chat else 'completions'}"
-        self._key = _read_key(api_key_env)
+        self._key = read_api_key(api_key_env, "api_key_env")
         self._sessions: queue.Queue[requests.Session] = queue.Queue()
         for _ in range(concurrency):
             self._sessions.put(self._session())
@@ -327,15 +327,6 @@ def _api_base(base_url: str) -> str:
         raise DistillError(f"teacher URL {base_url!r}: expected http(s)://host[:port][/v1]")
     base = base_url.rstrip("/")
     return base if parts.path.strip("/") else f"{base}/v1"
-
-
-def _read_key(api_key_env: str | None) -> str | None:
-    if api_key_env is None:
-        return None
-    key = os.environ.get(api_key_env)
-    if not key:
-        raise DistillError(f"api_key_env: ${api_key_env} is not set (it should hold the API key)")
-    return key
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -13,6 +12,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from distill.errors import DistillError
+from distill.teachers.backend import read_api_key
 from distill.teachers.backend import Completion, Failure, LocalBackend, Messages, Result, SamplingParams
 from distill.teachers.openai_client import token_bytes_table
 
@@ -228,7 +228,7 @@ def serve(
     from distill.models.loading import load_model, load_tokenizer
     from distill.runtime import resolve_device, resolve_dtype
 
-    api_key = _key_from_env(api_key_env)
+    api_key = read_api_key(api_key_env, "--api-key-env")
     device = resolve_device("auto")
     tokenizer = load_tokenizer(model_path, gguf_file)
     model = load_model(model_path, gguf_file, dtype=resolve_dtype("auto", device), device=device)
@@ -244,15 +244,6 @@ def serve(
         pass
     finally:
         server.stop()
-
-
-def _key_from_env(api_key_env: str | None) -> str | None:
-    if api_key_env is None:
-        return None
-    key = os.environ.get(api_key_env)
-    if not key:
-        raise DistillError(f"--api-key-env: ${api_key_env} is not set (it should hold the key clients must send)")
-    return key
 
 
 class _Handler(BaseHTTPRequestHandler):
