@@ -1,7 +1,7 @@
 """One interface for every teacher that writes text: an in-process model, an OpenAI-compatible server, vLLM."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Protocol, Union
 
 Messages = list[dict[str, str]]
@@ -71,7 +71,6 @@ class LocalBackend:
     tokenizer: object
     name: str
     batch_size: int = 8
-    stats: dict = field(default_factory=lambda: {"batches": 0})
 
     def generate(self, conversations: list[Messages], params: SamplingParams) -> list[Result]:
         """Answer conversations in batches of batch_size; an out-of-memory batch fails its rows, not the run."""
@@ -84,7 +83,6 @@ class LocalBackend:
                 results.extend(generate_texts(self.model, self.tokenizer, batch, params=params))
             except RuntimeError as err:  # e.g. CUDA OOM on a long batch: count it, retry next run
                 results.extend(Failure(error=f"{type(err).__name__}: {str(err).splitlines()[0]}") for _ in batch)
-            self.stats["batches"] += 1
         return results
 
 

@@ -12,7 +12,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -206,7 +206,7 @@ def plan_requests(
 
 def _sample_params(params: SamplingParams, sample: int) -> SamplingParams:
     """Each sample number draws with its own seed, so the samples of one prompt differ from each other."""
-    return params if params.temperature == 0 else SamplingParams(**{**params.__dict__, "seed": params.seed + sample})
+    return params if params.temperature == 0 else replace(params, seed=params.seed + sample)
 
 
 def generate_responses(

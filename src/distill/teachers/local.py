@@ -1,6 +1,8 @@
 """Batched generation with an in-process transformers model (teacher answers, eval answers)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -59,7 +61,7 @@ def generate_texts(
     """Answer a batch of conversations at once (left-padded, KV cache); temperature 0 is greedy."""
     params = params or SamplingParams()
     if max_new_tokens is not None:
-        params = SamplingParams(**{**params.__dict__, "max_new_tokens": max_new_tokens})
+        params = replace(params, max_new_tokens=max_new_tokens)
     model.eval()
     device = next(model.parameters()).device
     pad_id = padding_id(tokenizer)
