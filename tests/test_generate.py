@@ -12,7 +12,7 @@ from distill.data.examples import load_teacher_data
 from distill.errors import DistillError
 from distill.teachers.backend import Completion, Failure, LocalBackend, SamplingParams
 from distill.teachers.generate import (
-    Reasoning, generate_responses, latest_records, plan_requests, read_records, shard_paths, split_reasoning,
+    Reasoning, generate_responses, latest_records, plan_requests, shard_paths, split_reasoning,
 )
 from distill.teachers.local import generate_texts
 
@@ -199,7 +199,8 @@ def test_local_generation_stop_strings_and_top_logprobs(backend, prompts):
     [scored] = generate_texts(backend.model, backend.tokenizer, [conversation],
                               params=SamplingParams(max_new_tokens=6, top_logprobs=5))
     assert scored.text == plain.text and scored.token_ids == plain.token_ids
-    assert len(scored.top_logprobs) == scored.new_tokens and all(len(row) == 5 for row in scored.top_logprobs)
+    cut = scored.finish_reason == "length"  # one more row: the distribution after the last token
+    assert len(scored.top_logprobs) == scored.new_tokens + cut and all(len(row) == 5 for row in scored.top_logprobs)
     for token, row in zip(scored.token_ids, scored.top_logprobs):  # greedy: the chosen token is the top-1
         assert row[0][0] == token and row[0][1] >= row[1][1] and row[0][1] <= 0
     if len(plain.text) > 2:

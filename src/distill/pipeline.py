@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -49,17 +50,22 @@ def prepare_run_dir(recipe: Recipe, *, restart: bool = False) -> Path:
     return run_dir
 
 
-def teacher_backend(recipe: Recipe, spec=None):
-    """A teacher as a text generator: an OpenAI-compatible server (spec.endpoint) or local weights.
+def teacher_backend(recipe: Recipe, spec=None, *, tokenizer_needed: bool = False):
+    """A teacher as a text generator: an OpenAI-compatible server (spec.endpoint), vLLM, or local weights.
 
-    `spec` is recipe.teacher (the default) or one of generate.teachers.
+    `spec` is recipe.teacher (the default) or one of generate.teachers; `tokenizer_needed` gives a served teacher
+    the recipe teacher's tokenizer, to turn returned top_logprobs back into token ids.
     """
     t = spec or recipe.teacher
     if t.endpoint is not None:
+        from distill.models.from_recipe import teacher_tokenizer
         from distill.teachers.openai_client import OpenAIBackend
 
         return OpenAIBackend(t.endpoint, t.model, api_key_env=t.api_key_env, concurrency=t.concurrency,
-                             timeout_s=t.timeout_s, max_retries=t.max_retries, name=t.model)
+                             timeout_s=t.timeout_s, max_retries=t.max_retries, name=t.model,
+                             tokenizer=teacher_tokenizer(recipe) if tokenizer_needed else None)
+    if getattr(t, "engine", "transformers") == "vllm":  # generate.teachers have no engine key
+        return _vllm_backend(recipe, t)
     from distill.models import load_model, load_tokenizer
     from distill.models.from_recipe import load_teacher, teacher_tokenizer
     from distill.runtime import resolve_device, resolve_dtype
@@ -73,6 +79,30 @@ def teacher_backend(recipe: Recipe, spec=None):
         model = load_model(t.model, t.gguf_file, dtype=dtype, device=device, trust_remote_code=t.trust_remote_code)
         tokenizer = load_tokenizer(t.model, t.gguf_file, trust_remote_code=t.trust_remote_code)
     return LocalBackend(model, tokenizer, name=t.model, batch_size=recipe.generate.batch_size)
+
+
+def _vllm_backend(recipe: Recipe, t):
+    """A local teacher on vLLM's offline engine; a GGUF teacher is given to it as its .gguf file."""
+    from distill.models.from_recipe import model_source
+    from distill.teachers.vllm_backend import VLLMBackend
+
+    path, gguf = model_source(recipe, t)  # resolves relative paths (model_ref) and pkg://
+    if gguf is not None:
+        path = str(Path(path) / gguf) if Path(path).is_dir() else _hub_file(path, gguf)
+    # vLLM refuses requests for more log-probs than the engine allows (20 by default); a cache keeps cache_k.
+    return VLLMBackend(path, name=t.model, batch_size=recipe.generate.batch_size, dtype=t.dtype, seed=recipe.seed,
+                       trust_remote_code=t.trust_remote_code, max_logprobs=max(20, recipe.teacher.cache_k))
+
+
+def _hub_file(repo: str, filename: str) -> str:
+    """A .gguf file of a hub repo, downloaded (or found in the cache): vLLM loads GGUF only from a local file."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo, filename)
+    except Exception as err:  # offline, no such repo or file: one line
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DistillError(f"teacher.gguf_file: could not fetch {filename} from {repo} ({reason})") from None
 
 
 def teacher_assignments(recipe: Recipe) -> list[tuple[object, list]]:
@@ -90,6 +120,14 @@ def teacher_assignments(recipe: Recipe) -> list[tuple[object, list]]:
     return [(spec, chosen) for spec, chosen in pairs if chosen]
 
 
+def captures_at_generation(recipe: Recipe) -> bool:
+    """Does the generate stage keep the teacher's top-k log-probs for the cache (generate.capture_topk)?"""
+    wanted = recipe.generate.capture_topk
+    if wanted is None:
+        wanted = recipe.teacher.endpoint is None and recipe.teacher.cache is not None and recipe.method.kind == "kd"
+    return bool(wanted)
+
+
 def generation_settings(recipe: Recipe):
     """(sampling parameters, reasoning mode) of the recipe's generate section."""
     from distill.teachers.backend import SamplingParams
@@ -105,7 +143,9 @@ def recipe_prompts(recipe: Recipe) -> list:
     """The prompts the teacher answers: data.prompts, mapped by data.fields, cut to generate.max_prompts."""
     from distill.data.examples import read_prompts
 
-    prompts = read_prompts(recipe.path(recipe.data.prompts), fields=recipe.data.fields, on_error=recipe.data.on_error)
+    d = recipe.data
+    prompts = read_prompts(recipe.path(d.prompts), fields=d.fields, on_error=d.on_error, split=d.prompts_split,
+                           config=d.prompts_config)
     return prompts[: recipe.generate.max_prompts] if recipe.generate.max_prompts else prompts
 
 
@@ -120,8 +160,11 @@ def generate(recipe: Recipe, *, progress: bool = True):
     params, reasoning = generation_settings(recipe)
     out, all_stats = teacher_data_path(recipe), []
     for spec, prompts in teacher_assignments(recipe):
+        # Only the recipe's own teacher's log-probs belong in its cache; other teachers' answers are teacher-forced.
+        keep = recipe.teacher.cache_k if spec is recipe.teacher and captures_at_generation(recipe) else 0
         stats = generate_responses(
-            teacher_backend(recipe, spec), prompts, out, params=params, samples=recipe.generate.samples,
+            teacher_backend(recipe, spec, tokenizer_needed=bool(keep)), prompts, out,
+            params=replace(params, top_logprobs=keep), samples=recipe.generate.samples,
             system_prompt=recipe.data.system_prompt, reasoning=reasoning,
             shard_records=recipe.generate.shard_records, progress=progress,
         )

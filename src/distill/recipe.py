@@ -22,6 +22,7 @@ class Section(BaseModel):
 
 # The filter section's classes live beside the filters they configure; they subclass Section, so import after it.
 from distill.data.filters import FilterSpec  # noqa: E402
+from distill.data.examples import HUB_DATASET  # noqa: E402  # data.prompts may name a hub dataset
 
 
 class TeacherSpec(Section):
@@ -31,6 +32,9 @@ class TeacherSpec(Section):
     gguf_file: Optional[str] = None  # for a hub repo or directory that holds several .gguf files
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
+    # How a local teacher writes text (generate, the filter's judge): transformers in-process, or vLLM's offline
+    # engine (much faster, but it needs a CUDA GPU and `pip install vllm`). Training and eval load it with transformers.
+    engine: Literal["transformers", "vllm"] = "transformers"
     # A top-k cache of the teacher's log-probs (`distill capture` writes it): KD trains from it without
     # loading the teacher's weights; `model` still names the tokenizer and the teacher the cache must come from.
     cache: Optional[str] = None
@@ -43,6 +47,12 @@ class TeacherSpec(Section):
     concurrency: int = Field(default=8, gt=0)  # requests in flight
     timeout_s: float = Field(default=120.0, gt=0)
     max_retries: int = Field(default=5, ge=0)
+
+    @model_validator(mode="after")
+    def _one_way_to_generate(self) -> "TeacherSpec":
+        if self.engine == "vllm" and self.endpoint is not None:
+            raise ValueError("teacher.engine: vllm runs a local teacher; remove it or teacher.endpoint")
+        return self
 
 
 class StudentConfig(Section):
@@ -117,7 +127,9 @@ class StudentSpec(Section):
 class DataSpec(Section):
     """Training data: prompts for the teacher to answer, and/or ready-made examples."""
 
-    prompts: Optional[str] = None  # JSONL of prompts; the teacher answers them (generate stage)
+    prompts: Optional[str] = None  # JSONL of prompts (or hf://OWNER/NAME, a hub dataset); the teacher answers them
+    prompts_split: str = "train"  # for hf:// prompts: the dataset split
+    prompts_config: Optional[str] = None  # for hf:// prompts: the dataset configuration (e.g. "main" for gsm8k)
     train: Optional[str] = None  # JSONL of prompt/response, messages, or text; or a .txt file
     eval: Optional[str] = None  # held-out examples; default: a split of the training data
     eval_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
@@ -174,6 +186,10 @@ class GenerateSpec(Section):
     # "all" has every teacher answer every prompt (keep the best with filter.judge.best_per_prompt).
     teachers: list[GenerationTeacherSpec] = Field(default_factory=list)
     mixture: Literal["route", "all"] = "route"
+    # Keep the teacher's top-k log-probs (teacher.cache_k) at every token it writes, so `distill capture` builds
+    # the teacher cache from them instead of a second teacher pass. Default (null): on for a local teacher when
+    # teacher.cache is set and method.kind is kd; set true for a served teacher that returns top_logprobs.
+    capture_topk: Optional[bool] = None
 
     @model_validator(mode="after")
     def _samples_need_sampling(self) -> "GenerateSpec":
@@ -288,7 +304,9 @@ class Recipe(Section):
     base_dir: Path = Field(default=Path("."), exclude=True)
 
     def path(self, value: str) -> Path:
-        """Resolve a path from the recipe relative to the recipe file's directory."""
+        """Resolve a path from the recipe relative to the recipe file's directory (hf:// datasets: unchanged)."""
+        if value.startswith(HUB_DATASET):
+            return value  # type: ignore[return-value]  # a hub dataset, not a file: readers take it as it is
         p = Path(value).expanduser()
         return Path(os.path.normpath(p if p.is_absolute() else self.base_dir / p))
 
@@ -364,8 +382,10 @@ def _check_files(recipe: Recipe, source: str) -> None:
     for i, f in enumerate(d.text_files):
         named[f"data.text_files.{i}"] = f
     for key, value in named.items():
-        if value is None:
-            continue
+        if value is None or (key == "data.prompts" and value.startswith(HUB_DATASET)):
+            continue  # a hub dataset is checked when it is loaded
+        if value.startswith(HUB_DATASET):
+            raise DistillError(f"{source}: {key}: hf:// datasets are read only for data.prompts; give a file")
         if not recipe.path(value).exists():
             raise DistillError(f"{source}: {key}: file not found: {recipe.path(value)}")
 

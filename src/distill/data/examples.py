@@ -26,6 +26,7 @@ EXAMPLE_LAYOUTS = (
 PROMPT_LAYOUTS = (
     "prompt (or question)", "instruction/input (Alpaca)", "messages [{role, content}]", "conversations [{from, value}]"
 )
+HUB_DATASET = "hf://"  # a prompts source on the Hugging Face Hub, not a file
 PROMPT_SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".parquet")
 ANSWER_KEYS = ("response", "completion", "output", "answer")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -446,16 +447,40 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def read_prompts(path: str | Path, *, fields: dict[str, str] | None = None, on_error: str = "stop") -> list[Prompt]:
-    """Prompts from .jsonl/.json/.csv/.parquet (answers become references) or .txt (one prompt per line).
+def _hub_records(source: str, split: str, config: str | None) -> Records:
+    """Rows of a Hugging Face Hub dataset named hf://OWNER/NAME (needs the datasets package and the network)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DistillError("data.prompts: hf:// prompts need the datasets package (pip install datasets)") from None
+    name = source[len(HUB_DATASET):]
+    try:
+        rows = datasets.load_dataset(name, config, split=split)
+    except Exception as err:  # offline, no such dataset, config or split: one line, not the hub's traceback
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        shown = f"{source} (config {config!r}, split {split!r})" if config else f"{source} (split {split!r})"
+        raise DistillError(f"data.prompts: could not load {shown}: {reason}") from None
+    # Arrow gives every row every column: a column another layout uses is None here, not absent.
+    return ((f"{source}[{split}]:row {index}", {k: v for k, v in row.items() if v is not None})
+            for index, row in enumerate(rows, start=1))
+
+
+def read_prompts(
+    path: str | Path, *, fields: dict[str, str] | None = None, on_error: str = "stop",
+    split: str = "train", config: str | None = None,
+) -> list[Prompt]:
+    """Prompts from .jsonl/.json/.csv/.parquet (answers become references), .txt (one prompt per line) or hf://.
 
     `fields` maps our keys (prompt, instruction, input, messages, reference, tags, id, system) to the file's;
     on_error="skip" skips malformed records with one counted warning instead of stopping at the first.
+    An hf://OWNER/NAME source is a Hugging Face Hub dataset: its `split` (and `config`) rows are the records.
     """
-    path = Path(path)
-    collector = _Collector(path, skip_bad=on_error == "skip")
+    hub = isinstance(path, str) and path.startswith(HUB_DATASET)
+    source: Any = path if hub else Path(path)
+    collector = _Collector(source, skip_bad=on_error == "skip")
     parse = (lambda record: prompt_from_record(map_fields(record, fields))) if fields else prompt_from_record
-    for where, record in _prompt_records(path):
+    records = _hub_records(source, split, config) if hub else _prompt_records(source)
+    for where, record in records:
         collector.add(where, record, parse)
     return collector.finish("prompts")
 

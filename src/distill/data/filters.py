@@ -501,7 +501,7 @@ def _only_best_per_prompt(records: list[dict], scores: list, reasons: list) -> l
             if key not in best or score > (scores[best[key]] or 0.0):
                 best[key] = i
     winners = set(best.values())
-    return [r if r is not None or i in winners else f"judge: another answer to this prompt scored higher"
+    return [r if r is not None or i in winners else "judge: another answer to this prompt scored higher"
             for i, r in enumerate(reasons)]
 
 

@@ -26,6 +26,7 @@ class EncodedExample:
 
     input_ids: list[int]
     labels: list[int]
+    id: str = ""  # the example's id (a teacher answer's record id), when it came from an Example
 
 
 # ---------------------------------------------------------------- rendering
@@ -192,7 +193,7 @@ def encode_example(
     # Position 0 is never predicted (nothing comes before it), so it does not count as a trained token.
     if all(label == IGNORE for label in labels[1:]):
         return None
-    return EncodedExample(input_ids=ids, labels=labels)
+    return EncodedExample(input_ids=ids, labels=labels, id=example.id)
 
 
 def example_token_ids(

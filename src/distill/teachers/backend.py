@@ -37,8 +37,13 @@ class Completion:
     prompt_tokens: int
     new_tokens: int
     token_ids: list[int] | None = None  # the generated ids, when the backend knows them
-    # Per generated token, the teacher's best (id, log-prob) pairs, best first (params.top_logprobs of them).
+    # Per generated token, the teacher's best (id, log-prob) pairs, best first (params.top_logprobs of them); for an
+    # answer cut at max_new_tokens a local teacher adds one more row: its distribution after the last token.
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    # Per generated token, the log of the mass outside top_logprobs, when the backend knows it exactly.
+    tail_logprobs: list[float] | None = None
+    prompt_ids: list[int] | None = None  # the prompt as the teacher saw it, when the backend knows it
+    vocab_size: int | None = None  # rows of the teacher's output head, when the backend knows it
 
 
 @dataclass

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 from tqdm import tqdm
 
 from distill.data.examples import Messages, Prompt
@@ -23,6 +24,7 @@ from distill.errors import DistillError
 from distill.teachers.backend import Completion, Failure, Result, SamplingParams, TeacherBackend
 
 SHARD_GLOB = "shard-*.jsonl"
+TOPK_DIR = "topk"  # <data_dir>/topk/<record id>.npz: the teacher's top-k log-probs at the tokens it wrote
 
 
 @dataclass
@@ -47,6 +49,7 @@ class GenerationStats:
     seconds: float = 0.0
     empty: int = 0  # answers with no text (kept in the file; load_teacher_data skips them)
     errors: dict[str, int] = field(default_factory=dict)  # failure message -> count
+    topk: int = 0  # answers whose top-k log-probs were kept (generate.capture_topk)
 
 
 # ---------------------------------------------------------------- the shard store
@@ -117,6 +120,64 @@ class ShardWriter:
                 f.flush()
                 os.fsync(f.fileno())
             self.lines += len(chunk)
+
+
+# ---------------------------------------------------------------- top-k log-probs kept at generation
+
+
+@dataclass
+class GeneratedTopK:
+    """The teacher's top-k log-probs at each token of one answer, kept so the teacher cache needs no second pass."""
+
+    prompt_ids: np.ndarray  # the prompt as the teacher saw it; empty when the backend did not say
+    prompt_tokens: int
+    token_ids: np.ndarray  # [n] the tokens the teacher wrote (its end-of-turn token included)
+    ids: np.ndarray  # [r, k] best first; row j is the distribution after token_ids[:j] (r = n, or n + 1 when cut)
+    log_probs: np.ndarray  # [r, k] log-softmax over the whole vocabulary at temperature 1
+    tail: np.ndarray  # [r] log of the mass outside the k ids
+    vocab_size: int  # rows of the teacher's head; 0 when the backend did not say
+
+
+def topk_path(data_dir: Path, record_id: str) -> Path:
+    return Path(data_dir) / TOPK_DIR / f"{record_id}.npz"
+
+
+def tail_from_top(log_probs: np.ndarray) -> np.ndarray:
+    """log(1 - sum exp(top)) per row, for backends that only report the top entries (-inf when they hold it all)."""
+    rest = 1.0 - np.exp(np.asarray(log_probs, dtype=np.float64)).sum(axis=-1)
+    with np.errstate(divide="ignore"):
+        return np.log(np.clip(rest, 0.0, None))
+
+
+def save_topk(path: Path, completion: Completion, k: int) -> bool:
+    """Write one answer's top-k rows atomically; False (nothing written) when the backend gave too little."""
+    from distill.runtime import atomic_file
+
+    tops, ids = completion.top_logprobs, completion.token_ids
+    if not tops or ids is None or len(tops) not in (len(ids), len(ids) + 1) or any(len(top) < k for top in tops):
+        return False
+    top_ids = np.array([[i for i, _ in top[:k]] for top in tops], dtype=np.int32)
+    top_values = np.array([[v for _, v in top[:k]] for top in tops], dtype=np.float32)
+    tail = (np.asarray(completion.tail_logprobs, dtype=np.float32) if completion.tail_logprobs is not None
+            else tail_from_top(top_values).astype(np.float32))
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(
+            f, prompt_ids=np.asarray(completion.prompt_ids or [], dtype=np.int32),
+            prompt_tokens=np.int64(completion.prompt_tokens), token_ids=np.asarray(ids, dtype=np.int32),
+            ids=top_ids, log_probs=top_values, tail=tail, vocab_size=np.int64(completion.vocab_size or 0),
+        )
+    return True
+
+
+def load_topk(path: Path) -> GeneratedTopK:
+    """One answer's kept rows; a damaged file is one clear error."""
+    try:
+        with np.load(path) as z:
+            return GeneratedTopK(**{key: z[key] for key in ("prompt_ids", "token_ids", "ids", "log_probs", "tail")},
+                                 prompt_tokens=int(z["prompt_tokens"]), vocab_size=int(z["vocab_size"]))
+    except (OSError, ValueError, KeyError, EOFError) as err:
+        raise DistillError(f"{path}: unreadable generation log-probs ({err}); delete it (the answer's log-probs "
+                           "are then captured by teacher forcing)") from None
 
 
 # ---------------------------------------------------------------- requests and records
@@ -236,7 +297,14 @@ def generate_responses(
         results = backend.generate([r.conversation for r in chunk], _sample_params(params, sample))
         if len(results) != len(chunk):
             raise DistillError(f"teacher {backend.name}: {len(results)} results for {len(chunk)} requests")
-        writer.append([_record(r, res, backend.name, reasoning) for r, res in zip(chunk, results)])
+        records = [_record(r, res, backend.name, reasoning) for r, res in zip(chunk, results)]
+        if params.top_logprobs:  # the rows go to disk before their record, so a record never points at nothing
+            for request, result, record in zip(chunk, results, records):
+                if isinstance(result, Completion) and save_topk(topk_path(data_dir, request.id), result,
+                                                                params.top_logprobs):
+                    record["topk"] = params.top_logprobs
+                    stats.topk += 1
+        writer.append(records)
         _count(stats, results)
         stats.seconds = time.perf_counter() - start
         bar.update(len(chunk))

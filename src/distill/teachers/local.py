@@ -42,11 +42,17 @@ def _cut_at_stop_string(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     return (text, False) if cut < 0 else (text[:cut], True)
 
 
-def _top_logprobs(logits: tuple[torch.Tensor, ...], row: int, length: int, k: int) -> list[list[tuple[int, float]]]:
-    """The model's own top-k log-probs (before any sampling warper) at each of a row's generated tokens."""
-    steps = torch.stack([step[row].float() for step in logits[:length]])
-    values, ids = torch.log_softmax(steps, dim=-1).topk(k, dim=-1)
-    return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+def _top_logprobs(
+    logits: tuple[torch.Tensor, ...], row: int, length: int, k: int
+) -> tuple[list[list[tuple[int, float]]], list[float]]:
+    """The model's own top-k log-probs (before any sampling warper) at each of a row's generated tokens, and the
+    log of the mass outside them (summed directly, so it stays exact when tiny)."""
+    if length == 0:
+        return [], []
+    log_probs = torch.log_softmax(torch.stack([step[row].float() for step in logits[:length]]), dim=-1)
+    values, ids = log_probs.topk(k, dim=-1)
+    tails = log_probs.scatter(1, ids, float("-inf")).logsumexp(dim=-1)
+    return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())], tails.tolist()
 
 
 @torch.inference_mode()
@@ -76,23 +82,34 @@ def generate_texts(
         options.update(stop_strings=list(params.stop), tokenizer=tokenizer)
     if params.top_logprobs:
         options.update(output_logits=True, return_dict_in_generate=True)
+    # With log-probs wanted, one step more: an answer cut at max_new_tokens then also gets the teacher's
+    # distribution after its last token (a training example appends an end-of-turn token there).
+    limit = params.max_new_tokens
     out = model.generate(
-        input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=params.max_new_tokens,
-        pad_token_id=pad_id, eos_token_id=sorted(stop), top_k=None, **options,
+        input_ids=input_ids.to(device), attention_mask=attention.to(device),
+        max_new_tokens=limit + bool(params.top_logprobs), pad_token_id=pad_id, eos_token_id=sorted(stop), top_k=None,
+        **options,
     )
     sequences = out.sequences if params.top_logprobs else out
     results = []
-    for row, generated in enumerate(sequences[:, input_ids.shape[1]:].tolist()):
+    for row, generated in enumerate(sequences[:, input_ids.shape[1]:input_ids.shape[1] + limit].tolist()):
         end = next((i for i, t in enumerate(generated) if t in stop), None)
         tokens = generated if end is None else generated[:end]
         text, stopped = _cut_at_stop_string(tokenizer.decode(tokens, skip_special_tokens=True), params.stop)
         new_tokens = len(tokens) + (0 if end is None else 1)
+        cut = end is None and not stopped and new_tokens == limit and len(out.logits) > limit if params.top_logprobs \
+            else False
+        tops, tails = _top_logprobs(out.logits, row, new_tokens + cut, params.top_logprobs) if params.top_logprobs \
+            else (None, None)
         results.append(Completion(
             text=text.strip(),
             finish_reason="stop" if end is not None or stopped else "length",
             prompt_tokens=len(prompts[row]),
             new_tokens=new_tokens,
             token_ids=generated[:new_tokens],
-            top_logprobs=_top_logprobs(out.logits, row, new_tokens, params.top_logprobs) if params.top_logprobs else None,
+            top_logprobs=tops,
+            tail_logprobs=tails,
+            prompt_ids=prompts[row],
+            vocab_size=out.logits[0].size(-1) if params.top_logprobs else None,
         ))
     return results
