@@ -63,8 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                          description="Write the student as safetensors + tokenizer + model card (hf), or as one "
                                      "llama.cpp GGUF file, loaded back and compared with the source (gguf).")
     exp.add_argument("source", type=Path, help="run directory (recipe.yaml, student/) or HF model directory")
-    exp.add_argument("--out", type=Path, required=True,
-                     help="directory to write (hf), or a .gguf file / a directory for model-QUANT.gguf (gguf)")
+    exp.add_argument("--out", type=Path,
+                     help="directory to write (hf), or a .gguf file / a directory for model-QUANT.gguf (gguf); "
+                          "default for a run: <run>/exports/FORMAT[-QUANT], where `distill eval` measures it")
     exp.add_argument("--format", dest="fmt", default="hf", help="output format: hf (default) or gguf")
     exp.add_argument("--quant", default=None,
                      help="hf: int8 or int4 (weight-only; pip install distill[quantize]); "

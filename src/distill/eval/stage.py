@@ -62,9 +62,22 @@ class EvalData:
     references: list[str]
 
 
+@dataclass
+class Reference:
+    """What every model is compared with: the teacher, its answers, the eval data and the shared vocabulary."""
+
+    teacher: torch.nn.Module
+    tokenizer: object
+    data: EvalData
+    shared_vocab: int
+    device: torch.device
+    teacher_answers: list[str]  # the teacher's greedy answers to data.conversations
+
+
 def evaluate_run(recipe: Recipe, *, progress: bool = True) -> dict:
     """Measure teacher and student; write <run>/report.json and <run>/samples.jsonl; print the table."""
     from distill.data.splits import recipe_examples
+    from distill.eval.exports import measure_exports
     from distill.eval.report import build_report, write_report
     from distill.eval.suites import load_suite
     from distill.models import check_tokenizers, load_model, load_tokenizer
@@ -91,16 +104,11 @@ def evaluate_run(recipe: Recipe, *, progress: bool = True) -> dict:
     started = time.perf_counter()
     teacher_answers = _answers(teacher, tokenizer, data.conversations, recipe, "teacher answers", progress)
     student_answers = _answers(student, tokenizer, data.conversations, recipe, "student answers", progress)
-    rows = {}
-    for name, model, answers, model_dir in (
-        ("teacher", teacher, teacher_answers, _local_weights(recipe)),
-        ("student", student, student_answers, student_dir),
-    ):
-        rows[name] = _measure(recipe, model, model_dir, teacher, tokenizer, data, shared_vocab, device)
-        rows[name]["rougeL_ref"] = _mean([rouge_l(a, r) for a, r in zip(answers, data.references)])
-        rows[name]["rougeL_teacher"] = _mean([rouge_l(a, t) for a, t in zip(answers, teacher_answers)])
-        if recipe.eval.measure_speed:
-            rows[name].update(_speed(recipe, model, tokenizer, device, rows[name]["weight_bytes"]))
+    reference = Reference(teacher, tokenizer, data, shared_vocab, device, teacher_answers)
+    rows = {
+        "teacher": measure_model(recipe, teacher, _local_weights(recipe), teacher_answers, reference),
+        "student": measure_model(recipe, student, student_dir, student_answers, reference),
+    }
 
     _write_samples(recipe.run_dir / "samples.jsonl", data.conversations, data.references, teacher_answers,
                    student_answers)
@@ -115,6 +123,7 @@ def evaluate_run(recipe: Recipe, *, progress: bool = True) -> dict:
     report.update(_judge_section(recipe, teacher, tokenizer, data, student_answers, teacher_answers))
     report.update(_contamination_section(recipe, train_examples, held_out))
     report.update(_lm_eval_section(recipe, lm_eval_tasks, {"teacher": teacher, "student": student}, tokenizer))
+    report.update(measure_exports(recipe, reference, report["teacher"], student_dir, dtype, progress))
     report["meta"]["eval_seconds"] = round(time.perf_counter() - started, 1)
     write_report(report, recipe.run_dir / "report.json")
     print(format_table(report))
@@ -135,6 +144,31 @@ def _eval_data(recipe: Recipe, tokenizer, held_out: list, device: torch.device) 
         text=(lambda: _batches(text, size, pad_id, device)) if text else None,
         conversations=[p[0] for p in pairs], references=[p[1] for p in pairs],
     )
+
+
+def measure_model(recipe: Recipe, model, model_dir: Path | None, answers: list[str], ref: Reference, *,
+                  speed: bool = True) -> dict:
+    """One model's row of report.json: size, quality, agreement with the teacher, ROUGE-L of its answers, speed."""
+    row = _measure(recipe, model, model_dir, ref.teacher, ref.tokenizer, ref.data, ref.shared_vocab, ref.device)
+    row["weight_bytes"] = weight_bytes(model)
+    row["rougeL_ref"] = _mean([rouge_l(a, r) for a, r in zip(answers, ref.data.references)])
+    row["rougeL_teacher"] = _mean([rouge_l(a, t) for a, t in zip(answers, ref.teacher_answers)])
+    if speed and recipe.eval.measure_speed:
+        row.update(_speed(recipe, model, ref.tokenizer, ref.device, row["weight_bytes"]))
+    return row
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters in memory, each once; a quantized tensor counts the tensors it is made of."""
+    return sum(_tensor_bytes(p) for p in model.parameters())
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    # A quanto weight reports its float element size; its int8/packed int4 data and scales are what it holds.
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
 
 
 def _measure(recipe, model, model_dir, teacher, tokenizer, data: EvalData, shared_vocab, device) -> dict:

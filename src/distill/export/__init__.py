@@ -1,4 +1,4 @@
-"""Export a trained student for use outside distill: `distill export RUN_DIR --out OUT [--format hf|gguf]`."""
+"""Export a trained student for use outside distill: `distill export RUN_DIR [--out OUT] [--format hf|gguf]`."""
 from __future__ import annotations
 
 import logging
@@ -12,13 +12,25 @@ log = logging.getLogger("distill")
 FORMATS = ("hf", "gguf")
 DEFAULT_QUANT = {"hf": None, "gguf": "f16"}
 HF_QUANTS = {"int8": 8, "int4": 4}  # weight-only, optimum-quanto (pip install distill[quantize])
+EXPORTS_DIR = "exports"  # a run's exports live in <run>/exports/, where `distill eval` finds and measures them
 
 
-def export_model(source: Path, out: Path, fmt: str = "hf", quant: str | None = None, *, verify: bool = True) -> Path:
-    """Export source (a run directory or an HF model directory) to out in the given format and quantization."""
+def default_export_dir(run_dir: Path, fmt: str = "hf", quant: str | None = None) -> Path:
+    """Where `distill export RUN` writes without --out: <run>/exports/<format>[-<quant>], e.g. exports/hf-int8."""
+    quant = quant or DEFAULT_QUANT.get(fmt)
+    return Path(run_dir) / EXPORTS_DIR / (fmt if quant is None else f"{fmt}-{quant.lower()}")
+
+
+def export_model(source: Path, out: Path | None = None, fmt: str = "hf", quant: str | None = None, *,
+                 verify: bool = True) -> Path:
+    """Export source (a run directory or an HF model directory) to out in the given format and quantization.
+
+    Without `out`, a run directory's export goes to `default_export_dir`; a model directory needs `out`.
+    """
     if fmt not in FORMATS:
         raise DistillError(f"--format {fmt}: not supported (supported: {', '.join(FORMATS)})")
     quant = quant or DEFAULT_QUANT[fmt]
+    out = Path(out) if out is not None else _default_out(Path(source), fmt, quant)
     if fmt == "gguf":
         return _export_gguf(Path(source), Path(out), quant, verify)
     if quant is None:
@@ -26,6 +38,13 @@ def export_model(source: Path, out: Path, fmt: str = "hf", quant: str | None = N
     if quant not in HF_QUANTS:
         raise DistillError(f"--quant {quant}: unknown for --format hf (supported: {', '.join(HF_QUANTS)})")
     return _export_quantized(Path(source), Path(out), HF_QUANTS[quant])
+
+
+def _default_out(source: Path, fmt: str, quant: str | None) -> Path:
+    """<run>/exports/... for a run directory; a model directory has no run to keep its exports in."""
+    if model_dir_of(source) == source:  # model_dir_of also rejects a missing or unrecognised source
+        raise DistillError(f"{source}: a model directory has no default export place; give --out DIR")
+    return default_export_dir(source, fmt, quant)
 
 
 def _export_quantized(source: Path, out: Path, bits: int) -> Path:
@@ -59,4 +78,4 @@ def _export_gguf(source: Path, out: Path, quant: str, verify: bool) -> Path:
     return written
 
 
-__all__ = ["FORMATS", "export_hf", "export_model", "model_card"]
+__all__ = ["EXPORTS_DIR", "FORMATS", "default_export_dir", "export_hf", "export_model", "model_card"]

@@ -11,7 +11,7 @@ from distill.errors import DistillError
 from distill.report import plots
 from distill.report.compare import RunFiles, load_run
 from distill.eval.report import METRIC_KEYS
-from distill.report.table import MISSING, RATIOS, ROWS, cell, ratio_cell, format_table
+from distill.report.table import MISSING, RATIOS, ROWS, cell, export_rows, ratio_cell, format_table
 from distill.runtime import atomic_write_text
 
 MAX_SAMPLES = 20
@@ -378,8 +378,20 @@ def _judge(report: dict) -> Optional[str]:
     return "".join(parts)
 
 
-OPTIONAL_PARTS = (("calibration", "Calibration", _calibration), ("suites", "Task suites", _suites),
-                  ("judge", "Judge win rate", _judge))
+def _exports(report: dict) -> Optional[str]:
+    """The files `distill export` wrote, measured like the student (the table's exports block)."""
+    header, rows, notes = export_rows(report)
+    if not rows:
+        return None
+    text = ('<p class="note">Each export under <code>&lt;run&gt;/exports/</code>, measured by <code>distill '
+            'eval</code> on the same eval set as the student; export, then run <code>distill eval</code> again to '
+            'add one. A GGUF file is scored dequantized by transformers.</p>')
+    table = _table([_esc(h) for h in header], [[_esc(c) for c in row] for row in rows], numeric_from=2)
+    return text + table + "".join(f'<p class="note">{_esc(n)}</p>' for n in notes)
+
+
+OPTIONAL_PARTS = (("exports", "Exported files", _exports), ("calibration", "Calibration", _calibration),
+                  ("suites", "Task suites", _suites), ("judge", "Judge win rate", _judge))
 
 
 # ---------------------------------------------------------------- sample answers

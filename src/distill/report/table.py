@@ -51,6 +51,10 @@ RATIOS = (
 )
 
 
+# The exports block: report.json keys of each export row (ratios: of its `ratios`), shown like the rows above.
+EXPORT_COLUMNS = ("bytes_on_disk", "perplexity", "top1_agreement", "quality_pct_of_teacher", "decode_tokens_per_s")
+
+
 def cell(value: Any, fmt: Callable[[float], str]) -> str:
     """One formatted value; a dash when it was not measured."""
     return MISSING if value is None else fmt(value)
@@ -111,6 +115,51 @@ def _contamination_lines(report: dict) -> list[str]:
                 "training data (report.json: contamination)"]
 
 
+def _export_column(key: str) -> tuple[str, Callable[[float], str]]:
+    """(header, formatter) of an exports column: the label and format of the metric row or ratio it shows."""
+    row = next((r for r in ROWS if r.key == key), None)
+    if row is not None:
+        return f"{row.label} {row.better}", row.fmt
+    return next((f"{label} {HIGHER}", fmt) for ratio_key, label, fmt in RATIOS if ratio_key == key)
+
+
+def export_rows(report: dict) -> tuple[list[str], list[list[str]], list[str]]:
+    """The exports block: header, formatted cells (the student first, then each export) and notes; empty without."""
+    exports = report.get("exports")
+    if not isinstance(exports, dict) or not exports:
+        return [], [], []
+    columns = [_export_column(key) for key in EXPORT_COLUMNS]
+
+    def cells(name: str, kind: str, metrics: dict, ratios: dict) -> list[str]:
+        values = [metrics.get(key, ratios.get(key)) for key in EXPORT_COLUMNS]
+        return [name, kind] + [cell(v, fmt) for v, (_, fmt) in zip(values, columns)]
+
+    rows = [cells("student", "hf", report.get("student") or {}, report.get("ratios") or {})]
+    notes = []
+    for name, export in exports.items():
+        export = export if isinstance(export, dict) else {}
+        kind = " ".join(str(export[k]) for k in ("format", "quant") if export.get(k))
+        rows.append(cells(name, kind or "?", export, export.get("ratios") or {}))
+        if export.get("error"):
+            notes.append(f"{name}: not measured ({export['error']})")
+        elif export.get("speed_not_measured"):
+            notes.append(f"{name}: speed not measured ({export['speed_not_measured']})")
+        if export.get("older_than_student"):
+            notes.append(f"{name}: written before the student was last saved; export it again")
+    return ["model", "format"] + [header for header, _ in columns], rows, notes
+
+
+def _export_lines(report: dict) -> list[str]:
+    header, rows, notes = export_rows(report)
+    if not rows:
+        return []
+    table = [header] + rows
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = ["  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1])]
+                       + [c.rjust(w) for c, w in zip(r[2:], widths[2:])]).rstrip() for r in table]
+    return ["", "exports (<run>/exports/, measured like the student)"] + lines + [f"  {n}" for n in notes]
+
+
 def _ratio_lines(ratios: dict) -> list[str]:
     width = max(len(label) for _, label, _ in RATIOS)
     return [f"{label.ljust(width)}  {cell(ratios.get(key), fmt)}" for key, label, fmt in RATIOS]
@@ -120,5 +169,5 @@ def format_table(report: dict) -> str:
     """Teacher vs student, one metric a row (↑ higher is better, ↓ lower is better), then the ratios."""
     lines = _metric_lines(report.get("teacher", {}), report.get("student", {}), report.get("student_init"))
     lines += ["", "ratios"] + _ratio_lines(report.get("ratios", {}))
-    lines += _suite_lines(report) + _judge_lines(report) + _contamination_lines(report)
+    lines += _export_lines(report) + _suite_lines(report) + _judge_lines(report) + _contamination_lines(report)
     return "\n".join(lines) + "\n"
