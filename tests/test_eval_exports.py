@@ -193,3 +193,32 @@ def test_an_export_that_does_not_load_gets_a_row_with_the_error(evaluated, tmp_p
     assert (row["format"], row["quant"], row["bytes_on_disk"]) == ("hf", None, 10)
     assert "distill_quantization.json" in row["error"] or "optimum-quanto" in row["error"]
     assert row["older_than_student"] is False
+
+
+def test_recipe_export_section_ships_after_training_and_keeps_fresh_exports(tmp_path, tiny_teacher_dir,
+                                                                            pairs_jsonl, monkeypatch):
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    recipe = recipe_from_dict(tiny_recipe(tmp_path / "run", tiny_teacher_dir, pairs_jsonl, train={"steps": 2},
+                                          export={"formats": ["gguf:f32", "hf"]}))
+    pipeline.prepare_run_dir(recipe)
+    pipeline.train(recipe, progress=False)
+    written = pipeline.export(recipe)
+    assert [p.relative_to(recipe.run_dir).as_posix() for p in written] == ["exports/gguf-f32/model-f32.gguf",
+                                                                          "exports/hf"]
+    assert pipeline.export(recipe) == []  # newer than the student: kept, not redone
+    assert {e.name for e in find_exports(recipe.run_dir)} >= {"hf"}
+
+
+@pytest.mark.parametrize("target, message", [
+    ("onnx", r"export.formats\[0\]: onnx: unknown format 'onnx'"),
+    ("gguf:q3_k", r"export.formats\[0\]: --quant q3_k: unknown GGUF type"),
+    ("hf:int2", r"export.formats\[0\]: hf:int2: unknown quantization 'int2'"),
+])
+def test_a_bad_export_target_fails_before_anything_runs(tmp_path, tiny_teacher_dir, pairs_jsonl, target, message):
+    from distill.errors import DistillError
+
+    recipe = recipe_from_dict(tiny_recipe(tmp_path / "run", tiny_teacher_dir, pairs_jsonl,
+                                          export={"formats": [target]}))
+    with pytest.raises(DistillError, match=message):
+        pipeline.run(recipe, progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()

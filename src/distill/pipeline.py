@@ -1,4 +1,4 @@
-"""The stages of a run, in order, each also callable on its own: generate -> student -> train -> eval."""
+"""The stages of a run, in order, each also callable on its own: generate -> student -> train -> export -> eval."""
 from __future__ import annotations
 
 import logging
@@ -241,6 +241,33 @@ def train(recipe: Recipe, *, progress: bool = True):
     return train_student(recipe, resume=True, progress=progress)
 
 
+def export_targets(recipe: Recipe) -> list[tuple[str, str | None]]:
+    """(format, quantization) of every export.formats entry; a bad one fails before anything runs."""
+    from distill.export import parse_target
+
+    targets = []
+    for i, target in enumerate(recipe.export.formats):
+        try:
+            targets.append(parse_target(target))
+        except DistillError as err:
+            raise DistillError(f"export.formats[{i}]: {err}") from None
+    return targets
+
+
+def export(recipe: Recipe) -> list[Path]:
+    """Stage 3b: the trained student in each export.formats, under <run>/exports/ (kept while newer than it)."""
+    from distill.export import default_export_dir, export_model
+
+    student, written = recipe.run_dir / "student", []
+    for fmt, quant in export_targets(recipe):
+        target = default_export_dir(recipe.run_dir, fmt, quant)
+        if target.exists() and student.is_dir() and target.stat().st_mtime >= student.stat().st_mtime:
+            log.info("export: %s is newer than the student; kept", target)
+            continue
+        written.append(export_model(recipe.run_dir, None, fmt, quant))
+    return written
+
+
 def evaluate(recipe: Recipe, *, progress: bool = True) -> dict:
     """Stage 4: measure teacher and student on held-out data; write <run>/report.json."""
     from distill.eval.stage import evaluate_run
@@ -258,6 +285,7 @@ def report(recipe: Recipe) -> Path:
 def run(recipe: Recipe, *, restart: bool = False, progress: bool = True) -> dict:
     """All stages in order; re-running after a kill resumes where it stopped."""
     prepare_run_dir(recipe, restart=restart)
+    export_targets(recipe)
     generate(recipe, progress=progress)
     filter_data(recipe)
     if recipe.teacher.cache is not None and recipe.method.kind == "kd":  # resumable: done shards are kept
@@ -265,6 +293,7 @@ def run(recipe: Recipe, *, restart: bool = False, progress: bool = True) -> dict
     if recipe.student.model is None:
         build_student(recipe)
     train(recipe, progress=progress)
+    export(recipe)
     result = evaluate(recipe, progress=progress)
     report(recipe)
     return result

@@ -286,6 +286,13 @@ class EvalSpec(Section):
     lm_eval_fewshot: Optional[int] = Field(default=None, ge=0)
 
 
+class ExportSpec(Section):
+    """What `distill run` ships after training, into <run>/exports/ (where `distill eval` measures each one)."""
+
+    # "FORMAT[:QUANT]": hf, hf:int8, hf:int4 (pip install distill[quantize]), gguf (f16), gguf:q8_0, gguf:q4_0, ...
+    formats: list[str] = Field(default_factory=list)
+
+
 class Recipe(Section):
     """A whole distillation run."""
 
@@ -298,6 +305,7 @@ class Recipe(Section):
     filter: Optional[FilterSpec] = None  # when given, training uses only the teacher answers that pass it
     method: MethodSpec = Field(default_factory=MethodSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
 
     # Where the recipe file lives; relative paths in it are resolved against this.

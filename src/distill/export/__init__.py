@@ -21,6 +21,21 @@ def default_export_dir(run_dir: Path, fmt: str = "hf", quant: str | None = None)
     return Path(run_dir) / EXPORTS_DIR / (fmt if quant is None else f"{fmt}-{quant.lower()}")
 
 
+def parse_target(target: str) -> tuple[str, str | None]:
+    """'gguf:q8_0' -> ('gguf', 'q8_0'), 'hf' -> ('hf', None): checked before anything is trained or written."""
+    fmt, _, quant = target.partition(":")
+    if fmt not in FORMATS:
+        raise DistillError(f"{target}: unknown format {fmt!r} (supported: {', '.join(FORMATS)})")
+    quant = quant or DEFAULT_QUANT[fmt]
+    if fmt == "gguf":
+        from distill.export.gguf import parse_qtype
+
+        parse_qtype(quant)
+    elif quant is not None and quant not in HF_QUANTS:
+        raise DistillError(f"{target}: unknown quantization {quant!r} for hf (supported: {', '.join(HF_QUANTS)})")
+    return fmt, quant
+
+
 def export_model(source: Path, out: Path | None = None, fmt: str = "hf", quant: str | None = None, *,
                  verify: bool = True) -> Path:
     """Export source (a run directory or an HF model directory) to out in the given format and quantization.
@@ -78,4 +93,4 @@ def _export_gguf(source: Path, out: Path, quant: str, verify: bool) -> Path:
     return written
 
 
-__all__ = ["EXPORTS_DIR", "FORMATS", "default_export_dir", "export_hf", "export_model", "model_card"]
+__all__ = ["EXPORTS_DIR", "FORMATS", "default_export_dir", "export_hf", "export_model", "model_card", "parse_target"]
