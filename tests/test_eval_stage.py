@@ -97,3 +97,22 @@ def test_html_report_shows_before_training_contamination_suites_and_judge(evalua
     html = write_report(recipe.run_dir).read_text()
     assert "before training" in html and "Contamination: 1 of 2 eval items" in html
     assert "Task suites" in html and "Judge win rate" in html and "Calibration" in html
+
+
+def test_speed_threads_times_with_that_many_threads_and_restores_them(tmp_path, tiny_teacher_dir, pairs_jsonl):
+    import torch
+
+    from distill.eval.stage import _speed
+    from distill.models import load_model, load_tokenizer
+
+    recipe = recipe_from_dict(tiny_recipe(tmp_path / "run", tiny_teacher_dir, pairs_jsonl,
+                                          eval={"speed_threads": 1, "speed_batch_sizes": [1, 2]}))
+    model, tok = load_model(str(tiny_teacher_dir)), load_tokenizer(str(tiny_teacher_dir))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        row = _speed(recipe, model, tok, torch.device("cpu"), weight_bytes=0)
+        assert row["speed_threads"] == 1 and torch.get_num_threads() == 2
+        assert row["decode_tokens_per_s"] > 0 and row["decode_tokens_per_s_b2"] > 0
+    finally:
+        torch.set_num_threads(before)

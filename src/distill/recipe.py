@@ -273,6 +273,7 @@ class EvalSpec(Section):
     speed_new_tokens: int = Field(default=32, gt=0)
     speed_batch_sizes: list[int] = Field(default_factory=lambda: [1, 8])
     measure_speed: bool = True
+    speed_threads: Optional[int] = Field(default=None, gt=0)  # CPU threads while timing (default: train.threads/all)
     before_training: bool = True  # also measure <run>/student_init, so the report shows what training recovered
     general_text: bool = True  # perplexity on general text outside the training domain (capability collapse)
     calibration: bool = True  # expected calibration error of next-token probabilities on the held-out text

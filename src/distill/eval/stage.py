@@ -192,13 +192,21 @@ def _measure(recipe, model, model_dir, teacher, tokenizer, data: EvalData, share
 def _speed(recipe: Recipe, model, tokenizer, device: torch.device, weight_bytes: int) -> dict:
     """Prefill/decode tokens per second and time to first token at each eval.speed_batch_sizes; peak memory."""
     e, out = recipe.eval, {}
-    for size in e.speed_batch_sizes:
-        speed, extra_mb = peak_memory_mb(lambda: decode_speed(
-            model, tokenizer, prompt_tokens=e.speed_prompt_tokens, new_tokens=e.speed_new_tokens,
-            batch_size=size), device=device)
-        suffix = "" if size == e.speed_batch_sizes[0] else f"_b{size}"
-        out.update({f"{key}{suffix}": value for key, value in speed.items()})
-        out[f"peak_memory_mb{suffix}"] = weight_bytes / 2**20 + extra_mb
+    threads = torch.get_num_threads()
+    if e.speed_threads is not None:  # fewer threads than cores: steadier numbers on a shared machine
+        torch.set_num_threads(e.speed_threads)
+    try:
+        for size in e.speed_batch_sizes:
+            speed, extra_mb = peak_memory_mb(lambda: decode_speed(
+                model, tokenizer, prompt_tokens=e.speed_prompt_tokens, new_tokens=e.speed_new_tokens,
+                batch_size=size), device=device)
+            suffix = "" if size == e.speed_batch_sizes[0] else f"_b{size}"
+            out.update({f"{key}{suffix}": value for key, value in speed.items()})
+            out[f"peak_memory_mb{suffix}"] = weight_bytes / 2**20 + extra_mb
+        if device.type == "cpu":
+            out["speed_threads"] = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
