@@ -126,10 +126,12 @@ def step_times(recipe, cached_recipe, teacher, tokenizer, encoded, steps: int, b
     from distill.data.tokenize import batch_indices, collate
     from distill.models import build_student
     from distill.signals.reader import open_teacher_cache
+    from distill.signals.teacher_signal import CachedTeacher, LiveTeacher
     from distill.train.trainer import loss_on_batch
 
     student = build_student(recipe.student.config, teacher, tokenizer, seed=0).float().train()
     cached = open_teacher_cache(cached_recipe, tokenizer, encoded)
+    live, from_cache = LiveTeacher(teacher), CachedTeacher(cached)
     sft = recipe.method.model_copy(update={"kind": "sft"})
     times: dict[str, list[float]] = {"online": [], "cached": [], "sft": [], "fetch": []}
     for step in range(steps + 1):  # the first round is a warm-up
@@ -141,9 +143,9 @@ def step_times(recipe, cached_recipe, teacher, tokenizer, encoded, steps: int, b
                 cached.targets(idx)
             else:
                 if name == "online":
-                    out = loss_on_batch(student, teacher, data, recipe.method)
+                    out = loss_on_batch(student, live, data, recipe.method)
                 elif name == "cached":
-                    out = loss_on_batch(student, None, data, recipe.method, targets=cached.targets(idx))
+                    out = loss_on_batch(student, from_cache, data, recipe.method, indices=idx)
                 else:
                     out = loss_on_batch(student, None, data, sft)
                 out.loss.backward()

@@ -18,6 +18,7 @@ from distill.models import load_model
 from distill.models.heads import decoder_hidden_states, decoder_layer_outputs
 from distill.recipe import recipe_from_dict
 from distill.train.checkpoint import MATCHER_FILE, list_checkpoints
+from distill.signals.teacher_signal import LiveTeacher
 from distill.train.trainer import hidden_matcher, loss_on_batch, train
 
 # ---------------------------------------------------------------- losses against a float64 reference
@@ -243,8 +244,8 @@ def test_depth_pruned_student_starts_with_zero_hidden_loss(tmp_path, tiny_teache
     examples, _ = recipe_examples(recipe)
     batch = collate(encode_all(examples[:3], tok, 48, None), tok.pad_token_id)
     with torch.no_grad():
-        out = loss_on_batch(student, teacher, batch, recipe.method, matcher=matcher)
-        plain = loss_on_batch(student, teacher, batch, recipe.method)
+        out = loss_on_batch(student, LiveTeacher(teacher), batch, recipe.method, matcher=matcher)
+        plain = loss_on_batch(student, LiveTeacher(teacher), batch, recipe.method)
     assert out.hidden.item() == pytest.approx(0.0, abs=1e-6)
     assert plain.hidden is None and out.loss.item() == pytest.approx(plain.loss.item(), abs=1e-6)
 

@@ -20,6 +20,7 @@ from distill.data.tokenize import IGNORE, EncodedExample, collate, encode_exampl
 from distill.errors import DistillError
 from distill.recipe import MethodSpec, recipe_from_dict
 from distill.train.checkpoint import list_checkpoints
+from distill.signals.teacher_signal import LiveTeacher
 from distill.train.trainer import loss_on_batch, train
 from conftest import tiny_recipe
 
@@ -130,7 +131,8 @@ def test_a_model_whose_mask_ignores_packing_is_refused(tiny_teacher_dir, monkeyp
 
 def _loss_and_grads(student, teacher, batch, method, matcher=None):
     student.zero_grad(set_to_none=True)
-    out = loss_on_batch(student, teacher, batch, method, matcher=matcher)
+    signal = LiveTeacher(teacher) if teacher is not None else None
+    out = loss_on_batch(student, signal, batch, method, matcher=matcher)
     out.loss.backward()
     grads = [p.grad.clone() for p in student.parameters()]
     return out, grads

@@ -212,6 +212,7 @@ def _encoded(recipe):
 def test_full_vocab_cache_gives_the_online_loss_and_gradients(tmp_path, tiny_teacher_dir, pairs_jsonl):
     from distill.data.tokenize import batch_indices, collate
     from distill.models import load_model
+    from distill.signals.teacher_signal import CachedTeacher, LiveTeacher
     from distill.train.trainer import loss_on_batch
 
     recipe = _recipe(tmp_path, tiny_teacher_dir, pairs_jsonl, cache_k=TINY_VOCAB, cache_exact=True)
@@ -225,14 +226,51 @@ def test_full_vocab_cache_gives_the_online_loss_and_gradients(tmp_path, tiny_tea
             torch.nn.init.normal_(m.weight, std=0.05, generator=torch.Generator().manual_seed(2))
     idx = batch_indices(len(encoded), 4, 0, 1)
     batch = collate([encoded[i] for i in idx], tok.pad_token_id)
-    online = loss_on_batch(student, teacher, batch, recipe.method)
+    online = loss_on_batch(student, LiveTeacher(teacher), batch, recipe.method)
     online_grads = torch.autograd.grad(online.loss, list(student.parameters()))
-    sparse = loss_on_batch(student, None, batch, recipe.method, targets=cached.targets(idx))
+    sparse = loss_on_batch(student, CachedTeacher(cached), batch, recipe.method, indices=idx)
     sparse_grads = torch.autograd.grad(sparse.loss, list(student.parameters()))
     assert online.kd.item() > 1e-3
     assert sparse.loss.item() == pytest.approx(online.loss.item(), rel=1e-5, abs=1e-6)
     for a, b in zip(online_grads, sparse_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_live_and_cached_signals_take_the_same_loss_call_and_the_cache_runs_no_model(
+    cached_recipe, tiny_teacher_dir, tiny_student_dir
+):
+    from dataclasses import fields
+
+    from distill.data.tokenize import batch_indices, collate
+    from distill.models import load_model
+    from distill.signals.teacher_signal import CachedTeacher, LiveTeacher
+    from distill.train.trainer import loss_on_batch
+
+    tok, encoded = _encoded(cached_recipe)
+    teacher = load_model(str(tiny_teacher_dir)).eval().requires_grad_(False)
+    student = load_model(str(tiny_student_dir))
+    teacher_runs: list[int] = []
+    teacher.register_forward_pre_hook(lambda *_: teacher_runs.append(1))
+    teacher.model.register_forward_pre_hook(lambda *_: teacher_runs.append(1))  # the body alone, as the loss runs it
+    cached = CachedTeacher(open_teacher_cache(cached_recipe, tok, encoded))
+    # The cached signal holds a reader (cache, hashes, labels) and nothing that could run a teacher.
+    assert [f.name for f in fields(cached)] == ["reader"]
+    assert not any(isinstance(v, torch.nn.Module) for v in vars(cached.reader).values())
+    idx = batch_indices(len(encoded), 4, 0, 0)
+    batch = collate([encoded[i] for i in idx], tok.pad_token_id)
+    runs, outs = {}, {}
+    for signal in (LiveTeacher(teacher), cached):
+        teacher_runs.clear()
+        outs[type(signal).__name__] = out = loss_on_batch(student, signal, batch, cached_recipe.method, indices=idx)
+        out.loss.backward()
+        runs[type(signal).__name__] = len(teacher_runs)
+    assert runs == {"LiveTeacher": 1, "CachedTeacher": 0}
+    live, from_cache = outs["LiveTeacher"], outs["CachedTeacher"]
+    assert live.n_tokens == from_cache.n_tokens > 0 and live.ce.item() == pytest.approx(from_cache.ce.item())
+    # Top-16 of 320 tokens plus a tail bucket coarsens both distributions, which can only lower a KL.
+    assert 0 < from_cache.kd.item() < live.kd.item()
+    with pytest.raises(DistillError, match="needs the batch's example indices"):
+        loss_on_batch(student, cached, batch, cached_recipe.method)
 
 
 def test_capture_resumes_after_a_kill_and_writes_the_same_cache(tmp_path, tiny_teacher_dir, pairs_jsonl):

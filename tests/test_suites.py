@@ -11,19 +11,13 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import STORIES260K, require_shared
+from distill.answers import extract_answer, normalize_number
 from distill.data.examples import Example
 from distill.data.tokenize import encode_example
 from distill.errors import DistillError
 from distill.eval import suites
 from distill.eval.metrics import rouge_l
-from distill.eval.scorers import (
-    choice_logprobs,
-    choice_token_ids,
-    exact_match,
-    extract_answer,
-    mc_accuracy,
-    normalize_number,
-)
+from distill.eval.scorers import choice_logprobs, choice_token_ids, exact_match, mc_accuracy
 from distill.eval.suites import load_suite, run_suite, shipped_suites
 from distill.teachers.backend import Completion
 from distill.teachers.local import prompt_ids

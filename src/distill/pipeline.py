@@ -11,6 +11,19 @@ import yaml
 from distill.errors import DistillError
 from distill.recipe import Recipe
 from distill.runtime import atomic_write_text
+# Planning the generate stage from a recipe lives with the teachers; its names stay importable from here.
+from distill.teachers.from_recipe import (
+    captures_at_generation,
+    generation_settings,
+    recipe_prompts,
+    teacher_assignments,
+)
+
+__all__ = [
+    "prepare_run_dir", "teacher_backend", "recipe_prompts", "teacher_assignments", "captures_at_generation",
+    "generation_settings", "generate", "filter_data", "capture", "build_student", "train", "export_targets",
+    "export", "evaluate", "report", "run",
+]
 
 log = logging.getLogger("distill")
 
@@ -103,50 +116,6 @@ def _hub_file(repo: str, filename: str) -> str:
     except Exception as err:  # offline, no such repo or file: one line
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise DistillError(f"teacher.gguf_file: could not fetch {filename} from {repo} ({reason})") from None
-
-
-def teacher_assignments(recipe: Recipe) -> list[tuple[object, list]]:
-    """(teacher spec, the prompts it answers) for every teacher that answers any (mixture of teachers)."""
-    prompts, g = recipe_prompts(recipe), recipe.generate
-    if not g.teachers:
-        return [(recipe.teacher, prompts)]
-    if g.mixture == "all":
-        return [(recipe.teacher, prompts)] + [(t, prompts) for t in g.teachers]
-    routed: list[list] = [[] for _ in range(len(g.teachers) + 1)]  # the last: the recipe's teacher
-    for prompt in prompts:
-        first = next((i for i, t in enumerate(g.teachers) if set(t.tags) & set(prompt.tags)), len(g.teachers))
-        routed[first].append(prompt)
-    pairs = list(zip(list(g.teachers) + [recipe.teacher], routed))
-    return [(spec, chosen) for spec, chosen in pairs if chosen]
-
-
-def captures_at_generation(recipe: Recipe) -> bool:
-    """Does the generate stage keep the teacher's top-k log-probs for the cache (generate.capture_topk)?"""
-    wanted = recipe.generate.capture_topk
-    if wanted is None:
-        wanted = recipe.teacher.endpoint is None and recipe.teacher.cache is not None and recipe.method.kind == "kd"
-    return bool(wanted)
-
-
-def generation_settings(recipe: Recipe):
-    """(sampling parameters, reasoning mode) of the recipe's generate section."""
-    from distill.teachers.backend import SamplingParams
-    from distill.teachers.generate import Reasoning
-
-    g = recipe.generate
-    params = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                            seed=recipe.seed, stop=tuple(g.stop))
-    return params, Reasoning(mode=g.reasoning, prompt=g.reasoning_prompt, marker=g.answer_marker)
-
-
-def recipe_prompts(recipe: Recipe) -> list:
-    """The prompts the teacher answers: data.prompts, mapped by data.fields, cut to generate.max_prompts."""
-    from distill.data.examples import read_prompts
-
-    d = recipe.data
-    prompts = read_prompts(recipe.path(d.prompts), fields=d.fields, on_error=d.on_error, split=d.prompts_split,
-                           config=d.prompts_config)
-    return prompts[: recipe.generate.max_prompts] if recipe.generate.max_prompts else prompts
 
 
 def generate(recipe: Recipe, *, progress: bool = True):

@@ -10,12 +10,12 @@ import time
 import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
+from distill.answers import extract_answer
 from distill.data.contamination import DEFAULT_N, NgramIndex, load_eval_texts
 from distill.data.examples import Malformed, _json_records
 from distill.data.minhash import MinHasher, near_duplicates
@@ -350,36 +350,9 @@ def _per_response(reason: Callable[[str], Optional[str]]) -> Callable[[list[dict
 
 # ---------------------------------------------------------------- answer verification
 
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-_NUMBER = re.compile(r"(?:(?<![\w)])-)?\d[\d,]*(?:\.\d+)?")  # a '-' right after a word or ')' is not a sign
-
-
-def normalise_number(text: str) -> Optional[str]:
-    """A number written the way it compares: no commas or $, no trailing zeros ('1,000.50' -> '1000.5')."""
-    try:
-        value = Decimal(text.replace(",", "").replace("$", "").strip())
-    except InvalidOperation:
-        return None
-    if not value.is_finite():
-        return None
-    return "0" if value == 0 else format(value.normalize(), "f")  # "f": 100, not normalize()'s 1E+2
-
-
-def extract_answer(text: str) -> Optional[str]:
-    """The final numeric answer, GSM8K style: the number after the last '####', else in the last \\boxed{}, else
-    the last number in the text; normalised. None when there is no number where the answer should be."""
-    text = text.replace("$", "")
-    boxed = _BOXED.findall(text)
-    if "####" in text:
-        numbers, pick = _NUMBER.findall(text.rsplit("####", 1)[1]), 0
-    elif boxed:
-        numbers, pick = _NUMBER.findall(boxed[-1]), 0
-    else:
-        numbers, pick = _NUMBER.findall(text), -1
-    return normalise_number(numbers[pick]) if numbers else None
-
 
 def check_answers(records: list[dict]) -> Verdicts:
+    """Reject answers whose final number (distill.answers.extract_answer) differs from the reference's."""
     reasons: list[Optional[str]] = []
     checked = unverifiable = 0
     for record in records:

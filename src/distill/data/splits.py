@@ -21,7 +21,7 @@ def filtered_data_path(recipe: Recipe) -> Path:
 
 def planned_ids(recipe: Recipe) -> list[str]:
     """The content addresses of the answers this recipe asks its teacher(s) for (prompts x samples)."""
-    from distill.pipeline import generation_settings, teacher_assignments
+    from distill.teachers.from_recipe import generation_settings, teacher_assignments
     from distill.teachers.generate import plan_requests
 
     params, reasoning = generation_settings(recipe)

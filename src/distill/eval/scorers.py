@@ -1,56 +1,22 @@
-"""Task scorers: answer extraction, exact match, and multiple choice by log-likelihood of each choice."""
+"""Task scorers: exact match (answers read by distill.answers), and multiple choice by log-likelihood of each choice."""
 from __future__ import annotations
 
-import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from distill.answers import normalize_number
 from distill.data.tokenize import padding_id
 from distill.data.examples import Messages
 from distill.teachers.local import prompt_ids
-
-ANSWER_PATTERNS = ("gsm8k", "last_number", "first_line")
-# A number as people write it: 1,234.5 (commas only between groups of three digits), 42, -3.75, .5
-_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?")
-_GSM8K_ANSWER = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
 
 Prompt = Union[str, Messages]
 
 
 # ---------------------------------------------------------------- answers
-
-
-def normalize_number(text: str) -> str | None:
-    """A number written as `$1,234.50` becomes `1234.5`; None when text is not a number."""
-    cleaned = text.strip().replace(",", "").replace("$", "").rstrip(".")
-    try:
-        value = Decimal(cleaned)
-    except InvalidOperation:
-        return None
-    if not value.is_finite():
-        return None
-    if value == 0:
-        return "0"  # not "-0" or "0.00"
-    return format(value.normalize(), "f")  # "f": 100, not normalize()'s 1E+2
-
-
-def _numbers(text: str) -> list[str]:
-    return [m.group() for m in _NUMBER.finditer(text) if any(c.isdigit() for c in m.group())]
-
-
-def extract_answer(text: str, pattern: str = "gsm8k") -> str | None:
-    """The answer in a model's output: `gsm8k` (`#### N`, else the last number), `last_number`, `first_line`."""
-    if pattern == "first_line":
-        return next((line.strip() for line in text.splitlines() if line.strip()), None)
-    if pattern not in ANSWER_PATTERNS:
-        raise ValueError(f"unknown answer pattern {pattern!r} (expected one of {', '.join(ANSWER_PATTERNS)})")
-    marked = _GSM8K_ANSWER.findall(text) if pattern == "gsm8k" else []
-    candidates = marked or _numbers(text)
-    return normalize_number(candidates[-1]) if candidates else None
 
 
 def _normalize_text(text: str) -> str:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from distill.answers import extract_answer
 from distill.data.examples import Example
 from distill.data.tokenize import collate, encode_all, padding_id
 from distill.errors import DistillError
@@ -21,7 +22,6 @@ from distill.eval.scorers import (
     batch_choice_logprobs,
     best_choice,
     exact_match,
-    extract_answer,
     mc_accuracy,
     per_character,
 )

@@ -11,7 +11,8 @@ from distill.losses.divergences import (
     tvd,
 )
 from distill.losses.hidden import HiddenStateMatcher, check_layer_map, default_layer_map
-from distill.losses.kd import LossOutput, kd_loss, kd_loss_chunked
+from distill.losses.kd import kd_loss, kd_loss_chunked
+from distill.losses.objective import LossOutput
 from distill.losses.sparse import SparseTargets, kd_loss_sparse, kd_loss_sparse_chunked
 
 __all__ = [

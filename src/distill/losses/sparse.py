@@ -26,17 +26,17 @@ from torch import Tensor
 
 from distill.errors import DistillError
 from distill.losses.divergences import log_probs
-from distill.losses.kd import (
+from distill.losses.objective import (
     IGNORE_INDEX,
     LossOutput,
-    _check_labels,
-    _cross_entropy_sum,
-    _empty_output,
-    _Objective,
-    _objective,
-    _scaled,
-    _wide,
+    Objective,
+    build_objective,
+    check_labels,
+    cross_entropy_sum,
+    empty_output,
     fused_chunked_loss,
+    tempered,
+    wide,
 )
 
 # A log-prob whose exp() is exactly 0 in float32/float64, but finite (0 * -inf would be NaN in the KL sums).
@@ -98,16 +98,16 @@ def student_buckets(student_log_probs: Tensor, ids: Tensor) -> Tensor:
 
 
 def _sparse_sums(
-    objective: _Objective, student_logits: Tensor, targets: SparseTargets, labels: Tensor
+    objective: Objective, student_logits: Tensor, targets: SparseTargets, labels: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, ce, kd) summed over rows; kd carries the T^2 factor, as in the dense objective."""
-    student, t = _wide(student_logits), objective.temperature
+    student, t = wide(student_logits), objective.temperature
     shared = min(student.size(1), targets.vocab_size)
-    student_log_probs = log_probs(_scaled(student[:, :shared], t))
+    student_log_probs = log_probs(tempered(student[:, :shared], t))
     if t == 1.0 and shared == student.size(1):
         ce = -student_log_probs.gather(1, labels[:, None]).sum()
     else:
-        ce = _cross_entropy_sum(student, labels)
+        ce = cross_entropy_sum(student, labels)
     teacher = teacher_buckets(targets, shared, t, student_log_probs.dtype)
     kd = t * t * objective.divergence(student_buckets(student_log_probs, targets.ids), teacher).sum()
     return objective.alpha * ce + (1.0 - objective.alpha) * kd, ce, kd
@@ -132,12 +132,12 @@ def kd_loss_sparse(
     temperature: float = 1.0, alpha: float = 0.5, beta: float = 0.5, skew: float = 0.1,
 ) -> LossOutput:
     """The objective on full `[N, V]` student logits against sparse targets (the reference for the chunked one)."""
-    objective = _objective(divergence, temperature, alpha, beta, skew)
+    objective = build_objective(divergence, temperature, alpha, beta, skew)
     _check_k(targets)
-    _check_labels(labels, student_logits.size(-1))
+    check_labels(labels, student_logits.size(-1))
     valid = _valid_rows(labels, targets)
     if valid.numel() == 0:
-        return _empty_output(student_logits)
+        return empty_output(student_logits)
     n = valid.numel()
     loss, ce, kd = _sparse_sums(objective, student_logits[valid], targets.to(student_logits.device), labels[valid])
     return LossOutput(loss=loss / n, kd=kd.detach() / n, ce=ce.detach() / n, n_tokens=n)
@@ -153,7 +153,7 @@ def kd_loss_sparse_chunked(
     Like `kd_loss_chunked`, it never holds more than [chunk_size, V] student logits, and its gradients for the
     hidden states and head are computed during the forward pass.
     """
-    objective = _objective(divergence, temperature, alpha, beta, skew)
+    objective = build_objective(divergence, temperature, alpha, beta, skew)
     if chunk_size <= 0:
         raise DistillError(f"method.chunk_size: must be > 0, got {chunk_size}")
     _check_k(targets)
@@ -161,11 +161,11 @@ def kd_loss_sparse_chunked(
             or student_head.size(1) != student_hidden.size(1):
         raise DistillError(f"kd_loss_sparse_chunked: expected hidden [N, D], head [V, D], labels [N]; got "
                            f"{tuple(student_hidden.shape)}, {tuple(student_head.shape)}, {tuple(labels.shape)}")
-    _check_labels(labels, student_head.size(0))
+    check_labels(labels, student_head.size(0))
     valid = _valid_rows(labels, targets)
     n = valid.numel()
     if n == 0:
-        return _empty_output(student_hidden, student_head)
+        return empty_output(student_hidden, student_head)
     if n < labels.numel():
         student_hidden, labels = student_hidden[valid], labels[valid]
     targets = targets.to(student_hidden.device)
@@ -175,7 +175,7 @@ def kd_loss_sparse_chunked(
 
 
 def _sparse_chunk(
-    hidden: Tensor, head: Tensor, targets: SparseTargets, labels: Tensor, objective: _Objective, scale: float,
+    hidden: Tensor, head: Tensor, targets: SparseTargets, labels: Tensor, objective: Objective, scale: float,
     grad_hidden_out: Optional[Tensor], grad_head_acc: Optional[Tensor],
 ) -> Tensor:
     """One chunk's summed (loss, ce, kd); writes its hidden grads and adds its head grad in place.
@@ -186,10 +186,10 @@ def _sparse_chunk(
     passes over [rows, V] more than plain CE, where autograd through the same math would cost a dozen.
     """
     want_grad = grad_hidden_out is not None or grad_head_acc is not None
-    logits = _wide(hidden @ head.t())
+    logits = wide(hidden @ head.t())
     t, alpha, k = objective.temperature, objective.alpha, targets.ids.size(1)
     shared = min(logits.size(1), targets.vocab_size)
-    scaled = _scaled(logits[:, :shared], t)
+    scaled = tempered(logits[:, :shared], t)
     log_norm = torch.logsumexp(scaled, dim=1)
     probs = torch.exp(scaled - log_norm[:, None])  # the student at temperature T
     del scaled

@@ -1,4 +1,4 @@
-"""The cached teacher as training sees it: a verified cache that returns SparseTargets for a batch."""
+"""Reading a verified teacher cache for training: SparseTargets for a batch (wrapped by teacher_signal)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +11,7 @@ from distill.recipe import Recipe
 from distill.signals.cache import TopKCache, example_hash
 
 
-class CachedTeacher:
+class TeacherCacheReader:
     """Sparse targets for micro-batches of the recipe's encoded training examples, from a verified cache."""
 
     def __init__(self, cache: TopKCache, hashes: Sequence[str], labels: Sequence[Sequence[int]]):
@@ -31,11 +31,14 @@ class CachedTeacher:
         return SparseTargets(join("ids"), join("log_probs"), join("tail"), self.vocab_size).to(device)
 
 
-def open_teacher_cache(recipe: Recipe, tokenizer, encoded: Sequence, path: Path | None = None) -> CachedTeacher:
+def open_teacher_cache(
+    recipe: Recipe, tokenizer, encoded: Sequence, path: Path | None = None
+) -> TeacherCacheReader:
     """The recipe's teacher.cache, refused (one DistillError line) unless it is complete and belongs to this data."""
     from distill.signals.provenance import cache_path, check_provenance
 
     path = Path(path) if path is not None else cache_path(recipe)
     cache = TopKCache(path)
     check_provenance(cache.header, path, recipe, tokenizer)
-    return CachedTeacher(cache, [example_hash(e.input_ids, e.labels) for e in encoded], [e.labels for e in encoded])
+    hashes = [example_hash(e.input_ids, e.labels) for e in encoded]
+    return TeacherCacheReader(cache, hashes, [e.labels for e in encoded])

@@ -6,20 +6,28 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.errors import DistillError
-from distill.losses.kd import LossOutput
+from distill.losses.objective import LossOutput
+from distill.losses.sparse import SparseTargets
 from distill.recipe import MethodSpec, Recipe
 from distill.runtime import atomic_write_text, resolve_device, resolve_dtype, set_seed
+from distill.signals.teacher_signal import (
+    HIDDEN_WITH_CACHE,
+    PACKING_WITH_CACHE,
+    CachedTeacher,
+    LiveTeacher,
+    TeacherSignal,
+    attention_inputs,
+)
 
 if TYPE_CHECKING:
     from distill.losses.hidden import HiddenStateMatcher
-    from distill.losses.sparse import SparseTargets
 
 log = logging.getLogger("distill")
 
@@ -50,46 +58,43 @@ class BatchLoss(LossOutput):
 
 
 def loss_on_batch(
-    student: PreTrainedModel, teacher: Optional[PreTrainedModel], batch: dict[str, torch.Tensor],
+    student: PreTrainedModel, signal: Optional[TeacherSignal], batch: dict[str, torch.Tensor],
     method: MethodSpec, compute_dtype: torch.dtype = torch.float32,
-    matcher: Optional["HiddenStateMatcher"] = None, targets: Optional["SparseTargets"] = None,
+    matcher: Optional["HiddenStateMatcher"] = None, *, indices: Optional[Sequence[int]] = None,
 ) -> BatchLoss:
     """The recipe's loss on one micro-batch, without ever holding [batch, seq, vocab] logits.
 
-    The teacher signal is either a live `teacher` (dense logits, chunk by chunk) or `targets`, the sparse top-k
-    rows of a teacher cache for this batch's trained positions (then `teacher` is None).
+    `signal` is the teacher: a LiveTeacher (dense logits, chunk by chunk) or a CachedTeacher (the sparse top-k
+    rows of the batch's examples, `indices`: the rows of the training examples the batch was drawn from);
+    None, or method.kind: sft, trains on the labels alone.
     With a matcher (method.hidden), `method.hidden.weight` times its loss on the block outputs of every real
     token (prompt included, padding not) is added to the logit loss.
     """
-    from distill.losses import kd_loss_chunked
+    from distill.losses import kd_loss_chunked, kd_loss_sparse_chunked
     from distill.models import output_head
     from distill.models.heads import decoder_layer_outputs
 
-    if targets is not None:
-        return _sparse_loss_on_batch(student, batch, method, compute_dtype, matcher, targets, teacher)
-    ids, real = batch["input_ids"], batch["attention_mask"]
-    mask, positions = _attention_inputs(batch)
-    labels = batch["labels"][:, 1:].reshape(-1)  # position i predicts token i+1
-    if matcher is not None and (teacher is None or method.kind != "kd" or method.hidden is None):
+    if matcher is not None and (signal is None or method.kind != "kd" or method.hidden is None):
         raise DistillError("method.hidden: hidden-state KD needs method.hidden set, method.kind: kd and a teacher")
+    ids, real = batch["input_ids"], batch["attention_mask"]
+    mask, positions = attention_inputs(batch)
+    labels = batch["labels"][:, 1:].reshape(-1)  # position i predicts token i+1
     student_layers = matcher.student_layers if matcher is not None else []
     teacher_layers = matcher.teacher_layers if matcher is not None else []
     # Master weights stay fp32; a bf16 compute dtype runs the student's body under autocast.
     with torch.autocast(ids.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
         hidden, student_states = decoder_layer_outputs(student, ids, mask, student_layers, positions)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    teacher_hidden = teacher_head = None
-    teacher_states: dict[int, torch.Tensor] = {}
-    if teacher is not None and method.kind == "kd":
-        with torch.no_grad():
-            t, teacher_states = decoder_layer_outputs(teacher, ids, mask, teacher_layers, positions)
-            t = t[:, :-1]
-            teacher_hidden, teacher_head = t.reshape(-1, t.shape[-1]), output_head(teacher)
-    out = kd_loss_chunked(
-        hidden, output_head(student), teacher_hidden, teacher_head, labels,
-        divergence=method.divergence, temperature=method.temperature, alpha=method.alpha,
-        beta=method.beta, skew=method.skew, chunk_size=method.chunk_size,
-    )
+    teacher, teacher_states = None, {}
+    if signal is not None and method.kind == "kd":
+        teacher, teacher_states = signal.for_batch(batch, indices, teacher_layers)
+    loss_keys = dict(divergence=method.divergence, temperature=method.temperature, alpha=method.alpha,
+                     beta=method.beta, skew=method.skew, chunk_size=method.chunk_size)
+    if isinstance(teacher, SparseTargets):
+        out = kd_loss_sparse_chunked(hidden, output_head(student), teacher, labels, **loss_keys)
+    else:
+        teacher_hidden, teacher_head = (teacher.hidden, teacher.head) if teacher is not None else (None, None)
+        out = kd_loss_chunked(hidden, output_head(student), teacher_hidden, teacher_head, labels, **loss_keys)
     if matcher is None:
         return BatchLoss(**vars(out))
     hidden_loss = matcher(student_states, teacher_states, real)
@@ -97,42 +102,17 @@ def loss_on_batch(
                      n_tokens=out.n_tokens, hidden=hidden_loss.detach())
 
 
-def _attention_inputs(batch: dict[str, torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(attention_mask, position_ids) for the model's forward.
+def teacher_signal(
+    recipe: Recipe, teacher: Optional[PreTrainedModel], tokenizer: PreTrainedTokenizerBase, encoded: Sequence
+) -> Optional[TeacherSignal]:
+    """The recipe's teacher signal, built once: its teacher.cache, the live teacher, or None (SFT)."""
+    if uses_teacher_cache(recipe):
+        from distill.signals.reader import open_teacher_cache
 
-    A packed batch (distill.data.packing) gives position_ids alone: transformers builds the block-diagonal mask
-    from their restarts only when no 2-D attention_mask is passed. Its attention_mask just marks real tokens.
-    """
-    if "position_ids" in batch:
-        return None, batch["position_ids"]
-    return batch["attention_mask"], None
-
-
-def _sparse_loss_on_batch(
-    student: PreTrainedModel, batch: dict[str, torch.Tensor], method: MethodSpec, compute_dtype: torch.dtype,
-    matcher: Optional["HiddenStateMatcher"], targets: "SparseTargets", teacher: Optional[PreTrainedModel],
-) -> BatchLoss:
-    """loss_on_batch with a cached (sparse) teacher signal."""
-    from distill.losses.sparse import kd_loss_sparse_chunked
-    from distill.models import output_head
-    from distill.models.heads import decoder_hidden_states
-
-    if teacher is not None or matcher is not None or method.kind != "kd":
-        raise DistillError("teacher.cache: cached targets train method.kind: kd alone, without a live teacher "
-                           "or method.hidden")
-    if "position_ids" in batch:
-        raise DistillError(_PACKING_WITH_CACHE)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    labels = batch["labels"][:, 1:].reshape(-1)
-    with torch.autocast(ids.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-        hidden = decoder_hidden_states(student, ids, mask)
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    out = kd_loss_sparse_chunked(
-        hidden, output_head(student), targets, labels, divergence=method.divergence,
-        temperature=method.temperature, alpha=method.alpha, beta=method.beta, skew=method.skew,
-        chunk_size=method.chunk_size,
-    )
-    return BatchLoss(**vars(out))
+        reader = open_teacher_cache(recipe, tokenizer, encoded)  # refuses a partial or foreign cache
+        log.info("teacher: top-%d cache %s (the teacher is not run)", reader.cache.header.k, reader.cache.path)
+        return CachedTeacher(reader)
+    return LiveTeacher(teacher) if teacher is not None else None
 
 
 def hidden_matcher(
@@ -168,17 +148,12 @@ def _check_hidden_recipe(recipe: Recipe) -> None:
             f"got method.kind: {recipe.method.kind}"
         )
     if recipe.method.hidden is not None and uses_teacher_cache(recipe):
-        raise DistillError("method.hidden: hidden-state KD needs a live teacher's states, which teacher.cache "
-                           "does not hold; remove method.hidden or teacher.cache")
-
-
-_PACKING_WITH_CACHE = ("train.packing does not work with teacher.cache yet (its targets are per example); "
-                       "set train.packing: false or remove teacher.cache")
+        raise DistillError(HIDDEN_WITH_CACHE)
 
 
 def _check_packing_recipe(recipe: Recipe) -> None:
     if recipe.train.packing and uses_teacher_cache(recipe):
-        raise DistillError(_PACKING_WITH_CACHE)
+        raise DistillError(PACKING_WITH_CACHE)
 
 
 def _text_config(model: torch.nn.Module):
@@ -320,12 +295,7 @@ def train(
 
     train_examples, _ = recipe_examples(recipe)
     encoded = encode_all(train_examples, tokenizer, recipe.data.max_length, recipe.data.system_prompt)
-    cached = None
-    if uses_teacher_cache(recipe):
-        from distill.signals.reader import open_teacher_cache
-
-        cached = open_teacher_cache(recipe, tokenizer, encoded)  # refuses a partial or foreign cache
-        log.info("teacher: top-%d cache %s (the teacher is not run)", cached.cache.header.k, cached.cache.path)
+    signal = teacher_signal(recipe, teacher, tokenizer, encoded)
     # The batch order draws from `items`: examples, or with train.packing rows of several examples.
     items, to_batch = encoded, collate
     if t.packing:
@@ -360,8 +330,7 @@ def train(
         for micro in range(t.grad_accum):
             idx = batch_indices(len(items), t.batch_size, recipe.seed, step * t.grad_accum + micro)
             batch = {k: v.to(device) for k, v in to_batch([items[i] for i in idx], pad_id).items()}
-            targets = cached.targets(idx, device) if cached is not None else None
-            out = loss_on_batch(student, teacher, batch, recipe.method, dtype, matcher, targets)
+            out = loss_on_batch(student, signal, batch, recipe.method, dtype, matcher, indices=idx)
             (out.loss / t.grad_accum).backward()
             for key in totals:
                 totals[key] += float(getattr(out, key).detach()) / t.grad_accum
