@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from distill.cli import main
@@ -28,15 +29,17 @@ def _prompts(tmp_path: Path, n: int = 12) -> Path:
     return path
 
 
-def test_run_end_to_end_writes_every_artifact(tmp_path, tiny_teacher_dir, capsys):
+def test_run_end_to_end_writes_every_artifact(tmp_path, tiny_teacher_dir, capsys, monkeypatch):
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))  # the GGUF export's dequantized copy
     recipe = tiny_recipe(tmp_path / "run", tiny_teacher_dir, _prompts(tmp_path))
     recipe["data"] = {"prompts": recipe["data"].pop("train"), "max_length": 48, "eval_fraction": 0.25}
     recipe["generate"] = {"max_new_tokens": 6, "batch_size": 4, "temperature": 1.0}  # greedy: only newlines
+    recipe["export"] = {"formats": ["gguf:f32"]}
     path = _recipe_file(tmp_path, recipe)
     assert main(["run", str(path), "--no-progress", "--set", "train.steps=3"]) == 0
     run = tmp_path / "run"
     for name in ("recipe.yaml", "teacher_data/shard-00000.jsonl", "metrics.jsonl", "log.txt", "report.json", "samples.jsonl",
-                 "report.html", "report.md",
+                 "report.html", "report.md", "exports/gguf-f32/model-f32.gguf",
                  "student/config.json", "student/model.safetensors", "student/tokenizer.json"):
         assert (run / name).exists(), name
     assert yaml.safe_load((run / "recipe.yaml").read_text())["train"]["steps"] == 3  # resolved, with --set
@@ -45,6 +48,8 @@ def test_run_end_to_end_writes_every_artifact(tmp_path, tiny_teacher_dir, capsys
     for side in ("teacher", "student"):
         assert REPORT_KEYS <= set(report[side]), side
     assert report["teacher"]["top1_agreement"] == 1.0
+    assert report["exports"]["gguf-f32"]["perplexity"] == pytest.approx(
+        report["student"]["perplexity"], rel=1e-3)  # shipped by the run, measured by its eval
     assert report["teacher"]["kl_to_teacher"] < 1e-6
     assert report["student"]["params"] < report["teacher"]["params"]
     assert {"compression", "speedup", "quality_pct_of_teacher"} <= set(report["ratios"])

@@ -169,15 +169,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         setup_logging(recipe.run_dir / "log.txt")
     progress = not args.no_progress
     if args.command == "run":
-        pipeline.generate(recipe, progress=progress)
-        pipeline.filter_data(recipe)
-        if recipe.teacher.cache is not None and recipe.method.kind == "kd":  # resumable: done shards are kept
-            pipeline.capture(recipe, progress=progress)
-        if recipe.student.model is None:
-            pipeline.build_student(recipe)
-        pipeline.train(recipe, progress=progress)
-        pipeline.evaluate(recipe, progress=progress)
-        print(f"report: {pipeline.report(recipe)}")
+        pipeline.run(recipe, progress=progress)  # the run directory is prepared above (--restart included)
+        print(f"report: {recipe.run_dir / 'report.html'}")
     elif args.command == "generate":
         pipeline.generate(recipe, progress=progress)
     elif args.command == "filter":
