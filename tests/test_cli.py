@@ -57,8 +57,11 @@ def test_run_end_to_end_writes_every_artifact(tmp_path, tiny_teacher_dir, capsys
     out = capsys.readouterr().out
     assert "teacher" in out and "student" in out  # the table is printed
 
-    # Re-running a finished run resumes: no step is trained twice, nothing is regenerated.
+    # Re-running a finished run resumes: no step is trained twice, nothing is regenerated, re-saved or re-exported.
+    saved = {p: p.stat().st_mtime_ns for p in (run / "student/model.safetensors",
+                                                run / "exports/gguf-f32/model-f32.gguf")}
     assert main(["run", str(path), "--no-progress", "--set", "train.steps=3"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in saved} == saved
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     assert len((run / "teacher_data/shard-00000.jsonl").read_text().splitlines()) == 12

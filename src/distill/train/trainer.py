@@ -40,6 +40,27 @@ class TrainResult:
     seconds: float
 
 
+def _finished_student(recipe: Recipe, checkpoints: list[Path]) -> Optional[TrainResult]:
+    """The saved student when its last step is already trained: a re-run neither loads models nor re-saves it
+    (re-saving would make every export look older than the student)."""
+    from distill.models.from_recipe import trained_student_dir
+    from distill.train.checkpoint import STEP_PREFIX
+
+    out_dir = trained_student_dir(recipe)
+    if not checkpoints or int(checkpoints[-1].name[len(STEP_PREFIX):]) != recipe.train.steps:
+        return None
+    if not (out_dir / "config.json").is_file() or out_dir.stat().st_mtime < checkpoints[-1].stat().st_mtime:
+        return None  # killed between the last checkpoint and saving the student: save it again
+    log.info("student already trained (%d steps): %s", recipe.train.steps, out_dir)
+    return TrainResult(student_dir=out_dir, steps=recipe.train.steps, final_loss=_last_loss(recipe.run_dir),
+                       seconds=0.0)
+
+
+def _last_loss(run_dir: Path) -> float:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
+    return float(json.loads(lines[-1]).get("loss", float("nan"))) if lines else float("nan")
+
+
 def needs_teacher_weights(recipe: Recipe) -> bool:
     """Live KD needs the teacher's logits; a new student is built from the teacher's weights or vocab and positions."""
     return (recipe.method.kind == "kd" and not uses_teacher_cache(recipe)) or recipe.student.built_from_teacher
@@ -286,6 +307,9 @@ def train(
     run_dir = recipe.run_dir
     checkpoint_dir = run_dir / "checkpoints"
     checkpoints = list_checkpoints(checkpoint_dir) if resume else []
+    finished = _finished_student(recipe, checkpoints)
+    if finished is not None:
+        return finished
 
     tokenizer, teacher, student = _models(recipe, device, dtype)
     if t.packing:
