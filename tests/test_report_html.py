@@ -15,7 +15,7 @@ from distill.errors import DistillError
 from distill.report import plots
 from distill.report.compare import compare_runs, load_run
 from distill.report.html import curve_series, render_html, suite_rows, write_report
-from distill.report.table import ROWS, format_table
+from distill.report.table import ROWS, format_table, lm_eval_rows
 
 CANARY = '<img src="http://example.invalid/canary.png"> & "quotes"'
 
@@ -228,9 +228,13 @@ def test_optional_sections_from_report_json(real_run, tmp_path):
     report["teacher"]["suites"] = {"arith <b>": {"add": 1.0}}
     report["judge"] = {"judge": "judge-model", "prompt": "Which is better?\n<A>{a}</A>", "win_rate": 0.35,
                        "wins": 30, "ties": 10, "losses": 60, "n": 100}
+    report["lm_eval"] = {"version": "0.4.13", "tasks": "facts=f.jsonl:multiple_choice", "limit": None,
+                         "num_fewshot": None,
+                         "teacher": {"facts": {"acc": 0.8, "acc_stderr": 0.1, "n": 10}},
+                         "student": {"facts": {"acc": 0.6, "acc_stderr": 0.15, "n": 10}}}
     (run / "report.json").write_text(json.dumps(report))
     page = write_report(run).read_text()
-    for anchor in ("calibration", "suites", "judge"):
+    for anchor in ("calibration", "suites", "lm_eval", "judge"):
         assert f'<section id="{anchor}">' in page, anchor
     assert "Reliability diagram" in page and "student (ECE 0.150)" in page
     assert "arith &lt;b&gt;" in page and "50.0%" in page  # escaped suite name; 0.5 / 1.0
@@ -240,6 +244,10 @@ def test_optional_sections_from_report_json(real_run, tmp_path):
     assert suite_rows({"suites": {"mmlu": {"math": 0.4}}}) == [("mmlu", "math", None, 0.4)]  # student's alone
     summary = (run / "report.md").read_text()
     assert "## Task suites" in summary and "student wins 35.0%" in summary
+    assert "facts=f.jsonl:multiple_choice" in page and "75.0%" in page  # lm-eval: 0.6 / 0.8, the task spec shown
+    assert lm_eval_rows(report) == [("facts", "acc", 0.8, 0.6, 10)]  # standard errors stay in the JSON
+    assert "facts acc: teacher 0.800, student 0.600 (n = 10)" in format_table(report)
+    assert "facts acc: teacher 0.800" in summary  # report.md carries the table
 
 
 def test_compare_runs_and_pareto_across_runs(real_run, tmp_path):

@@ -11,7 +11,7 @@ from distill.errors import DistillError
 from distill.report import plots
 from distill.report.compare import RunFiles, load_run
 from distill.eval.report import METRIC_KEYS
-from distill.report.table import MISSING, RATIOS, ROWS, cell, export_rows, ratio_cell, format_table
+from distill.report.table import MISSING, RATIOS, ROWS, cell, export_rows, format_table, lm_eval_rows, ratio_cell
 from distill.runtime import atomic_write_text
 
 MAX_SAMPLES = 20
@@ -378,6 +378,23 @@ def _judge(report: dict) -> Optional[str]:
     return "".join(parts)
 
 
+def _lm_eval(report: dict) -> Optional[str]:
+    """lm-evaluation-harness scores of teacher and student (distill eval --lm-eval)."""
+    rows = lm_eval_rows(report)
+    if not rows:
+        return None
+    section = report["lm_eval"]
+    note = (f'<p class="note">lm-eval {_esc(section.get("version") or "")}, tasks <code>{_esc(section.get("tasks"))}'
+            f'</code>, few-shot {_esc(_number(section.get("num_fewshot")))}, limit {_esc(_number(section.get("limit")))}'
+            '; standard errors are in report.json.</p>')
+    cells = []
+    for task, metric, teacher, student, n in rows:
+        pct = f"{100 * student / teacher:.1f}%" if _finite(teacher) and _finite(student) and teacher else MISSING
+        cells.append([_esc(task), _esc(metric), _esc(_number(teacher)), _esc(_number(student)), pct,
+                      _esc(_number(n))])
+    return note + _table(["task", "metric", "teacher", "student", "% of teacher", "n"], cells, numeric_from=2)
+
+
 def _exports(report: dict) -> Optional[str]:
     """The files `distill export` wrote, measured like the student (the table's exports block)."""
     header, rows, notes = export_rows(report)
@@ -391,7 +408,8 @@ def _exports(report: dict) -> Optional[str]:
 
 
 OPTIONAL_PARTS = (("exports", "Exported files", _exports), ("calibration", "Calibration", _calibration),
-                  ("suites", "Task suites", _suites), ("judge", "Judge win rate", _judge))
+                  ("suites", "Task suites", _suites), ("lm_eval", "lm-evaluation-harness", _lm_eval),
+                  ("judge", "Judge win rate", _judge))
 
 
 # ---------------------------------------------------------------- sample answers

@@ -97,6 +97,28 @@ def _suite_lines(report: dict) -> list[str]:
     return ["", "task suites"] + lines if lines else []
 
 
+def lm_eval_rows(report: dict) -> list[tuple[str, str, Any, Any, Any]]:
+    """(task, metric, teacher, student, n) from report.json's `lm_eval`; standard errors stay in the JSON."""
+    section = report.get("lm_eval") or {}
+    teacher, student = section.get("teacher") or {}, section.get("student") or {}
+    rows = []
+    for task in list(student) + [t for t in teacher if t not in student]:
+        t_scores, s_scores = teacher.get(task) or {}, student.get(task) or {}
+        metrics = [m for m in list(s_scores) + [m for m in t_scores if m not in s_scores]
+                   if m != "n" and not m.endswith("_stderr")]
+        n = s_scores.get("n", t_scores.get("n"))
+        rows += [(task, metric, t_scores.get(metric), s_scores.get(metric), n) for metric in metrics]
+    return rows
+
+
+def _lm_eval_lines(report: dict) -> list[str]:
+    rows = lm_eval_rows(report)
+    version = (report.get("lm_eval") or {}).get("version")
+    lines = [f"  {task} {metric}: teacher {cell(t, _fixed(3))}, student {cell(s, _fixed(3))} (n = {n})"
+             for task, metric, t, s, n in rows]
+    return ["", f"lm-evaluation-harness {version or ''}".rstrip()] + lines if lines else []
+
+
 def _judge_lines(report: dict) -> list[str]:
     judge = report.get("judge")
     if not judge:
@@ -169,5 +191,6 @@ def format_table(report: dict) -> str:
     """Teacher vs student, one metric a row (↑ higher is better, ↓ lower is better), then the ratios."""
     lines = _metric_lines(report.get("teacher", {}), report.get("student", {}), report.get("student_init"))
     lines += ["", "ratios"] + _ratio_lines(report.get("ratios", {}))
-    lines += _export_lines(report) + _suite_lines(report) + _judge_lines(report) + _contamination_lines(report)
+    lines += _export_lines(report) + _suite_lines(report) + _lm_eval_lines(report) + _judge_lines(report)
+    lines += _contamination_lines(report)
     return "\n".join(lines) + "\n"
