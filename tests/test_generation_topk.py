@@ -226,3 +226,15 @@ def test_smollm2_cache_from_generation_needs_no_teacher_pass(tmp_path, monkeypat
     monkeypatch.setattr(from_recipe, "load_teacher", no_teacher)
     stats = capture(recipe, progress=False)
     assert stats.reused == stats.examples == 6, stats.forced_reasons
+
+
+def test_a_rerun_with_every_answer_on_disk_never_builds_the_teacher(tmp_path, talker, monkeypatch):
+    recipe = _cache_recipe(tmp_path, talker, _prompts(tmp_path, n=3), "rerun")
+    assert pipeline.generate(recipe, progress=False).done == 3
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was built with nothing left to answer")
+
+    monkeypatch.setattr(pipeline, "teacher_backend", no_teacher)
+    again = pipeline.generate(recipe, progress=False)
+    assert (again.done, again.skipped_existing) == (0, 3)

@@ -131,8 +131,10 @@ def generate(recipe: Recipe, *, progress: bool = True):
     for spec, prompts in teacher_assignments(recipe):
         # Only the recipe's own teacher's log-probs belong in its cache; other teachers' answers are teacher-forced.
         keep = recipe.teacher.cache_k if spec is recipe.teacher and captures_at_generation(recipe) else 0
+        backend = _LazyBackend(spec.model, lambda spec=spec, keep=keep: teacher_backend(
+            recipe, spec, tokenizer_needed=bool(keep)))
         stats = generate_responses(
-            teacher_backend(recipe, spec, tokenizer_needed=bool(keep)), prompts, out,
+            backend, prompts, out,
             params=replace(params, top_logprobs=keep), samples=recipe.generate.samples,
             system_prompt=recipe.data.system_prompt, reasoning=reasoning,
             shard_records=recipe.generate.shard_records, progress=progress,
@@ -144,6 +146,18 @@ def generate(recipe: Recipe, *, progress: bool = True):
             log.warning("generate: %d request(s) failed: %s (re-run to retry them)", count, error)
         all_stats.append(stats)
     return all_stats[0] if len(all_stats) == 1 else all_stats
+
+
+class _LazyBackend:
+    """A teacher backend built on first use: a re-run with every answer on disk never loads the teacher."""
+
+    def __init__(self, name: str, build):
+        self.name, self._build, self._backend = name, build, None
+
+    def __getattr__(self, key: str):  # batch_size, generate: reached only when something is left to answer
+        if self._backend is None:
+            self._backend = self._build()
+        return getattr(self._backend, key)
 
 
 def filter_data(recipe: Recipe):

@@ -293,7 +293,7 @@ def generate_responses(
     bar = tqdm(total=len(requests), initial=stats.skipped_existing, desc=f"teacher answers ({backend.name})",
                unit="answer", disable=not progress)
     start = time.perf_counter()
-    for sample, chunk in _chunks(todo, backend.batch_size):
+    for sample, chunk in _chunks(todo, backend.batch_size) if todo else ():
         results = backend.generate([r.conversation for r in chunk], _sample_params(params, sample))
         if len(results) != len(chunk):
             raise DistillError(f"teacher {backend.name}: {len(results)} results for {len(chunk)} requests")
