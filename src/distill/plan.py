@@ -306,10 +306,10 @@ def _encoded_lengths(recipe: Recipe, tokenizer, examples: list) -> list[tuple[in
 
 def _prompt_lengths(recipe: Recipe, tokenizer) -> list[tuple[int, int]]:
     """Prompt tokens + a full-length answer (max_new_tokens and its end-of-turn token), cut at max_length."""
-    from distill.data.examples import read_prompts
+    from distill.teachers.from_recipe import recipe_prompts
     from distill.teachers.local import prompt_ids
 
-    prompts = read_prompts(recipe.path(recipe.data.prompts))[: recipe.generate.max_prompts]
+    prompts = recipe_prompts(recipe)  # mapped by data.fields, from files or hf:// datasets, cut to max_prompts
     answer = recipe.generate.max_new_tokens + 1
     lengths = []
     for p in prompts:

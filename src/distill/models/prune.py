@@ -449,8 +449,9 @@ def _narrower(target: dict, config) -> bool:
 
 def calibration_token_ids(recipe, tokenizer) -> list[list[int]]:
     """Token ids of the calibration text: calibration.file, else the training data, else the prompts."""
-    from distill.data.examples import Example, read_examples, read_prompts
+    from distill.data.examples import Example, read_examples
     from distill.data.splits import recipe_examples, teacher_data_path
+    from distill.teachers.from_recipe import recipe_prompts
     from distill.data.tokenize import example_token_ids
 
     calibration = recipe.student.from_teacher.calibration
@@ -460,7 +461,7 @@ def calibration_token_ids(recipe, tokenizer) -> list[list[int]]:
     elif data.train is not None or (data.prompts is not None and teacher_data_path(recipe).is_dir()):
         examples = recipe_examples(recipe)[0]  # the held-out split stays unseen
     else:  # before the teacher has answered: its prompts still show which parts of the model fire
-        examples = [Example(id=p.id, messages=p.messages) for p in read_prompts(recipe.path(data.prompts))]
+        examples = [Example(id=p.id, messages=p.messages) for p in recipe_prompts(recipe)]
     ids, budget = [], calibration.samples * calibration.max_length
     for example in examples:
         ids.append(example_token_ids(example, tokenizer, calibration.max_length, data.system_prompt))
