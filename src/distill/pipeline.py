@@ -239,12 +239,12 @@ def export_targets(recipe: Recipe) -> list[tuple[str, str | None]]:
 
 def export(recipe: Recipe) -> list[Path]:
     """Stage 3b: the trained student in each export.formats, under <run>/exports/ (kept while newer than it)."""
-    from distill.export import default_export_dir, export_model
+    from distill.export import default_export_dir, export_model, older_than
 
     student, written = recipe.run_dir / "student", []
     for fmt, quant in export_targets(recipe):
         target = default_export_dir(recipe.run_dir, fmt, quant)
-        if target.exists() and student.is_dir() and target.stat().st_mtime >= student.stat().st_mtime:
+        if target.exists() and student.is_dir() and not older_than(target, student):
             log.info("export: %s is newer than the student; kept", target)
             continue
         written.append(export_model(recipe.run_dir, None, fmt, quant))

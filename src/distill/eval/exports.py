@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Literal, Optional
 import torch
 
 from distill.errors import DistillError
-from distill.export import EXPORTS_DIR
+from distill.export import EXPORTS_DIR, older_than
 from distill.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -103,12 +103,11 @@ def measure_exports(recipe: Recipe, reference: Reference, teacher_row: dict, stu
     exports = find_exports(recipe.run_dir)
     if not exports:
         return {}
-    trained_at = _newest_mtime(student_dir)
     section = {}
     for export in exports:
         log.info("eval: measuring export %s", export.name)
         row = _export_row(recipe, export, reference, teacher_row, dtype, progress)
-        row["older_than_student"] = _newest_mtime(export.path) < trained_at
+        row["older_than_student"] = older_than(export.path, student_dir)
         if row["older_than_student"]:
             log.warning("eval: %s was written before the student was last saved; export it again to measure the "
                         "current student", export.path)
@@ -154,9 +153,3 @@ def _load(export: Export, dtype: torch.dtype, device: torch.device, shared_vocab
         raise DistillError(f"{export.path}: vocabulary of {model.config.vocab_size} tokens, fewer than the "
                            f"{shared_vocab} the student shares with the teacher; not an export of this student")
     return model
-
-
-def _newest_mtime(path: Path) -> float:
-    """When a file, or the newest file in a folder, was last written."""
-    files = [path] if path.is_file() else [path, *(f for f in path.iterdir() if f.is_file())]
-    return max(f.stat().st_mtime for f in files)

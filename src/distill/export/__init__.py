@@ -21,6 +21,17 @@ def default_export_dir(run_dir: Path, fmt: str = "hf", quant: str | None = None)
     return Path(run_dir) / EXPORTS_DIR / (fmt if quant is None else f"{fmt}-{quant.lower()}")
 
 
+def older_than(export: Path, student_dir: Path) -> bool:
+    """Was the export (a file or folder) written before the student was last saved?"""
+    return _newest_mtime(export) < _newest_mtime(student_dir)
+
+
+def _newest_mtime(path: Path) -> float:
+    """When a file, or the newest file in a folder, was last written."""
+    files = [path] if path.is_file() else [path, *(f for f in path.iterdir() if f.is_file())]
+    return max(f.stat().st_mtime for f in files)
+
+
 def parse_target(target: str) -> tuple[str, str | None]:
     """'gguf:q8_0' -> ('gguf', 'q8_0'), 'hf' -> ('hf', None): checked before anything is trained or written."""
     fmt, _, quant = target.partition(":")
@@ -93,4 +104,5 @@ def _export_gguf(source: Path, out: Path, quant: str, verify: bool) -> Path:
     return written
 
 
-__all__ = ["EXPORTS_DIR", "FORMATS", "default_export_dir", "export_hf", "export_model", "model_card", "parse_target"]
+__all__ = ["EXPORTS_DIR", "FORMATS", "default_export_dir", "export_hf", "export_model", "model_card", "older_than",
+           "parse_target"]
