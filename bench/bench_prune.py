@@ -56,7 +56,7 @@ def _measure(model, teacher, batches, shared_vocab: int) -> dict:
 
 
 def _held_out(recipe, tokenizer):
-    from distill.data.splits import recipe_examples
+    from distill.stages.data import recipe_examples
     from distill.data.tokenize import collate, encode_all, padding_id
 
     _, held_out = recipe_examples(recipe)
@@ -68,27 +68,27 @@ def _held_out(recipe, tokenizer):
 def run_variant(out: Path, name: str, steps: int) -> dict:
     """Build, measure, train and measure one variant; returns its row."""
     from distill.models import count_params, load_model
-    from distill.models.from_recipe import load_teacher, student_init_dir, teacher_tokenizer
-    from distill.pipeline import prepare_run_dir
-    from distill.train.trainer import train
+    from distill.stages.facts import load_teacher, run_files, teacher_tokenizer
+    from distill.stages import prepare_run_dir
+    from distill.stages import train
 
     recipe = _recipe(out, name, VARIANTS[name], steps)
     prepare_run_dir(recipe, restart=True)
     shutil.copytree(out / "teacher_data", recipe.run_dir / "teacher_data", dirs_exist_ok=True)
     tokenizer = teacher_tokenizer(recipe)
-    teacher = load_teacher(recipe, torch.device("cpu"), torch.float32)
+    teacher = load_teacher(recipe)
     batches = _held_out(recipe, tokenizer)
     shared_vocab = teacher.config.vocab_size
     started = time.perf_counter()
     result = train(recipe, progress=False)
     seconds = time.perf_counter() - started
-    before = load_model(str(student_init_dir(recipe)))
+    before = load_model(str(run_files(recipe).student_init))
     after = load_model(str(result.student_dir))
     row = {"variant": name, "params": count_params(after), "share": count_params(after) / count_params(teacher),
            "before": _measure(before, teacher, batches, shared_vocab),
            "after": _measure(after, teacher, batches, shared_vocab), "train_seconds": round(seconds, 1),
            "teacher": _measure(teacher, teacher, batches, shared_vocab) if name == "depth" else None}
-    pruning = student_init_dir(recipe) / "pruning.json"
+    pruning = run_files(recipe).student_init / "pruning.json"
     if pruning.is_file():
         report = json.loads(pruning.read_text())
         row["keep_layers"] = report["keep_layers"]
@@ -97,7 +97,7 @@ def run_variant(out: Path, name: str, steps: int) -> dict:
 
 def _generate(out: Path) -> None:
     """The teacher answers the quickstart prompts once; every variant trains on the same answers."""
-    from distill.pipeline import generate, prepare_run_dir
+    from distill.stages import generate, prepare_run_dir
 
     if (out / "teacher_data").is_dir():
         return

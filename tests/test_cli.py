@@ -160,7 +160,7 @@ def test_killed_training_resumes_without_losing_or_repeating_steps(tmp_path, tin
 
 
 def test_generate_filter_train_uses_only_kept_answers(tmp_path, tiny_teacher_dir, capsys):
-    from distill.data.splits import recipe_examples
+    from distill.stages.data import recipe_examples
     from distill.recipe import load_recipe
 
     recipe = tiny_recipe(tmp_path / "run", tiny_teacher_dir, _prompts(tmp_path))

@@ -10,9 +10,9 @@ import shutil
 import pytest
 
 from conftest import tiny_recipe
-from distill import pipeline
+from distill import stages as pipeline
 from distill.cli import main
-from distill.eval.exports import find_exports
+from distill.export.found import find_exports
 from distill.export import default_export_dir, export_model
 from distill.recipe import recipe_from_dict
 from distill.report.html import write_report
@@ -179,7 +179,7 @@ def test_an_export_that_does_not_load_gets_a_row_with_the_error(evaluated, tmp_p
 
     import torch
 
-    from distill.eval.exports import measure_exports
+    from distill.stages.evaluation import measure_exports
 
     recipe, report, _, _ = evaluated
     broken = tmp_path / "exports" / "hf-int8"
@@ -188,7 +188,7 @@ def test_an_export_that_does_not_load_gets_a_row_with_the_error(evaluated, tmp_p
     (broken / "model.quanto.safetensors").write_bytes(b"x" * 10)
     moved = recipe.model_copy(update={"output_dir": str(tmp_path)})
     reference = SimpleNamespace(device=torch.device("cpu"), shared_vocab=report["meta"]["shared_vocab"])
-    section = measure_exports(moved, reference, report["teacher"], recipe.run_dir / "student", torch.float32, False)
+    section = measure_exports(moved.run_dir, reference, report["teacher"], recipe.run_dir / "student", torch.float32, False)
     row = section["exports"]["hf-int8"]
     assert (row["format"], row["quant"], row["bytes_on_disk"]) == ("hf", None, 10)
     assert "distill_quantization.json" in row["error"] or "optimum-quanto" in row["error"]

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import tiny_recipe
-from distill import pipeline
+from distill import stages as pipeline
 from distill.recipe import recipe_from_dict
 from distill.report.table import format_table
 
@@ -76,7 +76,8 @@ def test_suites_judge_and_contamination(evaluated):
 
 def test_lm_eval_section_scores_teacher_and_student(evaluated, tmp_path, tiny_teacher_dir):
     pytest.importorskip("lm_eval")
-    from distill.eval.stage import _lm_eval_section, _lm_eval_tasks
+    from distill.eval.lm_eval_bridge import parse_task_specs
+    from distill.stages.evaluation import lm_eval_section
     from distill.models import load_model, load_tokenizer
 
     recipe, _ = evaluated
@@ -84,7 +85,7 @@ def test_lm_eval_section_scores_teacher_and_student(evaluated, tmp_path, tiny_te
     (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
     recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"lm_eval": f"mc={tmp_path}/mc.jsonl:multiple_choice"})})
     model, tokenizer = load_model(str(tiny_teacher_dir)), load_tokenizer(str(tiny_teacher_dir))
-    section = _lm_eval_section(recipe, _lm_eval_tasks(recipe), {"teacher": model, "student": model}, tokenizer)
+    section = lm_eval_section(recipe, parse_task_specs(recipe.eval.lm_eval), {"teacher": model, "student": model}, tokenizer)
     lm = section["lm_eval"]
     assert lm["teacher"]["mc"]["n"] == 3 and 0 <= lm["teacher"]["mc"]["acc"] <= 1
     assert lm["teacher"] == lm["student"]  # the same model scores the same
@@ -102,7 +103,8 @@ def test_html_report_shows_before_training_contamination_suites_and_judge(evalua
 def test_speed_threads_times_with_that_many_threads_and_restores_them(tmp_path, tiny_teacher_dir, pairs_jsonl):
     import torch
 
-    from distill.eval.stage import _speed
+    from distill.eval.measure import speed_row
+    from distill.stages.evaluation import measure_settings
     from distill.models import load_model, load_tokenizer
 
     recipe = recipe_from_dict(tiny_recipe(tmp_path / "run", tiny_teacher_dir, pairs_jsonl,
@@ -111,7 +113,7 @@ def test_speed_threads_times_with_that_many_threads_and_restores_them(tmp_path, 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        row = _speed(recipe, model, tok, torch.device("cpu"), weight_bytes=0)
+        row = speed_row(model, tok, torch.device("cpu"), 0, measure_settings(recipe))
         assert row["speed_threads"] == 1 and torch.get_num_threads() == 2
         assert row["decode_tokens_per_s"] > 0 and row["decode_tokens_per_s_b2"] > 0
     finally:

@@ -12,12 +12,12 @@ from transformers import AutoModelForCausalLM
 
 from conftest import tiny_recipe
 from distill.cli import main
-from distill.eval.stage import evaluate_run
+from distill.stages.evaluation import evaluate as evaluate_run
 from distill.export import export_model, model_card
-from distill.pipeline import prepare_run_dir
+from distill.stages import prepare_run_dir
 from distill.recipe import recipe_from_dict
 from distill.report.table import format_table
-from distill.train.trainer import train
+from distill.stages import train
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 129, 200]])
 

@@ -213,8 +213,9 @@ def test_local_generation_stop_strings_and_top_logprobs(backend, prompts):
 @pytest.mark.parametrize("mixture", ["route", "all"])
 def test_mixture_of_teachers_routes_by_tag_or_asks_all(tmp_path, tiny_teacher_dir, tiny_student_dir, mixture):
     from conftest import tiny_recipe
-    from distill import pipeline
-    from distill.data.splits import planned_ids, teacher_data_path
+    from distill import stages as pipeline
+    from distill.stages.data import planned_ids
+    from distill.stages.facts import run_files
     from distill.recipe import recipe_from_dict
 
     rows = [{"id": f"p{i}", "prompt": f"Question {i}?", "tags": ["math"] if i % 2 else []} for i in range(4)]
@@ -225,7 +226,7 @@ def test_mixture_of_teachers_routes_by_tag_or_asks_all(tmp_path, tiny_teacher_di
                        "teachers": [{"model": str(tiny_student_dir), "tags": ["math"]}]}
     recipe = recipe_from_dict(raw)
     pipeline.generate(recipe, progress=False)
-    latest = latest_records(teacher_data_path(recipe))
+    latest = latest_records(run_files(recipe).teacher_data)
     by_teacher = {}
     for r in latest.values():
         by_teacher.setdefault(r["teacher"], set()).add(r["prompt_id"])

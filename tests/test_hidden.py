@@ -19,7 +19,9 @@ from distill.models.heads import decoder_hidden_states, decoder_layer_outputs
 from distill.recipe import recipe_from_dict
 from distill.train.checkpoint import MATCHER_FILE, list_checkpoints
 from distill.signals.teacher_signal import LiveTeacher
-from distill.train.trainer import hidden_matcher, loss_on_batch, train
+from distill.stages.training import hidden_matcher
+from distill.train.step import loss_on_batch
+from distill.stages import train
 
 # ---------------------------------------------------------------- losses against a float64 reference
 
@@ -229,7 +231,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def test_depth_pruned_student_starts_with_zero_hidden_loss(tmp_path, tiny_teacher_dir, pairs_jsonl):
-    from distill.data.splits import recipe_examples
+    from distill.stages.data import recipe_examples
     from distill.data.tokenize import collate, encode_all
     from distill.models import load_tokenizer
 

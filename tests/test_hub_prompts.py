@@ -76,7 +76,7 @@ def test_load_failure_and_missing_package_are_one_line(hub, monkeypatch):
 
 def test_recipe_with_hub_prompts_validates_and_reads_them(hub, tmp_path, tiny_teacher_dir):
     from conftest import tiny_recipe
-    from distill import pipeline
+    from distill import stages as pipeline
     from distill.recipe import recipe_from_dict
 
     raw = tiny_recipe(tmp_path / "run", tiny_teacher_dir, Path("unused"))

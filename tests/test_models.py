@@ -534,7 +534,7 @@ def test_convert_gguf_gives_identical_hf_model(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["micro", "tiny", "small", "base", "large"])
 def test_presets_follow_small_model_practice(name):
-    from distill.models.presets import PRESETS
+    from distill.stages.presets import PRESETS
 
     c = PRESETS[name]
     assert c.tie_embeddings and c.num_kv_heads < c.num_heads  # tied, GQA
@@ -544,7 +544,7 @@ def test_presets_follow_small_model_practice(name):
 
 
 def test_preset_student_has_the_documented_size(tmp_path, tiny_teacher_dir):
-    from distill.models.presets import preset_config
+    from distill.stages.presets import preset_config
 
     teacher = load_model(str(tiny_teacher_dir))
     tokenizer = load_tokenizer(str(tiny_teacher_dir))

@@ -21,7 +21,8 @@ from distill.errors import DistillError
 from distill.recipe import MethodSpec, recipe_from_dict
 from distill.train.checkpoint import list_checkpoints
 from distill.signals.teacher_signal import LiveTeacher
-from distill.train.trainer import loss_on_batch, train
+from distill.train.step import loss_on_batch
+from distill.stages import train
 from conftest import tiny_recipe
 
 

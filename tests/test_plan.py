@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from distill.cli import main
-from distill.data.splits import recipe_examples
+from distill.stages.data import recipe_examples
 from distill.data.tokenize import batch_indices, collate, encode_all
 from distill.models import count_params, decoder_hidden_states, load_model
 from distill.plan import (
@@ -85,7 +85,7 @@ def test_from_teacher_student_keeps_the_teachers_head_size(tmp_path, tiny_teache
 
 
 def test_from_teacher_student_matches_the_pruned_model(tmp_path, tiny_teacher_dir, pairs_jsonl):
-    from distill.models.prune import prune_from_recipe
+    from distill.stages.student import prune_from_recipe
 
     recipe = recipe_from_dict(tiny_recipe(tmp_path / "run", tiny_teacher_dir, pairs_jsonl, student={
         "config": None, "from_teacher": {"layers": 1, "hidden_size": 48, "num_heads": 2, "intermediate_size": 96,
@@ -132,7 +132,7 @@ def test_step_flops_equal_the_trainers_counted_flops(tmp_path, tiny_teacher_dir,
     from distill.models import build_student
     from distill.plan import BatchStats
     from distill.signals.teacher_signal import LiveTeacher
-    from distill.train.trainer import loss_on_batch
+    from distill.train.step import loss_on_batch
 
     # TVD and alpha's CE add no matmuls of their own, so every counted FLOP is one the planner predicts.
     recipe = recipe_from_dict(tiny_recipe(tmp_path / "run", tiny_teacher_dir, pairs_jsonl,

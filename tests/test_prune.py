@@ -240,7 +240,7 @@ def test_recipe_builds_saves_and_reuses_the_student(tmp_path, tiny_teacher_dir, 
     assert report["student_shape"]["layers"] == 1 and report["student_shape"]["hidden"] == 32
     stamp = (built / "model.safetensors").stat().st_mtime_ns
     recipe = recipe_from_dict(raw)
-    from distill.train.trainer import train
+    from distill.stages import train
 
     result = train(recipe, progress=False)  # reuses the built student
     assert (built / "model.safetensors").stat().st_mtime_ns == stamp
@@ -274,7 +274,7 @@ def _perplexity(model, held_out: torch.Tensor) -> float:
 @pytest.mark.slow
 def test_stories260k_pruned_half_beats_random_init_before_and_after_kd(tmp_path):
     """A student cut to ~half of stories260K starts far better than the same shape at random, and stays ahead."""
-    from distill.train.trainer import train
+    from distill.stages import train
 
     require_shared(STORIES260K)
     require_shared(TINYSTORIES_TEXT)
@@ -312,7 +312,7 @@ def test_stories260k_pruned_half_beats_random_init_before_and_after_kd(tmp_path)
 
 def test_calibration_text_falls_back_to_the_prompts_before_the_teacher_answers(tmp_path, tiny_teacher_dir,
                                                                                 pairs_jsonl):
-    from distill.models.prune import calibration_token_ids
+    from distill.stages.student import calibration_token_ids
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Tell me about {w}."}) + "\n" for w in ("cats", "dogs")))

@@ -138,7 +138,7 @@ def test_reliability_diagram_from_the_calibration_shape():
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory, tiny_teacher_dir) -> Path:
     """A run trained and evaluated by the real pipeline functions on the fixture teacher."""
-    from distill import pipeline
+    from distill import stages as pipeline
     from distill.recipe import recipe_from_dict
 
     base = tmp_path_factory.mktemp("report_run")

@@ -14,9 +14,9 @@ from distill.cli import main
 from distill.errors import DistillError
 from distill.recipe import Recipe, recipe_from_dict
 from distill.signals.cache import HEADER, TopKCache, shard_name
-from distill.signals.capture import capture
+from distill.stages import capture
 from distill.signals.encoding import LOG_FLOOR, Codec, TopKRows
-from distill.signals.reader import open_teacher_cache
+from distill.stages.training import open_recipe_cache
 from conftest import tiny_recipe
 
 TINY_VOCAB = 320
@@ -201,9 +201,9 @@ def _recipe(tmp_path: Path, teacher_dir: Path, data: Path, name: str = "r", **te
 
 
 def _encoded(recipe):
-    from distill.data.splits import recipe_examples
+    from distill.stages.data import recipe_examples
     from distill.data.tokenize import encode_all
-    from distill.models.from_recipe import teacher_tokenizer
+    from distill.stages.facts import teacher_tokenizer
 
     tok = teacher_tokenizer(recipe)
     return tok, encode_all(recipe_examples(recipe)[0], tok, recipe.data.max_length)
@@ -213,12 +213,12 @@ def test_full_vocab_cache_gives_the_online_loss_and_gradients(tmp_path, tiny_tea
     from distill.data.tokenize import batch_indices, collate
     from distill.models import load_model
     from distill.signals.teacher_signal import CachedTeacher, LiveTeacher
-    from distill.train.trainer import loss_on_batch
+    from distill.train.step import loss_on_batch
 
     recipe = _recipe(tmp_path, tiny_teacher_dir, pairs_jsonl, cache_k=TINY_VOCAB, cache_exact=True)
     capture(recipe, progress=False, shard_examples=5)
     tok, encoded = _encoded(recipe)
-    cached = open_teacher_cache(recipe, tok, encoded)
+    cached = open_recipe_cache(recipe, tok, encoded)
     teacher = load_model(str(tiny_teacher_dir)).eval().requires_grad_(False)
     student = load_model(str(tiny_teacher_dir))  # any student on the same vocabulary
     for m in student.modules():  # move it away from the teacher so the KD term is not ~0
@@ -244,7 +244,7 @@ def test_live_and_cached_signals_take_the_same_loss_call_and_the_cache_runs_no_m
     from distill.data.tokenize import batch_indices, collate
     from distill.models import load_model
     from distill.signals.teacher_signal import CachedTeacher, LiveTeacher
-    from distill.train.trainer import loss_on_batch
+    from distill.train.step import loss_on_batch
 
     tok, encoded = _encoded(cached_recipe)
     teacher = load_model(str(tiny_teacher_dir)).eval().requires_grad_(False)
@@ -252,7 +252,7 @@ def test_live_and_cached_signals_take_the_same_loss_call_and_the_cache_runs_no_m
     teacher_runs: list[int] = []
     teacher.register_forward_pre_hook(lambda *_: teacher_runs.append(1))
     teacher.model.register_forward_pre_hook(lambda *_: teacher_runs.append(1))  # the body alone, as the loss runs it
-    cached = CachedTeacher(open_teacher_cache(cached_recipe, tok, encoded))
+    cached = CachedTeacher(open_recipe_cache(cached_recipe, tok, encoded))
     # The cached signal holds a reader (cache, hashes, labels) and nothing that could run a teacher.
     assert [f.name for f in fields(cached)] == ["reader"]
     assert not any(isinstance(v, torch.nn.Module) for v in vars(cached.reader).values())
@@ -299,7 +299,7 @@ def cached_recipe(tmp_path, tiny_teacher_dir, pairs_jsonl):
 def _refused(recipe, match: str) -> None:
     tok, encoded = _encoded(recipe)
     with pytest.raises(DistillError, match=match):
-        open_teacher_cache(recipe, tok, encoded)
+        open_recipe_cache(recipe, tok, encoded)
 
 
 def test_corrupted_truncated_and_missing_shards_are_refused(cached_recipe, tmp_path):
@@ -319,7 +319,7 @@ def test_corrupted_truncated_and_missing_shards_are_refused(cached_recipe, tmp_p
 
 def test_a_blob_corrupted_after_verification_is_refused_on_read(cached_recipe, tmp_path):
     tok, encoded = _encoded(cached_recipe)
-    cached = open_teacher_cache(cached_recipe, tok, encoded)
+    cached = open_recipe_cache(cached_recipe, tok, encoded)
     shard = tmp_path / "cache" / shard_name(0)
     entry = cached.cache._indexes[0]
     data = bytearray(shard.read_bytes())
@@ -354,13 +354,13 @@ def test_cache_from_other_data_teacher_or_tokenizer_is_refused(cached_recipe, tm
 
 def test_training_from_the_cache_never_loads_the_teacher_and_resumes_exactly(
         cached_recipe, tmp_path, tiny_teacher_dir, pairs_jsonl, monkeypatch):
-    from distill.models import from_recipe
-    from distill.train.trainer import train
+    from distill.stages import facts
+    from distill.stages import train
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher's weights were loaded")
 
-    monkeypatch.setattr(from_recipe, "load_teacher", no_teacher)
+    monkeypatch.setattr(facts, "load_model", no_teacher)
     student = {"model": str(tiny_teacher_dir), "config": None}  # an existing student: nothing built from the teacher
     whole = recipe_from_dict(tiny_recipe(tmp_path / "w", tiny_teacher_dir, pairs_jsonl, student=student,
                                          teacher={"cache": str(tmp_path / "cache"), "cache_k": 16}))
@@ -378,7 +378,7 @@ def test_training_from_the_cache_never_loads_the_teacher_and_resumes_exactly(
 
 
 def test_bf16_compute_trains_from_the_cache(cached_recipe, tmp_path, tiny_teacher_dir, pairs_jsonl):
-    from distill.train.trainer import train
+    from distill.stages import train
 
     recipe = recipe_from_dict(tiny_recipe(tmp_path / "bf16", tiny_teacher_dir, pairs_jsonl,
                                           teacher={"cache": str(tmp_path / "cache"), "cache_k": 16},
@@ -389,7 +389,7 @@ def test_bf16_compute_trains_from_the_cache(cached_recipe, tmp_path, tiny_teache
 
 
 def test_hidden_kd_with_a_cache_is_refused(cached_recipe, tmp_path, tiny_teacher_dir, pairs_jsonl):
-    from distill.train.trainer import train
+    from distill.stages import train
 
     recipe = recipe_from_dict(tiny_recipe(tmp_path / "h", tiny_teacher_dir, pairs_jsonl,
                                           teacher={"cache": str(tmp_path / "cache")}, method={"hidden": {}}))
@@ -450,7 +450,7 @@ def test_top64_cache_trains_stories260k_as_well_as_online_kd(tmp_path):
     from distill.data.examples import read_examples
     from distill.data.tokenize import collate, encode_all
     from distill.models import load_model, load_tokenizer
-    from distill.train.trainer import train
+    from distill.stages import train
 
     require_shared(STORIES260K)
     train_file, held_out_file = tinystories_split(tmp_path, train=96, held_out=32)

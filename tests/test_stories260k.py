@@ -6,7 +6,7 @@ import torch
 
 from conftest import STORIES260K, require_shared, tinystories_split
 from distill.recipe import recipe_from_dict
-from distill.train.trainer import train
+from distill.stages import train
 
 pytestmark = pytest.mark.slow
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill import pipeline
+from distill import stages as pipeline
 from distill.errors import DistillError
 from distill.recipe import recipe_from_dict
 from distill.train.checkpoint import list_checkpoints
 from distill.train.schedule import lr_multiplier
-from distill.train.trainer import train
+from distill.stages import train
 from conftest import tiny_recipe
 
 

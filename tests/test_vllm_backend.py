@@ -163,7 +163,7 @@ def _recipe(tmp_path: Path, teacher: dict, **data):
 
 
 def test_teacher_backend_picks_vllm_from_the_recipe(fake_vllm, tmp_path, tiny_teacher_dir):
-    from distill.pipeline import teacher_backend
+    from distill.stages.facts import teacher_backend
 
     recipe = _recipe(tmp_path, {"model": str(tiny_teacher_dir), "engine": "vllm", "dtype": "float16",
                                 "trust_remote_code": True})
@@ -182,7 +182,7 @@ def test_gguf_teacher_is_given_to_vllm_as_its_file(fake_vllm, tmp_path):
     folder.mkdir()
     (folder / "model.Q4.gguf").write_bytes(b"GGUF")
     recipe = _recipe(tmp_path, {"model": "gguf_teacher", "engine": "vllm"})  # relative to the recipe's folder
-    from distill.pipeline import teacher_backend
+    from distill.stages.facts import teacher_backend
 
     backend = teacher_backend(recipe)
     assert backend.llm.kwargs["model"] == str(folder / "model.Q4.gguf") and backend.name == "gguf_teacher"

@@ -8,8 +8,7 @@ from pathlib import Path
 
 from distill.errors import DistillError
 from distill.recipe import Recipe, load_recipe
-
-__version__ = "0.1.0"
+from distill.version import __version__
 
 
 def _recipe(recipe: Recipe | str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -19,34 +18,34 @@ def _recipe(recipe: Recipe | str | Path, overrides: list[str] | None = None) -> 
 def run(recipe: Recipe | str | Path, overrides: list[str] | None = None, *, restart: bool = False,
         progress: bool = True) -> dict:
     """`distill run`: generate, train and evaluate; returns the report."""
-    from distill import pipeline
+    from distill import stages
 
-    return pipeline.run(_recipe(recipe, overrides), restart=restart, progress=progress)
+    return stages.run(_recipe(recipe, overrides), restart=restart, progress=progress)
 
 
 def generate(recipe: Recipe | str | Path, overrides: list[str] | None = None, *, progress: bool = True):
     """`distill generate`: the teacher answers the recipe's prompts."""
-    from distill import pipeline
+    from distill import stages
 
     r = _recipe(recipe, overrides)
-    pipeline.prepare_run_dir(r)
-    return pipeline.generate(r, progress=progress)
+    stages.prepare_run_dir(r)
+    return stages.generate(r, progress=progress)
 
 
 def train(recipe: Recipe | str | Path, overrides: list[str] | None = None, *, progress: bool = True):
     """`distill train`: distil the student, resuming from the newest checkpoint."""
-    from distill import pipeline
+    from distill import stages
 
     r = _recipe(recipe, overrides)
-    pipeline.prepare_run_dir(r)
-    return pipeline.train(r, progress=progress)
+    stages.prepare_run_dir(r)
+    return stages.train(r, progress=progress)
 
 
 def evaluate(recipe: Recipe | str | Path, overrides: list[str] | None = None, *, progress: bool = True) -> dict:
     """`distill eval`: teacher-vs-student report (also written to <run>/report.json)."""
-    from distill import pipeline
+    from distill import stages
 
-    return pipeline.evaluate(_recipe(recipe, overrides), progress=progress)
+    return stages.evaluate(_recipe(recipe, overrides), progress=progress)
 
 
 __all__ = ["DistillError", "Recipe", "load_recipe", "run", "generate", "train", "evaluate", "__version__"]

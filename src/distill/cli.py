@@ -1,4 +1,4 @@
-"""The `distill` command: a thin layer over distill.pipeline; user errors print one line and exit 2."""
+"""The `distill` command: a thin layer over distill.stages; user errors print one line and exit 2."""
 from __future__ import annotations
 
 import argparse
@@ -110,7 +110,7 @@ def setup_logging(log_file: Path | None = None) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> None:
-    from distill import pipeline
+    from distill import stages
     from distill.recipe import load_recipe
 
     if args.command == "convert":
@@ -157,7 +157,9 @@ def _dispatch(args: argparse.Namespace) -> None:
         return
     if args.command == "student":
         setup_logging()
-        out = pipeline.build_student(recipe, out_dir=args.out)
+        if args.out is None:
+            stages.prepare_run_dir(recipe)
+        out = stages.build_student(recipe, out_dir=args.out)
         print(f"student saved to {out}")
         return
     if getattr(args, "resume", False) and getattr(args, "restart", False):
@@ -165,28 +167,28 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "eval":  # reads a run; makes none
         setup_logging(recipe.run_dir / "log.txt" if recipe.run_dir.is_dir() else None)
     else:
-        pipeline.prepare_run_dir(recipe, restart=getattr(args, "restart", False))
+        stages.prepare_run_dir(recipe, restart=getattr(args, "restart", False))
         setup_logging(recipe.run_dir / "log.txt")
     progress = not args.no_progress
     if args.command == "run":
-        pipeline.run(recipe, progress=progress)  # the run directory is prepared above (--restart included)
+        stages.run(recipe, progress=progress)  # the run directory is prepared above (--restart included)
         print(f"report: {recipe.run_dir / 'report.html'}")
     elif args.command == "generate":
-        pipeline.generate(recipe, progress=progress)
+        stages.generate(recipe, progress=progress)
     elif args.command == "filter":
         if recipe.filter is None:
             raise DistillError(f"{args.recipe}: no filter section; add `filter: {{}}` for the default filters")
-        result = pipeline.filter_data(recipe)
+        result = stages.filter_data(recipe)
         if result is None:
             raise DistillError(f"{args.recipe}: no data.prompts, so no teacher answers to filter")
         print(f"kept {result.total_out} of {result.total_in} teacher answers -> "
               f"{recipe.run_dir / 'teacher_data.filtered.jsonl'}")
     elif args.command == "train":
-        pipeline.train(recipe, progress=progress)
+        stages.train(recipe, progress=progress)
     elif args.command == "eval":
-        pipeline.evaluate(recipe, progress=progress)
+        stages.evaluate(recipe, progress=progress)
     elif args.command == "capture":
-        stats = pipeline.capture(recipe, progress=progress)
+        stats = stages.capture(recipe, progress=progress)
         hint = "" if recipe.teacher.cache else f"; set teacher.cache: {stats.path} to train from it"
         print(f"teacher cache: {stats.path} ({stats.examples} examples, {stats.bytes / 1e6:.1f} MB){hint}")
 

@@ -1,6 +1,6 @@
 """Predict a recipe's training cost before any run: parameters, FLOPs per token, memory and time on this machine.
 
-A step is costed as the trainer runs it (distill.train.trainer): the student's decoder forward and backward
+A step is costed as the trainer runs it (distill.train.loop): the student's decoder forward and backward
 on every padded position, the frozen teacher's forward when KD uses a live teacher, and the chunked loss
 (distill.losses.kd) on the labelled positions only, which forms logits `chunk_size` rows at a time and works
 out the head's gradients in its forward pass (three `[rows, V]` matmuls for the student, one for the teacher,
@@ -129,8 +129,8 @@ def shape_from_config(config) -> ModelShape:
 
 
 def student_shape(recipe: Recipe, teacher: ModelShape) -> ModelShape:
-    """The student's shape as the trainer will build it (distill.models.from_recipe.initial_student)."""
-    from distill.models.presets import preset_config
+    """The student's shape as the trainer will build it (distill.stages.student.initial_student)."""
+    from distill.stages.presets import preset_config
     from distill.models.student import default_intermediate_size
 
     spec = recipe.student
@@ -175,7 +175,7 @@ def model_config(recipe: Recipe, spec):
     from transformers import AutoConfig
 
     from distill.models.loading import gguf_cache_dir
-    from distill.models.from_recipe import model_source
+    from distill.stages.facts import model_source
 
     path, gguf = model_source(recipe, spec)
     if gguf is not None and (gguf_cache_dir(path, gguf) / "config.json").is_file():
@@ -265,9 +265,10 @@ class BatchStats:
 
 def _example_lengths(recipe: Recipe, tokenizer) -> tuple[list[tuple[int, int]], int, str]:
     """(tokens, trained positions) per training example (or a sample), how many examples, and the source."""
-    from distill.data.splits import recipe_examples, teacher_data_path
+    from distill.stages.data import recipe_examples
+    from distill.stages.facts import run_files
 
-    if recipe.data.prompts is not None and not teacher_data_path(recipe).is_dir():
+    if recipe.data.prompts is not None and not run_files(recipe).teacher_data.is_dir():
         lengths = _prompt_lengths(recipe, tokenizer)
         count = len(lengths)
         source = (f"estimated: {count} prompts of data.prompts + generate.max_new_tokens="
@@ -306,7 +307,7 @@ def _encoded_lengths(recipe: Recipe, tokenizer, examples: list) -> list[tuple[in
 
 def _prompt_lengths(recipe: Recipe, tokenizer) -> list[tuple[int, int]]:
     """Prompt tokens + a full-length answer (max_new_tokens and its end-of-turn token), cut at max_length."""
-    from distill.teachers.from_recipe import recipe_prompts
+    from distill.stages.data import recipe_prompts
     from distill.teachers.local import prompt_ids
 
     prompts = recipe_prompts(recipe)  # mapped by data.fields, from files or hf:// datasets, cut to max_prompts
@@ -589,19 +590,16 @@ class Plan:
 
 def plan_recipe(recipe: Recipe) -> Plan:
     """Predict the cost of training `recipe` on this machine; reads configs and data, loads no weights."""
-    from distill.models.from_recipe import teacher_tokenizer
-    from distill.runtime import resolve_device, resolve_dtype
+    from distill.stages import facts
 
     t = recipe.train
-    device = resolve_device(t.device)
-    dtype = resolve_dtype(t.dtype, device)
-    teacher_dtype = dtype if recipe.teacher.dtype == "auto" else resolve_dtype(recipe.teacher.dtype, device)
+    device, dtype, teacher_dtype = facts.device(recipe), facts.compute_dtype(recipe), facts.teacher_dtype(recipe)
     teacher = shape_from_config(model_config(recipe, recipe.teacher))
     student = student_shape(recipe, teacher)
     online = teacher_online(recipe)
     lora = t.lora
     trainable = lora_params(student, lora) if lora else student.params
-    tokenizer = teacher_tokenizer(recipe)
+    tokenizer = facts.teacher_tokenizer(recipe)
     baseline = _baseline_rss(with_peft=lora is not None)
     batch = batch_stats(recipe, tokenizer)
     flops = step_flops(recipe, teacher, student, batch)
@@ -634,7 +632,9 @@ def _notes(recipe: Recipe, device: torch.device) -> list[str]:
 
 def teacher_online(recipe: Recipe) -> bool:
     """Whether every batch runs the teacher's forward (KD from a live teacher, not from teacher.cache)."""
-    return recipe.method.kind == "kd" and getattr(recipe.teacher, "cache", None) is None
+    from distill.stages.facts import uses_teacher_cache
+
+    return recipe.method.kind == "kd" and not uses_teacher_cache(recipe)
 
 
 def _shared_vocab(teacher: ModelShape, student: ModelShape) -> int:

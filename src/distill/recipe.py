@@ -103,7 +103,7 @@ class StudentSpec(Section):
     model: Optional[str] = None
     gguf_file: Optional[str] = None
     config: Optional[StudentConfig] = None
-    preset: Optional[str] = None  # a named StudentConfig, see distill.models.presets
+    preset: Optional[str] = None  # a named StudentConfig, see distill.stages.presets
     from_teacher: Optional[FromTeacherSpec] = None
     init_embeddings: Literal["random", "slice", "project"] = "project"
     trust_remote_code: bool = False

@@ -21,7 +21,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def export_hf(source: Path, out_dir: Path) -> Path:
     """Write source's student (a run directory) or model (an HF directory) to out_dir with a model card."""
-    from distill import __version__
+    from distill.version import __version__
     from distill.models import load_model, load_tokenizer, save_model, student_config_summary
 
     source, out_dir = Path(source), Path(out_dir)

@@ -198,7 +198,7 @@ def _unshared_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _info(model: PreTrainedModel, model_dir: Path, groups: dict, report: QuantizeReport) -> dict:
-    from distill import __version__
+    from distill.version import __version__
 
     float_modules = [name for name, module in model.named_modules()
                      if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and name not in groups]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -17,7 +17,10 @@ from transformers import PreTrainedModel
 
 from distill.errors import DistillError
 from distill.models.heads import base_model
-from distill.recipe import FromTeacherSpec
+from distill.models.loading import count_params
+
+if TYPE_CHECKING:
+    from distill.recipe import FromTeacherSpec
 
 
 # What a decoder block must contain for slicing to be right: Llama, Mistral, Qwen2/3, SmolLM2 layouts.
@@ -407,8 +410,6 @@ def prune_teacher(
     teacher: PreTrainedModel, spec: FromTeacherSpec, batches: list[Tensor]
 ) -> tuple[PreTrainedModel, PruneReport]:
     """Depth first (layers chosen on the whole teacher), then width (importance measured on the kept layers)."""
-    from distill.models.loading import count_params
-
     teacher = base_model(teacher)
     check_prunable(teacher)
     target = validate_width(spec, teacher.config)
@@ -442,37 +443,3 @@ def _narrower(target: dict, config) -> bool:
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return (target["hidden_size"], target["intermediate_size"], target["num_heads"], target["num_kv_heads"]) != (
         config.hidden_size, config.intermediate_size, config.num_attention_heads, kv)
-
-
-# ------------------------------------------------------------------------------------------ recipes
-
-
-def calibration_token_ids(recipe, tokenizer) -> list[list[int]]:
-    """Token ids of the calibration text: calibration.file, else the training data, else the prompts."""
-    from distill.data.examples import Example, read_examples
-    from distill.data.splits import recipe_examples, teacher_data_path
-    from distill.teachers.from_recipe import recipe_prompts
-    from distill.data.tokenize import example_token_ids
-
-    calibration = recipe.student.from_teacher.calibration
-    data = recipe.data
-    if calibration.file is not None:
-        examples = read_examples(recipe.path(calibration.file))
-    elif data.train is not None or (data.prompts is not None and teacher_data_path(recipe).is_dir()):
-        examples = recipe_examples(recipe)[0]  # the held-out split stays unseen
-    else:  # before the teacher has answered: its prompts still show which parts of the model fire
-        examples = [Example(id=p.id, messages=p.messages) for p in recipe_prompts(recipe)]
-    ids, budget = [], calibration.samples * calibration.max_length
-    for example in examples:
-        ids.append(example_token_ids(example, tokenizer, calibration.max_length, data.system_prompt))
-        if sum(map(len, ids)) >= budget:
-            break
-    return ids
-
-
-def prune_from_recipe(recipe, teacher: PreTrainedModel, tokenizer) -> tuple[PreTrainedModel, PruneReport]:
-    """The recipe's student.from_teacher cut, calibrated on the recipe's data."""
-    calibration = recipe.student.from_teacher.calibration
-    batches = calibration_batches(calibration_token_ids(recipe, tokenizer), calibration.samples,
-                                  calibration.max_length)
-    return prune_teacher(teacher, recipe.student.from_teacher, batches)

@@ -1,13 +1,17 @@
 """Build a new Llama student on the teacher's tokenizer, optionally seeding its embeddings from the teacher."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.errors import DistillError
 from distill.models.heads import base_model
 from distill.models.loading import count_params
-from distill.recipe import StudentConfig
+
+if TYPE_CHECKING:
+    from distill.recipe import StudentConfig
 
 INIT_EMBEDDINGS = ("random", "slice", "project")
 

@@ -13,37 +13,29 @@ from typing import Optional
 
 import numpy as np
 
-from distill.recipe import Recipe
 from distill.signals.cache import next_tokens, trained_positions
 from distill.signals.encoding import TopKRows
+from distill.teachers.generate import load_topk, topk_path
 
 # cache.json's teacher_weights when rows come from generation: the weights were never loaded to be hashed.
 FROM_GENERATION = "not hashed: log-probs kept at generation"
 
 
-def kept_topk_files(recipe: Recipe, encoded: list) -> dict[int, Path]:
-    """Encoded training example index -> its answer's kept log-probs file, for the examples that have one."""
-    from distill.data.splits import teacher_data_path
-    from distill.teachers.generate import topk_path
-
-    if recipe.data.prompts is None:
+def kept_topk_files(data_dir: Optional[Path], encoded: list) -> dict[int, Path]:
+    """Encoded training example index -> its answer's kept log-probs file (teacher data in `data_dir`), if any."""
+    if data_dir is None:
         return {}
-    data_dir = teacher_data_path(recipe)
     found = {i: topk_path(data_dir, example.id) for i, example in enumerate(encoded) if example.id}
     return {i: file for i, file in found.items() if file.is_file()}
 
 
 def kept_vocab_size(file: Path, tokenizer) -> int:
     """Rows of the teacher's head as the generating backend reported them, else the tokenizer's size."""
-    from distill.teachers.generate import load_topk
-
     return load_topk(file).vocab_size or len(tokenizer)
 
 
 def reused_rows(file: Optional[Path], example, k: int) -> TopKRows | str | None:
     """The example's cache rows from its kept log-probs; a reason string when they do not fit; None without any."""
-    from distill.teachers.generate import load_topk
-
     if file is None:
         return None
     kept = load_topk(file)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from distill.errors import DistillError
-from distill.recipe import Recipe
+from distill.models.compat import PROBE_TEXT
 from distill.signals.cache import CacheHeader
 
 
@@ -18,8 +18,6 @@ def _hash(text: str) -> str:
 
 def tokenizer_hash(tokenizer) -> str:
     """Vocabulary, special tokens and a probe encoding: what decides which id means what."""
-    from distill.models.compat import PROBE_TEXT
-
     special = {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
     probe = list(tokenizer(PROBE_TEXT, add_special_tokens=True)["input_ids"])
     return _hash(json.dumps([sorted(tokenizer.get_vocab().items()), special, probe]))
@@ -39,23 +37,10 @@ def weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def teacher_id(recipe: Recipe) -> str:
-    """The recipe's teacher as a reference: resolved path or hub id, plus the .gguf file when named."""
-    from distill.models.from_recipe import model_ref
-
-    ref = model_ref(recipe, recipe.teacher.model)
-    return ref + (f"#{recipe.teacher.gguf_file}" if recipe.teacher.gguf_file else "")
-
-
-def cache_path(recipe: Recipe) -> Path:
-    """teacher.cache, else <run>/teacher_cache (where `distill capture` writes without one)."""
-    return recipe.path(recipe.teacher.cache) if recipe.teacher.cache else recipe.run_dir / "teacher_cache"
-
-
-def check_provenance(header: CacheHeader, path: Path, recipe: Recipe, tokenizer) -> None:
-    """Refuse a cache made by another teacher, tokenizer or chat template, naming what differs."""
+def check_provenance(header: CacheHeader, path: Path, teacher: str, tokenizer) -> None:
+    """Refuse a cache made by another teacher (reference `teacher`), tokenizer or chat template, naming what differs."""
     found = {
-        "teacher": (header.teacher, teacher_id(recipe)),
+        "teacher": (header.teacher, teacher),
         "tokenizer": (header.tokenizer, tokenizer_hash(tokenizer)),
         "chat template": (header.chat_template, chat_template_hash(tokenizer)),
     }

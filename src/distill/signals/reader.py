@@ -7,8 +7,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from distill.recipe import Recipe
+from distill.losses.sparse import SparseTargets
 from distill.signals.cache import TopKCache, example_hash
+from distill.signals.provenance import check_provenance
 
 
 class TeacherCacheReader:
@@ -24,21 +25,14 @@ class TeacherCacheReader:
 
     def targets(self, indices: Sequence[int], device: torch.device | str = "cpu"):
         """The rows of these examples, concatenated in batch order (the order of the batch's trained labels)."""
-        from distill.losses.sparse import SparseTargets
-
         rows = [self.cache.rows(i, self.hashes[i], self.labels[i]) for i in indices]
         join = lambda name: torch.from_numpy(np.concatenate([getattr(r, name) for r in rows]))  # noqa: E731
         return SparseTargets(join("ids"), join("log_probs"), join("tail"), self.vocab_size).to(device)
 
 
-def open_teacher_cache(
-    recipe: Recipe, tokenizer, encoded: Sequence, path: Path | None = None
-) -> TeacherCacheReader:
-    """The recipe's teacher.cache, refused (one DistillError line) unless it is complete and belongs to this data."""
-    from distill.signals.provenance import cache_path, check_provenance
-
-    path = Path(path) if path is not None else cache_path(recipe)
-    cache = TopKCache(path)
-    check_provenance(cache.header, path, recipe, tokenizer)
+def open_teacher_cache(path: Path, teacher: str, tokenizer, encoded: Sequence) -> TeacherCacheReader:
+    """The cache at `path`, refused (one DistillError line) unless it is complete and belongs to this teacher and data."""
+    cache = TopKCache(Path(path))
+    check_provenance(cache.header, Path(path), teacher, tokenizer)
     hashes = [example_hash(e.input_ids, e.labels) for e in encoded]
     return TeacherCacheReader(cache, hashes, [e.labels for e in encoded])

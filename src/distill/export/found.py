@@ -1,26 +1,21 @@
-"""The files `distill export` wrote under <run>/exports/, measured like the student: size, quality, speed."""
+"""The exports a run holds under <run>/exports/ (what `distill export` wrote there), and loading them back."""
 from __future__ import annotations
 
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import Literal, Optional
 
 import torch
+from gguf import GGUFReader, LlamaFileType
 
 from distill.errors import DistillError
-from distill.export import EXPORTS_DIR, older_than
-from distill.recipe import Recipe
-
-if TYPE_CHECKING:
-    from distill.eval.stage import Reference
+from distill.export.quantize import INFO_FILE, load_quantized
+from distill.export import EXPORTS_DIR
+from distill.models import load_model
 
 log = logging.getLogger("distill")
-
-# Why a GGUF export has no speed row (report.json's `speed_not_measured`).
-GGUF_SPEED = ("transformers runs a GGUF file dequantized to float, which says nothing of its speed in llama.cpp "
-              "(bench/bench_export.py measures that)")
 
 
 @dataclass
@@ -55,8 +50,6 @@ def find_exports(run_dir: Path) -> list[Export]:
 
 
 def _recognise(path: Path) -> list[Export]:
-    from distill.export.quantize import INFO_FILE
-
     if path.is_file():
         return [_gguf(path.name, path)] if path.suffix == ".gguf" else []
     if not path.is_dir():
@@ -85,8 +78,6 @@ def _gguf(name: str, file: Path) -> Export:
 
 def _gguf_type(file: Path) -> Optional[str]:
     """The file type a GGUF file declares (`general.file_type`) as a --quant name: f32, f16, q8_0, ..."""
-    from gguf import GGUFReader, LlamaFileType
-
     try:
         field = GGUFReader(file).fields.get("general.file_type")
         if field is None:
@@ -97,52 +88,9 @@ def _gguf_type(file: Path) -> Optional[str]:
     return name.removeprefix("mostly_").removeprefix("all_")
 
 
-def measure_exports(recipe: Recipe, reference: Reference, teacher_row: dict, student_dir: Path, dtype: torch.dtype,
-                    progress: bool) -> dict:
-    """report.json's `exports` section (export name -> row like the student's), or {} when there are none."""
-    exports = find_exports(recipe.run_dir)
-    if not exports:
-        return {}
-    section = {}
-    for export in exports:
-        log.info("eval: measuring export %s", export.name)
-        row = _export_row(recipe, export, reference, teacher_row, dtype, progress)
-        row["older_than_student"] = older_than(export.path, student_dir)
-        if row["older_than_student"]:
-            log.warning("eval: %s was written before the student was last saved; export it again to measure the "
-                        "current student", export.path)
-        section[export.name] = row
-    return {"exports": section}
-
-
-def _export_row(recipe: Recipe, export: Export, ref: Reference, teacher_row: dict, dtype: torch.dtype,
-                progress: bool) -> dict:
-    """One export's row: loaded, answered and measured like the student, with ratios against the teacher."""
-    from distill.eval.report import build_report
-    from distill.eval.stage import _answers, measure_model
-    from distill.models import bytes_on_disk
-
-    head = {"format": export.fmt, "quant": export.quant, "path": str(export.path.relative_to(recipe.run_dir))}
-    try:
-        model = _load(export, dtype, ref.device, ref.shared_vocab)
-    except DistillError as err:
-        log.warning("eval: export %s not measured: %s", export.name, err)
-        return {**head, "bytes_on_disk": bytes_on_disk(export.path), "error": str(err)}
-    answers = _answers(model, ref.tokenizer, ref.data.conversations, recipe, f"{export.name} answers", progress)
-    row = measure_model(recipe, model, export.path, answers, ref, speed=export.kind != "gguf")
-    row.pop("calibration", None)  # the reliability bins are drawn for teacher and student; the ECE stays
-    measured = build_report(teacher_row, row, meta={})  # the student's null rules and ratios, for this model
-    speed_note = {"speed_not_measured": GGUF_SPEED} if export.kind == "gguf" and recipe.eval.measure_speed else {}
-    return {**head, **measured["student"], **speed_note, "ratios": measured["ratios"]}
-
-
-def _load(export: Export, dtype: torch.dtype, device: torch.device, shared_vocab: int) -> torch.nn.Module:
+def load_export(export: Export, dtype: torch.dtype, device: torch.device, shared_vocab: int) -> torch.nn.Module:
     """The export as a causal LM; a GGUF file comes back dequantized, so it scores the quality of its weights."""
-    from distill.models import load_model
-
     if export.kind == "quanto":
-        from distill.export.quantize import load_quantized
-
         # quanto's int4 weights fail under inference_mode (which the metrics use) unless they were made in it
         # (optimum-quanto#304); loaded there, they work in it and give the numbers no_grad gives.
         with torch.inference_mode():

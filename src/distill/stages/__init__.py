@@ -1,0 +1,77 @@
+"""The stages of a run, the only code that reads a Recipe: generate -> filter -> capture -> student -> train ->
+export -> eval -> report, each also callable on its own; `run` calls them in order."""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import yaml
+
+from distill.errors import DistillError
+from distill.recipe import Recipe
+from distill.runtime import atomic_write_text
+from distill.stages.cache import capture
+from distill.stages.evaluation import evaluate
+from distill.stages.exports import export, export_targets
+from distill.stages.facts import run_files, uses_teacher_cache
+from distill.stages.teacher_data import filter_data, generate
+from distill.stages.reporting import report
+from distill.stages.student import build_student
+from distill.stages.training import train
+
+__all__ = ["prepare_run_dir", "generate", "filter_data", "capture", "build_student", "train", "export_targets",
+           "export", "evaluate", "report", "run"]
+
+log = logging.getLogger("distill")
+
+# Sections whose change makes a run directory's checkpoints meaningless.
+_TRAINING_KEYS = ("seed", "teacher", "student", "data", "method", "train")
+
+
+def _first_difference(old: object, new: object, prefix: str = "") -> str | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(old) + [k for k in new if k not in old]:
+            found = _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    return prefix.rstrip(".") if old != new else None
+
+
+def prepare_run_dir(recipe: Recipe, *, restart: bool = False) -> Path:
+    """Create the run directory and keep the resolved recipe in it; refuse to mix two recipes' checkpoints."""
+    files = run_files(recipe)
+    files.root.mkdir(parents=True, exist_ok=True)
+    current = recipe.model_dump(mode="json")
+    if restart:
+        shutil.rmtree(files.checkpoints, ignore_errors=True)
+    elif files.recipe.is_file() and files.checkpoints.is_dir():
+        saved = yaml.safe_load(files.recipe.read_text()) or {}
+        for key in _TRAINING_KEYS:
+            diff = _first_difference(saved.get(key), current.get(key), f"{key}.")
+            # More steps on the same recipe is a legitimate continuation.
+            if diff and diff != "train.steps":
+                raise DistillError(
+                    f"{files.recipe}: this run directory was made by a different recipe ({diff} differs); "
+                    "choose a new output_dir, or pass --restart to discard its checkpoints"
+                )
+    atomic_write_text(files.recipe, recipe.dump())
+    return files.root
+
+
+def run(recipe: Recipe, *, restart: bool = False, progress: bool = True) -> dict:
+    """All stages in order; re-running after a kill resumes where it stopped."""
+    prepare_run_dir(recipe, restart=restart)
+    export_targets(recipe)
+    generate(recipe, progress=progress)
+    filter_data(recipe)
+    if uses_teacher_cache(recipe):  # resumable: done shards are kept
+        capture(recipe, progress=progress)
+    if recipe.student.model is None:
+        build_student(recipe)
+    train(recipe, progress=progress)
+    export(recipe)
+    result = evaluate(recipe, progress=progress)
+    report(recipe)
+    return result

@@ -1,0 +1,34 @@
+"""The capture stage: the teacher's top-k log-probs over the recipe's training set, cached once for training."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from distill.recipe import Recipe
+from distill.signals.capture import CaptureJob, CaptureStats, capture_cache
+from distill.signals.from_generation import kept_topk_files
+from distill.stages.data import training_set
+from distill.stages.facts import cache_path, device, load_teacher, run_files, teacher_id, teacher_tokenizer
+
+
+def capture(
+    recipe: Recipe, *, out: Optional[Path] = None, progress: bool = True, batch_size: Optional[int] = None,
+    stop_after_shards: Optional[int] = None, shard_examples: Optional[int] = None,
+) -> CaptureStats:
+    """Write (or complete) the recipe's teacher cache (teacher.cache, or <run>/teacher_cache; `out` overrides).
+
+    Answers whose top-k log-probs were kept at generation reuse them; the teacher is loaded only for the rest.
+    `stop_after_shards` ends early, as a kill would.
+    """
+    tokenizer = teacher_tokenizer(recipe)
+    encoded = training_set(recipe, tokenizer).encoded
+    job = CaptureJob(
+        path=Path(out) if out is not None else cache_path(recipe), teacher=teacher_id(recipe),
+        k=recipe.teacher.cache_k, step=None if recipe.teacher.cache_exact else 1 / 16,
+        batch_size=batch_size or recipe.train.batch_size, chunk_size=recipe.method.chunk_size,
+    )
+    if shard_examples is not None:
+        job.shard_examples = shard_examples
+    teacher_data = run_files(recipe).teacher_data if recipe.data.prompts is not None else None
+    return capture_cache(job, encoded, tokenizer, lambda: load_teacher(recipe), kept_topk_files(teacher_data, encoded),
+                         device(recipe), progress=progress, stop_after_shards=stop_after_shards)

@@ -1,0 +1,188 @@
+"""The training loop, nanoGPT-plain: draw a batch, take a step, log, checkpoint; stop at the first non-finite loss."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from distill.data.tokenize import batch_indices
+from distill.errors import DistillError
+from distill.losses.hidden import HiddenStateMatcher
+from distill.runtime import atomic_write_text
+from distill.signals.teacher_signal import TeacherSignal
+from distill.train.checkpoint import list_checkpoints, save_checkpoint
+from distill.train.step import loss_on_batch
+
+log = logging.getLogger("distill")
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The train section's numbers the loop itself needs."""
+
+    steps: int
+    batch_size: int
+    grad_accum: int
+    seed: int
+    max_grad_norm: Optional[float]
+    log_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    nan_tolerance: int = 0  # non-finite steps skipped (no update) before the run stops
+
+
+@dataclass
+class Training:
+    """Everything the loop touches, built once by the train stage's setup."""
+
+    student: torch.nn.Module
+    tokenizer: Any  # saved with the student
+    signal: Optional[TeacherSignal]
+    matcher: Optional[HiddenStateMatcher]
+    method: Any  # the recipe's method section: the loss to take
+    compute_dtype: torch.dtype
+    device: torch.device
+    items: list  # encoded examples, or packed rows of several
+    to_batch: Callable[[list, int], dict]
+    pad_id: int
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    checkpoint_dir: Path
+    metrics: "MetricsLog"
+    settings: LoopSettings
+
+
+@dataclass
+class StepResult:
+    """One optimizer step's mean loss terms over its micro-batches, gradient norm and real tokens seen."""
+
+    totals: dict[str, float]
+    grad_norm: float
+    tokens: int
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.totals["loss"]) and math.isfinite(self.grad_norm)
+
+
+def accumulate_gradients(t: Training, step: int) -> StepResult:
+    """Forward and backward over the step's micro-batches; gradients are left for the update."""
+    s = t.settings
+    totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, **({"hidden": 0.0} if t.matcher is not None else {})}
+    tokens = 0
+    for micro in range(s.grad_accum):
+        idx = batch_indices(len(t.items), s.batch_size, s.seed, step * s.grad_accum + micro)
+        batch = {k: v.to(t.device) for k, v in t.to_batch([t.items[i] for i in idx], t.pad_id).items()}
+        out = loss_on_batch(t.student, t.signal, batch, t.method, t.compute_dtype, t.matcher, indices=idx)
+        (out.loss / s.grad_accum).backward()
+        for key in totals:
+            totals[key] += float(getattr(out, key).detach()) / s.grad_accum
+        tokens += int(batch["attention_mask"].sum())
+    # An infinite max norm measures without clipping (the scale factor is clamped to exactly 1).
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(t.trainable, s.max_grad_norm or math.inf))
+    return StepResult(totals, grad_norm, tokens)
+
+
+def run_loop(t: Training, start: int, *, stop_after: Optional[int] = None, progress: bool = True) -> Optional[float]:
+    """Train from step `start` to settings.steps; return the last loss, or None when stopped at `stop_after`."""
+    s = t.settings
+    last, skipped = float("nan"), 0
+    window_tokens, window_start = 0, time.perf_counter()
+    bar = tqdm(range(start, s.steps), initial=start, total=s.steps, desc="train", disable=not progress,
+               dynamic_ncols=True)
+    for step in bar:
+        result = accumulate_gradients(t, step)
+        if result.finite:
+            t.optimizer.step()
+        else:
+            skipped += 1
+            _refuse_divergence(t, step + 1, result, skipped)
+        t.scheduler.step()
+        t.optimizer.zero_grad(set_to_none=True)
+        last, done = result.totals["loss"], step + 1
+        window_tokens += result.tokens
+        if done % s.log_every == 0 or done == s.steps:
+            elapsed = time.perf_counter() - window_start
+            record = {"step": done, **result.totals, "lr": t.scheduler.get_last_lr()[0],
+                      "grad_norm": result.grad_norm, "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+            t.metrics.write(record)
+            bar.set_postfix(loss=f"{last:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            window_tokens, window_start = 0, time.perf_counter()
+        if done % s.checkpoint_every == 0 or done == s.steps or done == stop_after:
+            save_checkpoint(t.checkpoint_dir, done, t.student, t.optimizer, t.scheduler, s.keep_checkpoints,
+                            t.matcher)
+        if done == stop_after:
+            bar.close()
+            return None
+    bar.close()
+    return last
+
+
+def _refuse_divergence(t: Training, step: int, result: StepResult, skipped: int) -> None:
+    """Skip a non-finite step while train.nan_tolerance allows; then stop, keeping the last good checkpoint."""
+    what = f"loss {result.totals['loss']:g}, gradient norm {result.grad_norm:g}"
+    if skipped <= t.settings.nan_tolerance:
+        log.warning("train: step %d is not finite (%s); skipped without an update (%d of train.nan_tolerance %d)",
+                    step, what, skipped, t.settings.nan_tolerance)
+        return
+    kept = list_checkpoints(t.checkpoint_dir)
+    where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written"
+    raise DistillError(f"train: step {step} diverged ({what}); stopped, {where}; lower train.lr, set "
+                       "train.max_grad_norm, or allow skipped steps with train.nan_tolerance")
+
+
+def check_finite(model: torch.nn.Module) -> None:
+    """Refuse to save a student with a non-finite weight (one line naming the first such tensor)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise DistillError(f"train: the student's {name} is not finite; it was not saved")
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line cut short by a kill counts as past any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
+class MetricsLog:
+    """metrics.jsonl, one object per logged step; on resume, entries past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, resume_step: int, tensorboard_dir: Optional[Path] = None):
+        self.path = path
+        kept = []
+        if resume_step and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        self.tensorboard = _tensorboard(tensorboard_dir) if tensorboard_dir is not None else None
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
+
+
+def last_logged_loss(path: Path) -> float:
+    """The loss of the last step logged in a metrics.jsonl (nan when nothing is logged)."""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return float(json.loads(lines[-1]).get("loss", float("nan"))) if lines else float("nan")
+
+
+def _tensorboard(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # tensorboard is an optional extra
+    except ImportError:
+        return None
+    return SummaryWriter(str(log_dir))
