@@ -243,6 +243,7 @@ class TrainSpec(Section):
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     decay_fraction: float = Field(default=0.2, gt=0.0, le=1.0)  # WSD: share of steps spent decaying
     max_grad_norm: Optional[float] = Field(default=1.0, gt=0.0)
+    nan_tolerance: int = Field(default=0, ge=0)  # non-finite steps skipped (no update) before a run stops
     checkpoint_every: int = Field(default=100, gt=0)
     keep_checkpoints: int = Field(default=2, gt=0)
     log_every: int = Field(default=10, gt=0)

@@ -116,7 +116,7 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
         log.info("resumed from %s (step %d of %d)", checkpoint, start, t.steps)
     settings = LoopSettings(steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum, seed=recipe.seed,
                             max_grad_norm=t.max_grad_norm, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
-                            keep_checkpoints=t.keep_checkpoints, nan_tolerance=getattr(t, "nan_tolerance", 0))
+                            keep_checkpoints=t.keep_checkpoints, nan_tolerance=t.nan_tolerance)
     training = Training(
         student=student, tokenizer=tokenizer, signal=signal, matcher=matcher, method=recipe.method, compute_dtype=compute_dtype(recipe),
         device=device(recipe), items=items, to_batch=to_batch, pad_id=padding_id(tokenizer), trainable=trainable,
