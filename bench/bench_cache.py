@@ -127,7 +127,7 @@ def step_times(recipe, cached_recipe, teacher, tokenizer, encoded, steps: int, b
     from distill.models import build_student
     from distill.stages.training import open_recipe_cache
     from distill.signals.teacher_signal import CachedTeacher, LiveTeacher
-    from distill.train.step import loss_on_batch
+    from distill.training.step import loss_on_batch
 
     student = build_student(recipe.student.config, teacher, tokenizer, seed=0).float().train()
     cached = open_recipe_cache(cached_recipe, tokenizer, encoded)

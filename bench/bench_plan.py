@@ -1,7 +1,7 @@
 """`distill plan` predictions against measured training runs: step time, tokens/s and peak memory (CPU, fp32).
 
 For each configuration, two fresh subprocesses: one runs the planner (as `distill plan` does), one trains a
-few real steps with distill.train.trainer.train in a temporary run directory. Step time is the wall clock
+few real steps with distill.stages.train in a temporary run directory. Step time is the wall clock
 between consecutive metrics.jsonl writes (log_every=1), skipping the first step (warm-up: optimizer state,
 thread pools); the checkpoint at the last step comes after its write, so no timed step includes one.
 The data are the first few hundred Alpaca records or TinyStories paragraphs (copied to a temporary file), so
@@ -122,7 +122,7 @@ def child_plan(name: str, args: argparse.Namespace) -> dict:
 
 def child_train(name: str, args: argparse.Namespace) -> dict:
     """Train a few real steps; time each from metrics writes; peak RSS of the step loop and of the process."""
-    from distill.train import trainer
+    from distill.training import trainer
 
     clock = time.process_time if args.cpu_time else time.perf_counter
     stamps: list[tuple[float, float]] = []  # (wall, clock) at the loop's start and at each step's end

@@ -17,10 +17,10 @@ from distill.losses import HiddenStateMatcher, check_layer_map, default_layer_ma
 from distill.models import load_model
 from distill.models.heads import decoder_hidden_states, decoder_layer_outputs
 from distill.recipe import recipe_from_dict
-from distill.train.checkpoint import MATCHER_FILE, list_checkpoints
+from distill.training.checkpoint import MATCHER_FILE, list_checkpoints
 from distill.signals.teacher_signal import LiveTeacher
 from distill.stages.training import hidden_matcher
-from distill.train.step import loss_on_batch
+from distill.training.step import loss_on_batch
 from distill.stages import train
 
 # ---------------------------------------------------------------- losses against a float64 reference

@@ -19,9 +19,9 @@ from distill.data.packing import (
 from distill.data.tokenize import IGNORE, EncodedExample, collate, encode_example, padding_id
 from distill.errors import DistillError
 from distill.recipe import MethodSpec, recipe_from_dict
-from distill.train.checkpoint import list_checkpoints
+from distill.training.checkpoint import list_checkpoints
 from distill.signals.teacher_signal import LiveTeacher
-from distill.train.step import loss_on_batch
+from distill.training.step import loss_on_batch
 from distill.stages import train
 from conftest import tiny_recipe
 

@@ -132,7 +132,7 @@ def test_step_flops_equal_the_trainers_counted_flops(tmp_path, tiny_teacher_dir,
     from distill.models import build_student
     from distill.plan import BatchStats
     from distill.signals.teacher_signal import LiveTeacher
-    from distill.train.step import loss_on_batch
+    from distill.training.step import loss_on_batch
 
     # TVD and alpha's CE add no matmuls of their own, so every counted FLOP is one the planner predicts.
     recipe = recipe_from_dict(tiny_recipe(tmp_path / "run", tiny_teacher_dir, pairs_jsonl,

@@ -213,7 +213,7 @@ def test_full_vocab_cache_gives_the_online_loss_and_gradients(tmp_path, tiny_tea
     from distill.data.tokenize import batch_indices, collate
     from distill.models import load_model
     from distill.signals.teacher_signal import CachedTeacher, LiveTeacher
-    from distill.train.step import loss_on_batch
+    from distill.training.step import loss_on_batch
 
     recipe = _recipe(tmp_path, tiny_teacher_dir, pairs_jsonl, cache_k=TINY_VOCAB, cache_exact=True)
     capture(recipe, progress=False, shard_examples=5)
@@ -244,7 +244,7 @@ def test_live_and_cached_signals_take_the_same_loss_call_and_the_cache_runs_no_m
     from distill.data.tokenize import batch_indices, collate
     from distill.models import load_model
     from distill.signals.teacher_signal import CachedTeacher, LiveTeacher
-    from distill.train.step import loss_on_batch
+    from distill.training.step import loss_on_batch
 
     tok, encoded = _encoded(cached_recipe)
     teacher = load_model(str(tiny_teacher_dir)).eval().requires_grad_(False)

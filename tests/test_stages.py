@@ -12,7 +12,7 @@ from distill.cli import main
 from distill.errors import DistillError
 from distill.recipe import recipe_from_dict
 from distill.stages import capture, evaluate, facts, train
-from distill.train.checkpoint import list_checkpoints
+from distill.training.checkpoint import list_checkpoints
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -64,7 +64,7 @@ def _diverging(tmp_path, tiny_teacher_dir, pairs_jsonl, **train_keys):
 
 def _poison_from(step: int, monkeypatch):
     """Make every optimizer step from `step` (1-based) produce a NaN loss, as a diverged run does."""
-    from distill.train import loop
+    from distill.training import loop
 
     real = loop.loss_on_batch
     calls = {"n": 0}
@@ -106,7 +106,7 @@ def test_the_cli_exits_2_with_one_line_naming_the_step(tmp_path, tiny_teacher_di
 
 def test_nan_tolerance_skips_non_finite_steps_without_an_update(tmp_path, tiny_teacher_dir, pairs_jsonl,
                                                                 monkeypatch):
-    from distill.train import loop
+    from distill.training import loop
 
     real, calls = loop.loss_on_batch, {"n": 0}
 

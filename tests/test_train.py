@@ -11,8 +11,8 @@ import torch
 from distill import stages as pipeline
 from distill.errors import DistillError
 from distill.recipe import recipe_from_dict
-from distill.train.checkpoint import list_checkpoints
-from distill.train.schedule import lr_multiplier
+from distill.training.checkpoint import list_checkpoints
+from distill.training.schedule import lr_multiplier
 from distill.stages import train
 from conftest import tiny_recipe
 

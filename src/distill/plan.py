@@ -1,6 +1,6 @@
 """Predict a recipe's training cost before any run: parameters, FLOPs per token, memory and time on this machine.
 
-A step is costed as the trainer runs it (distill.train.loop): the student's decoder forward and backward
+A step is costed as the trainer runs it (distill.training.loop): the student's decoder forward and backward
 on every padded position, the frozen teacher's forward when KD uses a live teacher, and the chunked loss
 (distill.losses.kd) on the labelled positions only, which forms logits `chunk_size` rows at a time and works
 out the head's gradients in its forward pass (three `[rows, V]` matmuls for the student, one for the teacher,

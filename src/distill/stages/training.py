@@ -38,9 +38,9 @@ from distill.stages.facts import (
     uses_teacher_cache,
 )
 from distill.stages.student import initial_student
-from distill.train.checkpoint import STEP_PREFIX, list_checkpoints, load_checkpoint
-from distill.train.loop import LoopSettings, MetricsLog, Training, check_finite, last_logged_loss, run_loop
-from distill.train.schedule import lr_multiplier
+from distill.training.checkpoint import STEP_PREFIX, list_checkpoints, load_checkpoint
+from distill.training.loop import LoopSettings, MetricsLog, Training, check_finite, last_logged_loss, run_loop
+from distill.training.schedule import lr_multiplier
 
 log = logging.getLogger("distill")
 

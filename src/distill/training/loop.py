@@ -17,8 +17,8 @@ from distill.errors import DistillError
 from distill.losses.hidden import HiddenStateMatcher
 from distill.runtime import atomic_write_text
 from distill.signals.teacher_signal import TeacherSignal
-from distill.train.checkpoint import list_checkpoints, save_checkpoint
-from distill.train.step import loss_on_batch
+from distill.training.checkpoint import list_checkpoints, save_checkpoint
+from distill.training.step import loss_on_batch
 
 log = logging.getLogger("distill")
 
