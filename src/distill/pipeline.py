@@ -121,7 +121,7 @@ def _hub_file(repo: str, filename: str) -> str:
 def generate(recipe: Recipe, *, progress: bool = True):
     """Stage 1: the teacher(s) answer data.prompts into <run>/teacher_data/ shards (resumable)."""
     from distill.data.splits import teacher_data_path
-    from distill.teachers.generate import generate_responses
+    from distill.teachers.generate import generate_responses, raise_if_all_failed
 
     if recipe.data.prompts is None:
         log.info("generate: no data.prompts in the recipe; nothing to do")
@@ -145,6 +145,8 @@ def generate(recipe: Recipe, *, progress: bool = True):
         for error, count in sorted(stats.errors.items(), key=lambda item: -item[1])[:3]:
             log.warning("generate: %d request(s) failed: %s (re-run to retry them)", count, error)
         all_stats.append(stats)
+    for stats in all_stats:  # the failures are on disk as `failed` records: a re-run retries them
+        raise_if_all_failed(stats)
     return all_stats[0] if len(all_stats) == 1 else all_stats
 
 
