@@ -236,3 +236,43 @@ def test_mixture_of_teachers_routes_by_tag_or_asks_all(tmp_path, tiny_teacher_di
         assert by_teacher == {str(tiny_student_dir): {"p0", "p1", "p2", "p3"},
                               str(tiny_teacher_dir): {"p0", "p1", "p2", "p3"}}
     assert sorted(planned_ids(recipe)) == sorted(latest)  # training takes exactly these answers
+
+
+def test_raise_if_all_failed_only_when_nothing_was_answered():
+    from distill.teachers.generate import GenerationStats, raise_if_all_failed
+
+    raise_if_all_failed(GenerationStats(teacher="t", done=1, failed=3, errors={"HTTP 400": 3}))
+    raise_if_all_failed(GenerationStats(teacher="t", failed=3, skipped_existing=2, errors={"HTTP 400": 3}))
+    raise_if_all_failed(GenerationStats(teacher="t"))  # nothing left to do
+    stats = GenerationStats(teacher="t", failed=3, errors={"HTTP 400: bad\nsecond line": 2, "timeout": 1})
+    with pytest.raises(DistillError, match=r"^generate: all 3 requests to teacher t failed, .*first error: "
+                                           r"HTTP 400: bad$"):
+        raise_if_all_failed(stats)
+
+
+def test_cli_generate_exits_2_when_every_request_fails(tmp_path, tiny_teacher_dir, pairs_jsonl, capsys):
+    import yaml
+
+    from conftest import tiny_recipe
+    from distill.cli import main
+    from fault_server import FaultServer
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Say {i}."}) + "\n" for i in range(4)))
+    with FaultServer(default=["400"]) as server:  # each prompt's first attempt gets an HTTP 400, later ones an answer
+        recipe = tiny_recipe(tmp_path / "run", tiny_teacher_dir, pairs_jsonl,
+                             teacher={"model": "served-teacher", "endpoint": server.url, "max_retries": 0})
+        recipe["data"] = {"prompts": str(prompts), "max_length": 48}
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+
+        assert main(["generate", str(path), "--no-progress"]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("distill: error:")]
+        assert len(errors) == 1 and errors[0].startswith(
+            "distill: error: generate: all 4 requests to teacher served-teacher failed")
+        assert "first error: " in errors[0] and "400" in errors[0], errors
+        records = latest_records(tmp_path / "run" / "teacher_data")
+        assert len(records) == 4 and all(r["status"] == "failed" for r in records.values())  # kept for the retry
+
+        assert main(["generate", str(path), "--no-progress"]) == 0  # the re-run retries them, and they succeed
+        assert all(r["status"] == "ok" for r in latest_records(tmp_path / "run" / "teacher_data").values())

@@ -313,3 +313,50 @@ def test_page_renders_in_chromium_without_fetching_anything(real_run, tmp_path):
     control.write_text('<html><body><img src="http://example.invalid/control.png"></body></html>')
     _, requested = _chromium(control, tmp_path, "control")
     assert "http://example.invalid/control.png" in requested
+
+
+# ---------------------------------------------------------------- hostile names in report.md
+
+HOSTILE = '<img src=x onerror="alert(1)"> [link](http://example.invalid) *bold* | `code`'
+
+
+def _outside_fences(markdown: str) -> str:
+    """The Markdown text with fenced code blocks (shown verbatim by any renderer) cut out."""
+    kept, fence = [], None
+    for line in markdown.splitlines():
+        opener = re.match(r"(`{3,})", line)
+        if fence is None and opener:
+            fence = opener.group(1)
+        elif fence is not None and line.startswith(fence) and not line.strip("`"):
+            fence = None
+        elif fence is None:
+            kept.append(line)
+    return "\n".join(kept)
+
+
+def test_report_md_shows_hostile_names_as_text(tmp_path):
+    run = tmp_path / HOSTILE.replace("/", "_")
+    run.mkdir()
+    recipe = {"teacher": {"model": HOSTILE}, "student": {"model": f"org/{HOSTILE}"}, "method": {"kind": "sft"},
+              "train": {"steps": 2}, "data": {"train": HOSTILE + "\n# a heading?\n<script>"}}
+    (run / "recipe.yaml").write_text(json.dumps(recipe))  # JSON is YAML
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.5, HOSTILE: 1.0}) + "\n")
+    (run / "samples.jsonl").write_text('{"prompt": ' + "\n")  # its problem message quotes nothing hostile, but is shown
+    write_report(run, out=tmp_path / "out" / "report.html")
+    summary = (tmp_path / "out" / "report.md").read_text()
+    assert "<img" not in summary and "<script" not in summary
+    assert not re.search(r"(?<!\\)\]\(", summary) and "\\[link\\](http" in summary  # no link, only its text
+    assert "&lt;img src=x onerror=\"alert(1)\"&gt;" in summary  # the name is kept, as text
+    assert "\\*bold\\*" in summary and "\\| \\`code\\`" in summary
+    assert "\n# a heading" not in summary  # a newline in a value does not start a block
+    assert "out/report.html" not in summary and "report.html beside this file" in summary
+
+    # Suite and judge names also reach the table, which sits in a code fence: no backtick run in them closes it.
+    report = {"teacher": {"suites": {HOSTILE: {"t": 1.0}}}, "student": {"suites": {HOSTILE: {"t": 0.5}}},
+              "ratios": {}, "judge": {"judge": "```\n" + HOSTILE, "win_rate": 0.5, "judged": 2}}
+    (run / "report.json").write_text(json.dumps(report))
+    write_report(run)
+    summary = (run / "report.md").read_text()
+    outside = _outside_fences(summary)
+    assert "<img" not in outside and "## Task suites" in outside and "student wins 50.0%" in outside
+    assert format_table(report).rstrip("\n") in summary  # the table itself is kept verbatim inside the fence

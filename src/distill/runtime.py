@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +17,13 @@ import numpy as np
 import torch
 
 from distill.errors import DistillError
+
+# What atomic_file/atomic_directory leave when killed: ".NAME.<8 mkstemp chars>.tmp" (file or folder) and, for a
+# directory replaced mid-way, the previous version set aside as ".NAME.old-<8 hex>".
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?:[a-z0-9_]{8}\.tmp|old-[0-9a-f]{8})")
+# In a folder other runs may write into too (a shared teacher cache, the GGUF cache), a temporary left untouched
+# this long is taken as abandoned: a live writer's temporary changes while it is written, within seconds.
+SHARED_IDLE_S = 600.0
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -105,3 +114,38 @@ def _readable_like_any_folder(folder: Path) -> None:
     os.chmod(folder, 0o777 & ~mask)
     for path in folder.rglob("*"):
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def remove_stale_temporaries(directory: str | Path, name: str | None = None, idle_s: float = 0.0) -> int:
+    """Delete the temporaries killed atomic writes left in directory (only those of `name` if given); return how many.
+
+    With idle_s = 0 every one goes: call it so only where no other process writes (a run's own folders, as the run
+    starts writing). Elsewhere pass idle_s: a temporary whose newest content changed within it is left alone.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    removed = 0
+    for path in directory.iterdir():
+        match = _TEMPORARY.fullmatch(path.name)
+        if match is None or (name is not None and match["name"] != name):
+            continue
+        if idle_s and time.time() - _newest_mtime(path) < idle_s:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed += not path.exists()
+    return removed
+
+
+def _newest_mtime(path: Path) -> float:
+    """When path, or anything in a folder path, last changed; now if it vanished meanwhile (its writer renamed it)."""
+    try:
+        times = [path.lstat().st_mtime]
+        if path.is_dir() and not path.is_symlink():
+            times += [p.lstat().st_mtime for p in path.rglob("*")]
+        return max(times)
+    except FileNotFoundError:
+        return time.time()

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from distill.errors import DistillError
 from distill.models.heads import is_peft
 from distill.models.paths import resolve_model_path
-from distill.runtime import atomic_directory
+from distill.runtime import SHARED_IDLE_S, atomic_directory, remove_stale_temporaries
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
@@ -81,7 +81,9 @@ def _fill_gguf_cache(model: PreTrainedModel, path: str, gguf_file: str) -> None:
     if os.environ.get("DISTILL_NO_CACHE"):
         return
     try:
-        save_model(model, load_tokenizer(path, gguf_file), gguf_cache_dir(path, gguf_file))
+        out_dir = gguf_cache_dir(path, gguf_file)
+        remove_stale_temporaries(out_dir.parent, name=out_dir.name, idle_s=SHARED_IDLE_S)
+        _save_model_atomically(model, load_tokenizer(path, gguf_file), out_dir)
     except OSError:  # a read-only or full cache only costs speed
         pass
 
@@ -106,8 +108,18 @@ def _forget_quantization(model: PreTrainedModel) -> None:
 
 
 def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
-    """Save an HF directory (safetensors + tokenizer) atomically; LoRA adapters are merged into the weights."""
+    """Save an HF directory (safetensors + tokenizer) atomically; LoRA adapters are merged into the weights.
+
+    Copies of out_dir that a killed save left beside it go first: out_dir belongs to one run (the GGUF cache,
+    which runs share, saves through _save_model_atomically).
+    """
     out_dir = Path(out_dir)
+    remove_stale_temporaries(out_dir.parent, name=out_dir.name)
+    return _save_model_atomically(model, tokenizer, out_dir)
+
+
+def _save_model_atomically(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> Path:
+    """save_model without the clean-up: out_dir appears whole or not at all."""
     plain = _merged_copy(model) if is_peft(model) else model
     with atomic_directory(out_dir) as tmp:
         plain.save_pretrained(tmp)

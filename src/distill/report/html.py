@@ -20,6 +20,8 @@ CURVE_LABELS = {"loss": "total loss", "kd": "KD loss", "ce": "cross-entropy", "h
                 "lr": "learning rate", "grad_norm": "gradient norm", "tokens_per_s": "training tokens/s"}
 EVAL_PREFIXES = ("eval_", "eval/")  # metrics keys logged on held-out data: drawn beside their training curve
 SIDES = ("teacher", "student")
+# In report.md text, what Markdown would read as emphasis, code, a link or image, or a table cell's end.
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|])")
 
 HOW_TO = {
     "report.json": "the run has not been evaluated: run `distill eval` with the run's recipe "
@@ -459,22 +461,28 @@ def render_html(run: RunFiles, others: Sequence[RunFiles] = ()) -> str:
 
 
 def render_markdown(run: RunFiles, html_name: str = "report.html") -> str:
-    """A short text summary: the run, the CLI table, the last training step, optional scores, what is missing."""
-    lines = [f"# Distillation report: {run.name}", ""]
-    lines += [f"- **{k}**: {v}" for k, v in summary_rows(run)] + [""]
+    """A short text summary: the run, the CLI table, the last training step, optional scores, what is missing.
+
+    Every name and value from the run's files goes through _md: it renders as the text it is, never as HTML,
+    a link or an image.
+    """
+    lines = [f"# Distillation report: {_md(run.name)}", ""]
+    lines += [f"- **{_md(k)}**: {_md(v)}" for k, v in summary_rows(run)] + [""]
     if run.report is not None:
-        lines += ["## Teacher vs student", "", "```", format_table(run.report).rstrip("\n"), "```", ""]
+        table = format_table(run.report).rstrip("\n")
+        fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", table)), default=0))  # none closes it early
+        lines += ["## Teacher vs student", "", fence, table, fence, ""]
         lines += _markdown_extras(run.report)
     if run.metrics:
         last = run.metrics[-1]
-        values = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step" and _finite(v))
-        lines += ["## Training", "", f"{len(run.metrics)} logged steps; the last, step {last.get('step')}: {values}.",
-                  ""]
-    missing = [f"- {name}: {run.problems.get(name, 'absent')}; {HOW_TO[name]}." for name in HOW_TO
+        values = ", ".join(f"{_md(k)} {v:.4g}" for k, v in last.items() if k != "step" and _finite(v))
+        lines += ["## Training", "",
+                  f"{len(run.metrics)} logged steps; the last, step {_md(last.get('step'))}: {values}.", ""]
+    missing = [f"- {name}: {_md(run.problems.get(name, 'absent'))}; {HOW_TO[name]}." for name in HOW_TO
                if _absent(run, name)]
     if missing:
         lines += ["## Missing", ""] + missing + [""]
-    lines.append(f"Plots and sample answers: {html_name} beside this file.")
+    lines.append(f"Plots and sample answers: {_md(html_name)} beside this file.")
     return "\n".join(lines) + "\n"
 
 
@@ -483,24 +491,29 @@ def _absent(run: RunFiles, name: str) -> bool:
             "samples.jsonl": not run.samples, "recipe.yaml": run.recipe is None}[name]
 
 
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|")  # a bare | would end the table cell
+def _md(value: object) -> str:
+    """A name or value as Markdown text that shows as itself: one line, HTML as entities, no emphasis, code or links.
+
+    `|` is escaped too, so the text also fits a table cell.
+    """
+    one_line = " ".join(str(value).split())  # a newline could start a heading or a raw HTML block
+    return MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(one_line, quote=False))
 
 
 def _markdown_extras(report: dict) -> list[str]:
     lines = []
     calibration = per_model(report, "calibration")
     if calibration:
-        eces = ", ".join(f"{side} {_number(v.get('ece') if isinstance(v, dict) else None)}"
+        eces = ", ".join(f"{_md(side)} {_md(_number(v.get('ece') if isinstance(v, dict) else None))}"
                          for side, v in calibration.items())
         lines += [f"Calibration (ECE, lower is better): {eces}.", ""]
     rows = suite_rows(report)
     if rows:
         lines += ["## Task suites", "", "| suite | task | teacher | student |", "|---|---|---:|---:|"]
-        lines += [f"| {_md_cell(s)} | {_md_cell(t)} | {_number(a)} | {_number(b)} |" for s, t, a, b in rows] + [""]
+        lines += [f"| {_md(s)} | {_md(t)} | {_md(_number(a))} | {_md(_number(b))} |" for s, t, a, b in rows] + [""]
     judge = report.get("judge")
     if isinstance(judge, dict) and _finite(judge.get("win_rate")):
-        lines += [f"Judge ({judge.get('judge', 'unnamed')}): the student wins {100 * judge['win_rate']:.1f}% "
+        lines += [f"Judge ({_md(judge.get('judge', 'unnamed'))}): the student wins {100 * judge['win_rate']:.1f}% "
                   "against the teacher.", ""]
     return lines
 

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from distill.errors import DistillError
-from distill.runtime import atomic_write_bytes, atomic_write_json
+from distill.runtime import SHARED_IDLE_S, atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 from distill.signals.encoding import ENCODING_VERSION, Codec, IdTable, TopKRows, compress, decompress
 
 HEADER = "cache.json"
@@ -137,6 +137,8 @@ class TopKCacheWriter:
     def __init__(self, path: Path, header: CacheHeader):
         self.path, self.header, self.codec = Path(path), header, header.codec
         self._check_or_write_header()
+        # Shards a killed capture was writing; teacher.cache may be shared, so a temporary still changing is kept.
+        remove_stale_temporaries(self.path, idle_s=SHARED_IDLE_S)
         self._pending: list[tuple[int, str, TopKRows, np.ndarray]] = []
 
     def _check_or_write_header(self) -> None:

@@ -11,7 +11,7 @@ from distill.recipe import Recipe
 from distill.stages.data import generation_settings, planned_ids, teacher_assignments
 from distill.stages.facts import captures_at_generation, judge_backend, run_files, teacher_backend
 from distill.teachers.backend import SamplingParams, TeacherBackend, as_judge
-from distill.teachers.generate import GenerationStats, generate_responses, latest_records
+from distill.teachers.generate import GenerationStats, generate_responses, latest_records, raise_if_all_failed
 
 log = logging.getLogger("distill")
 
@@ -36,6 +36,8 @@ def generate(recipe: Recipe, *, progress: bool = True):
         )
         _log_stats(spec.model, stats, out)
         all_stats.append(stats)
+    for stats in all_stats:  # the failures are on disk as `failed` records: a re-run retries them
+        raise_if_all_failed(stats)
     return all_stats[0] if len(all_stats) == 1 else all_stats
 
 

@@ -40,6 +40,7 @@ class Reasoning:
 class GenerationStats:
     """What one run of the stage did."""
 
+    teacher: str = ""  # the backend's name
     done: int = 0  # records answered in this run
     failed: int = 0  # requests that failed in this run (retried by the next)
     skipped_existing: int = 0  # (prompt, sample) pairs already answered
@@ -287,7 +288,7 @@ def generate_responses(
     requests = plan_requests(prompts, backend.name, params, samples, system_prompt, reasoning)
     existing = latest_records(data_dir)
     todo = [r for r in requests if existing.get(r.id, {}).get("status") != "ok"]
-    stats = GenerationStats(skipped_existing=len(requests) - len(todo))
+    stats = GenerationStats(teacher=backend.name, skipped_existing=len(requests) - len(todo))
     stats.retried = sum(r.id in existing for r in todo)
     writer = ShardWriter(data_dir, shard_records)
     bar = tqdm(total=len(requests), initial=stats.skipped_existing, desc=f"teacher answers ({backend.name})",
@@ -313,6 +314,14 @@ def generate_responses(
     bar.close()
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def raise_if_all_failed(stats: GenerationStats) -> None:
+    """Refuse a run that answered nothing: every request failed and no answer was on disk before."""
+    if stats.failed and not stats.done and not stats.skipped_existing:
+        first = (next(iter(stats.errors), "").strip().splitlines() or ["no message"])[0]  # errors keeps arrival order
+        raise DistillError(f"generate: all {stats.failed} requests to teacher {stats.teacher} failed, nothing was "
+                           f"answered; first error: {first}")
 
 
 def _chunks(todo: list[Request], size: int) -> Iterator[tuple[int, list[Request]]]:

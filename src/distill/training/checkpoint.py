@@ -1,6 +1,7 @@
 """Checkpoints that let a killed run continue exactly: weights, optimizer, schedule, RNG and step."""
 from __future__ import annotations
 
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -11,22 +12,33 @@ import safetensors.torch
 import torch
 
 from distill.errors import DistillError
-from distill.runtime import atomic_directory
+from distill.runtime import atomic_directory, remove_stale_temporaries
 
 STEP_PREFIX = "step_"
 MATCHER_FILE = "matcher.safetensors"
+TRAINER_STATE = "trainer_state.pt"
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors, lists and numbers: torch.load(weights_only=True) reads it without code."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, python_state, gauss_next = random.getstate()
+    state = {
+        "python": {"version": version, "state": list(python_state), "gauss_next": gauss_next},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -42,6 +54,7 @@ def save_checkpoint(
     beside the student as matcher.safetensors.
     """
     final = checkpoint_dir / f"{STEP_PREFIX}{step}"
+    remove_stale_temporaries(checkpoint_dir)  # a killed save's half-written step_N (only this run writes here)
     with atomic_directory(final) as tmp:
         # save_model (not save_file) copes with tied weights that share storage.
         safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
@@ -50,7 +63,7 @@ def save_checkpoint(
         torch.save(
             {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "rng": _rng_state()},
-            tmp / "trainer_state.pt",
+            tmp / TRAINER_STATE,
         )
     for old in list_checkpoints(checkpoint_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -62,7 +75,7 @@ def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
     if not checkpoint_dir.is_dir():
         return []
     found = [p for p in checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
-             and (p / "trainer_state.pt").is_file() and (p / "model.safetensors").is_file()]
+             and (p / TRAINER_STATE).is_file() and (p / "model.safetensors").is_file()]
     return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
 
 
@@ -78,11 +91,36 @@ def load_checkpoint(
             "was the recipe's student changed? Start a new output_dir or drop --resume"
         )
     _load_matcher(path, matcher)
-    state = torch.load(path / "trainer_state.pt", weights_only=False)
+    state = _trainer_state(path / TRAINER_STATE)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     return int(state["step"])
+
+
+def _trainer_state(file: Path) -> dict[str, Any]:
+    """Optimizer, schedule, RNG and step, read without running any code the file may carry."""
+    refused = (f"{file}: refusing to load it: it holds more than tensors and plain values (a checkpoint of an "
+               "older distill, or a tampered file); re-run with --restart")
+    try:
+        # weights_only: a pickle naming any other global (a __reduce__ payload, numpy arrays) is rejected unrun.
+        state = torch.load(file, weights_only=True)
+    except pickle.UnpicklingError:
+        raise DistillError(refused) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:  # truncated or not a torch file
+        raise DistillError(f"{file}: unreadable checkpoint state ({err.__class__.__name__}); "
+                           "re-run with --restart") from None
+    if not _is_trainer_state(state):
+        raise DistillError(refused)
+    return state
+
+
+def _is_trainer_state(state: Any) -> bool:
+    """The keys save_checkpoint writes, with the RNG states in this version's layout."""
+    if not isinstance(state, dict) or not {"step", "optimizer", "scheduler", "rng"} <= state.keys():
+        return False
+    rng = state["rng"]
+    return isinstance(rng, dict) and isinstance(rng.get("python"), dict) and isinstance(rng.get("numpy"), dict)
 
 
 def _load_matcher(path: Path, matcher: torch.nn.Module | None) -> None:
