@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.answers import extract_answer
-from distill.data.examples import Example
+from distill.data.layouts import Example
 from distill.data.tokenize import collate, encode_all, padding_id
 from distill.errors import DistillError
 from distill.eval.calibration import expected_calibration_error

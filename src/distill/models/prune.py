@@ -449,7 +449,8 @@ def _narrower(target: dict, config) -> bool:
 
 def calibration_token_ids(recipe, tokenizer) -> list[list[int]]:
     """Token ids of the calibration text: calibration.file, else the training data, else the prompts."""
-    from distill.data.examples import Example, read_examples
+    from distill.data.examples import read_examples
+    from distill.data.layouts import Example
     from distill.data.splits import recipe_examples, teacher_data_path
     from distill.teachers.from_recipe import recipe_prompts
     from distill.data.tokenize import example_token_ids
