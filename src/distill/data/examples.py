@@ -1,4 +1,4 @@
-"""Reading training examples and prompts from files (any supported layout), teacher answers, and the train/eval split."""
+"""Reading training examples, prompts and teacher answers from files (any layout), and the train/eval split."""
 from __future__ import annotations
 
 import hashlib
