@@ -107,11 +107,11 @@ def _recipe(name: str, args: argparse.Namespace, run_dir: str):
 
 def child_plan(name: str, args: argparse.Namespace) -> dict:
     """The planner's prediction for the configuration, as `distill plan` makes it."""
-    import distill.plan
+    import distill.plan.timing
     from distill.plan import format_plan, plan_recipe
 
     if args.cpu_time:  # the planner times with time.perf_counter: hand it this process's CPU clock instead
-        distill.plan.time = types.SimpleNamespace(perf_counter=time.process_time)
+        distill.plan.timing.time = types.SimpleNamespace(perf_counter=time.process_time)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-plan-") as run_dir:
         plan = plan_recipe(_recipe(name, args, run_dir))

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ import torch
 from conftest import SHARED, STORIES260K, require_shared
 from transformers import AutoTokenizer
 
+import distill
 from distill.data import (
     EncodedExample,
     Example,
@@ -228,6 +232,17 @@ def test_split_is_stable_when_examples_are_added():
     _, eval_after = split_train_eval(examples(300) + examples(300, start=300), 0.1, seed=3, max_eval=1000)
     old_ids = {e.id for e in examples(300)}
     assert {e.id for e in eval_after} & old_ids == {e.id for e in eval_before}
+
+
+def test_reading_records_leaves_tokenisation_unloaded():
+    """distill.data's readers and layouts do not load distill.data.tokenize (torch, transformers) until asked."""
+    code = ("import sys, distill.data, distill.data.readers, distill.data.layouts; "
+            "before = 'distill.data.tokenize' in sys.modules; "
+            "from distill.data import collate; "
+            "print(before, collate.__module__)")
+    env = {**os.environ, "PYTHONPATH": str(Path(distill.__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.split() == ["False", "distill.data.tokenize"]
 
 
 # ---------------------------------------------------------------- encoding

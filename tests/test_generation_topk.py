@@ -20,7 +20,7 @@ from distill.signals.from_generation import FROM_GENERATION, reused_rows
 from distill.teachers.backend import Completion, LocalBackend, SamplingParams
 from distill.teachers.generate import generate_responses, load_topk, save_topk, topk_path
 from distill.teachers.local import generate_texts, prompt_ids
-from distill.data.examples import Prompt
+from distill.data.layouts import Prompt
 from distill.data.tokenize import EncodedExample
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.data.examples import Example
+from distill.data.layouts import Example
 from distill.data.packing import (
     check_packing_support,
     collate_packed,

@@ -276,3 +276,19 @@ def test_format_plan_names_every_part(tmp_path, tiny_teacher_dir, pairs_jsonl):
     text = format_plan(plan)
     for name in [*plan.flops, *plan.memory, *plan.seconds]:
         assert name in text
+
+
+def test_only_from_recipe_reads_the_recipe():
+    """The planner's building blocks take plain values; distill.plan.from_recipe alone imports Recipe."""
+    import ast
+    from pathlib import Path
+
+    import distill.plan
+
+    readers = set()
+    for path in Path(distill.plan.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "distill.recipe":
+                if any(alias.name == "Recipe" for alias in node.names):
+                    readers.add(path.stem)
+    assert readers == {"from_recipe"}

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import STORIES260K, require_shared
 from distill.answers import extract_answer, normalize_number
-from distill.data.examples import Example
+from distill.data.layouts import Example
 from distill.data.tokenize import encode_example
 from distill.errors import DistillError
 from distill.eval import suites

@@ -22,7 +22,7 @@ class Section(BaseModel):
 
 # The filter section's classes live beside the filters they configure; they subclass Section, so import after it.
 from distill.data.filters import FilterSpec  # noqa: E402
-from distill.data.examples import HUB_DATASET  # noqa: E402  # data.prompts may name a hub dataset
+from distill.data.readers import HUB_DATASET  # noqa: E402  # data.prompts may name a hub dataset
 
 
 class TeacherSpec(Section):

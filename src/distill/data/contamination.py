@@ -6,8 +6,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from distill.data.examples import _check_suffix, _json_records, _read_text, _text_blocks
 from distill.data.minhash import concat_ngrams, hash_words
+from distill.data.readers import check_suffix, json_records, read_text, text_blocks
 
 DEFAULT_N = 13  # the GPT-3 paper's contamination n-gram
 CHUNK = 2048  # texts hashed and looked up at once (small arrays stay in cache)
@@ -88,10 +88,10 @@ def record_text(value: Any) -> str:
 def read_eval_texts(path: str | Path) -> list[str]:
     """The items of an eval file: one text per JSONL/JSON record (all its string fields), or per .txt paragraph."""
     path = Path(path)
-    _check_suffix(path)
+    check_suffix(path)
     if path.suffix.lower() == ".txt":
-        return [block for _, block in _text_blocks(path, _read_text(path))]
-    return [record_text(record) for _, record in _json_records(path)]
+        return [block for _, block in text_blocks(path, read_text(path))]
+    return [record_text(record) for _, record in json_records(path)]
 
 
 def load_eval_texts(paths: Iterable[str | Path]) -> dict[str, list[str]]:

@@ -17,8 +17,8 @@ from pydantic import Field, field_validator, model_validator
 
 from distill.answers import extract_answer
 from distill.data.contamination import DEFAULT_N, NgramIndex, load_eval_texts
-from distill.data.examples import Malformed, _json_records
 from distill.data.minhash import MinHasher, near_duplicates
+from distill.data.readers import Malformed, json_records
 from distill.errors import DistillError
 from distill.recipe import Section
 from distill.runtime import atomic_write_json, atomic_write_text
@@ -604,7 +604,7 @@ def filter_file(
     if in_path.resolve() == out_path.resolve():
         raise DistillError(f"{out_path}: the output would overwrite the input; choose another --out")
     with _collector_paused():
-        located = list(_json_records(in_path))
+        located = list(json_records(in_path))
     for where, record in located:
         if isinstance(record, Malformed):
             raise DistillError(f"{where}: {record}")

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from distill.data.examples import Example, Messages
+from distill.data.layouts import Example, Messages
 from distill.errors import DistillError
 
 log = logging.getLogger(__name__)

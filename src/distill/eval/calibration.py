@@ -6,7 +6,7 @@ from typing import Iterable, Sequence
 import torch
 from transformers import PreTrainedModel
 
-from distill.eval.metrics import CHUNK_POSITIONS, Batch, _scored_logits
+from distill.eval.metrics import CHUNK_POSITIONS, Batch, scored_logits
 
 DEFAULT_BINS = 15
 
@@ -93,7 +93,7 @@ def next_token_calibration(
     model.eval()
     totals = torch.zeros(3, bins, dtype=torch.float64)
     for batch in batches:
-        logits, targets = _scored_logits(model, batch)
+        logits, targets = scored_logits(model, batch)
         for start in range(0, len(targets), CHUNK_POSITIONS):
             rows = slice(start, start + CHUNK_POSITIONS)
             top_prob, top_id = torch.softmax(logits[rows].float(), dim=-1).max(-1)

@@ -136,17 +136,17 @@ def _canonical_records(path: Path, kind: str, fields: dict[str, str]) -> list[di
 
 
 def _canonical(record: dict, kind: str, fields: dict[str, str]) -> dict[str, Any]:
-    from distill.eval.suites import Fields, _choices_and_answer, _text  # noqa: PLC0415
+    from distill.eval.suites import Fields, choices_and_answer, field_text  # noqa: PLC0415 -- as above
 
     if kind == "perplexity":
-        return {"text": _text(record, fields["text"])}
+        return {"text": field_text(record, fields["text"])}
     question_key = fields["question"]
     if question_key == "question" and "question" not in record and "prompt" in record:
         question_key = "prompt"
-    question = _text(record, question_key)
+    question = field_text(record, question_key)
     if kind == "generate":
-        return {"question": question, "answer": _text(record, fields["answer"])}
-    choices, index = _choices_and_answer(record, Fields(choices=fields["choices"], answer=fields["answer"]))
+        return {"question": question, "answer": field_text(record, fields["answer"])}
+    choices, index = choices_and_answer(record, Fields(choices=fields["choices"], answer=fields["answer"]))
     return {"question": question, "choices": choices, "answer": index}
 
 

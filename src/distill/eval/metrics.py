@@ -67,7 +67,7 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _scored_logits(model: PreTrainedModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def scored_logits(model: PreTrainedModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [N, V] (model dtype) and targets [N] at the positions whose next-token label is not -100."""
     device = _device_of(model)
     input_ids = batch["input_ids"].to(device)
@@ -86,7 +86,7 @@ def perplexity(model: PreTrainedModel, batches: Iterable[Batch]) -> dict[str, fl
     model.eval()
     total_nll, tokens = 0.0, 0
     for batch in batches:
-        logits, targets = _scored_logits(model, batch)
+        logits, targets = scored_logits(model, batch)
         for start in range(0, len(targets), CHUNK_POSITIONS):
             rows = slice(start, start + CHUNK_POSITIONS)
             nll = F.cross_entropy(logits[rows].float(), targets[rows], reduction="sum")
@@ -107,8 +107,8 @@ def agreement(
     teacher.eval()
     matches, kl_sum, tokens = 0, 0.0, 0
     for batch in batches:
-        student_logits, _ = _scored_logits(student, batch)
-        teacher_logits, _ = _scored_logits(teacher, batch)
+        student_logits, _ = scored_logits(student, batch)
+        teacher_logits, _ = scored_logits(teacher, batch)
         teacher_logits = teacher_logits.to(student_logits.device)
         for start in range(0, len(student_logits), CHUNK_POSITIONS):
             rows = slice(start, start + CHUNK_POSITIONS)

@@ -10,7 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.answers import normalize_number
 from distill.data.tokenize import padding_id
-from distill.data.examples import Messages
+from distill.data.layouts import Messages
 from distill.teachers.local import prompt_ids
 
 Prompt = Union[str, Messages]

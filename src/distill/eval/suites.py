@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.answers import extract_answer
-from distill.data.examples import Example
+from distill.data.layouts import Example
 from distill.data.tokenize import collate, encode_all, padding_id
 from distill.errors import DistillError
 from distill.eval.calibration import expected_calibration_error
@@ -206,7 +206,7 @@ def _records(path: Path) -> list[tuple[str, Any]]:
     return records
 
 
-def _text(record: dict, key: str) -> str:
+def field_text(record: dict, key: str) -> str:
     """A non-empty string field; numbers (a bare `72` answer) are taken as text."""
     if key not in record:
         raise ValueError(f"missing key {key!r}")
@@ -218,7 +218,7 @@ def _text(record: dict, key: str) -> str:
     return value
 
 
-def _choices_and_answer(record: dict, fields: Fields) -> tuple[list[str], int]:
+def choices_and_answer(record: dict, fields: Fields) -> tuple[list[str], int]:
     """The choices and the correct one's index; the answer is an index, the choice's text, or a letter."""
     choices = record.get(fields.choices)
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
@@ -237,12 +237,12 @@ def _choices_and_answer(record: dict, fields: Fields) -> tuple[list[str], int]:
 def _item(where: str, record: dict, spec: TaskSpec) -> Item:
     f = spec.fields
     if spec.kind == "perplexity" and f.text in record:
-        return Item(where, None, _text(record, f.text))
-    prompt = _text(record, f.prompt)
+        return Item(where, None, field_text(record, f.text))
+    prompt = field_text(record, f.prompt)
     if spec.kind == "multiple_choice":
-        choices, index = _choices_and_answer(record, f)
+        choices, index = choices_and_answer(record, f)
         return Item(where, prompt, choices[index], choices, index)
-    reference = _text(record, f.answer)
+    reference = field_text(record, f.answer)
     if spec.metric == "exact_match":
         extracted = extract_answer(reference, spec.extract)
         if extracted is None:

@@ -322,7 +322,7 @@ def _no_inference_mode(metric: Callable) -> Callable:
 
 def eval_batches(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> Callable[[], list[dict]]:
     """Each text as plain text (every token scored), cut to EVAL_MAX_TOKENS, one text per batch."""
-    from distill.data.examples import Example
+    from distill.data.layouts import Example
     from distill.data.tokenize import collate, encode_all, padding_id
 
     examples = [Example(id=str(i), text=text) for i, text in enumerate(texts)]

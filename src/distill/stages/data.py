@@ -6,7 +6,8 @@ from typing import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from distill.data.examples import Example, Prompt, load_teacher_data, read_examples, read_prompts, split_train_eval
+from distill.data.examples import load_teacher_data, read_examples, read_prompts, split_train_eval
+from distill.data.layouts import Example, Prompt
 from distill.data.tokenize import EncodedExample, encode_all
 from distill.errors import DistillError
 from distill.recipe import Recipe

@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 
 from distill.data.contamination import NgramIndex
-from distill.data.examples import Example, read_examples
+from distill.data.examples import read_examples
+from distill.data.layouts import Example
 from distill.data.tokenize import encode_all, padding_id
 from distill.errors import DistillError
 from distill.eval.judge import pairwise_judge

@@ -9,7 +9,8 @@ from typing import Optional
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.data.examples import Example, read_examples
+from distill.data.examples import read_examples
+from distill.data.layouts import Example
 from distill.data.tokenize import example_token_ids
 from distill.errors import DistillError
 from distill.models import build_student as build_new_student

@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from distill.data.examples import Messages, Prompt
+from distill.data.layouts import Messages, Prompt
 from distill.errors import DistillError
 from distill.teachers.backend import Completion, Failure, Result, SamplingParams, TeacherBackend
 

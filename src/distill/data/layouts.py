@@ -1,0 +1,244 @@
+"""Record layouts: prompt/response, Alpaca instruction/input/output, messages, ShareGPT conversations and text,
+turned into our training examples and prompts (one parsed record at a time; reading files is distill.data.readers')."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+Messages = list[dict[str, str]]
+
+EXAMPLE_LAYOUTS = (
+    "prompt/response (or completion/output/answer)",
+    "instruction/input/output (Alpaca)",
+    "messages [{role, content}]",
+    "conversations [{from, value}] (ShareGPT)",
+    "text",
+)
+PROMPT_LAYOUTS = (
+    "prompt (or question)", "instruction/input (Alpaca)", "messages [{role, content}]", "conversations [{from, value}]"
+)
+ANSWER_KEYS = ("response", "completion", "output", "answer")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Example:
+    """One training example: a conversation (`messages`) or plain text (`text`)."""
+
+    id: str
+    messages: Messages | None = None
+    text: str | None = None
+
+
+@dataclass
+class Prompt:
+    """A conversation for the teacher to answer; `messages` ends with a user turn."""
+
+    id: str
+    messages: Messages
+    tags: list[str] = field(default_factory=list)  # route to a teacher, group in reports
+    reference: str | None = None  # a known answer (GSM8K's `#### N`, Alpaca's output): verification, eval
+
+    @property
+    def user_text(self) -> str:
+        """The final user message (what the prompt asks)."""
+        return self.messages[-1]["content"]
+
+
+class RecordError(Exception):
+    """What is wrong with one record; the reader adds file:line."""
+
+
+class EmptyAnswer(RecordError):
+    """A record whose answer is empty: skipped with a counted warning (real datasets and teachers produce them)."""
+
+
+def _content_id(value: Any) -> str:
+    """A short, stable hash of a record's content (its id when the record has none)."""
+    blob = json.dumps(value, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _string(record: dict, key: str) -> str:
+    value = record.get(key)
+    if value is None:
+        raise RecordError(f"missing {key!r}")
+    if not isinstance(value, str):
+        raise RecordError(f"{key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _nonempty(record: dict, key: str) -> str:
+    value = _string(record, key)
+    if not value.strip():
+        raise RecordError(f"empty {key!r}")
+    return value
+
+
+def _content_text(content: Any, where: str) -> str:
+    """Message content as text: a string, or a list of text parts ({"type": "text", "text"|"value": ...})."""
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type", "text") != "text":
+                raise RecordError(f"{where}: only text content is supported")
+            parts.append(part.get("text", part.get("value")))
+        if not all(isinstance(p, str) for p in parts):
+            raise RecordError(f"{where}: a text part has no 'text' string")
+        content = "".join(parts)
+    if content is None:
+        return ""
+    if not isinstance(content, str):
+        raise RecordError(f"{where}: content must be text, got {type(content).__name__}")
+    return content
+
+
+def _turns(record: dict, key: str, role_key: str, text_key: str, roles: dict[str, str]) -> tuple[Messages, list[str]]:
+    """Messages of a 'messages' or 'conversations' list, and where each one is (for error messages)."""
+    turns = record[key]
+    if not isinstance(turns, list) or not turns:
+        raise RecordError(f"{key!r} must be a non-empty list of {{{role_key}, {text_key}}}")
+    messages, names = [], []
+    for i, turn in enumerate(turns):
+        name = f"{key}[{i}]"
+        if not isinstance(turn, dict) or role_key not in turn:
+            raise RecordError(f"{name}: expected an object with {role_key!r} and {text_key!r}")
+        role = roles.get(turn[role_key])
+        if role is None:
+            raise RecordError(f"{name}: unknown {role_key} {turn[role_key]!r} (expected {', '.join(roles)})")
+        messages.append({"role": role, "content": _content_text(turn.get(text_key), name)})
+        names.append(name)
+    return messages, names
+
+
+def _conversation(record: dict) -> tuple[Messages, list[str]] | None:
+    """The turns of a messages/conversations record (None for the other layouts); contents may still be empty."""
+    if "messages" in record:
+        return _turns(record, "messages", "role", "content", {r: r for r in ROLES})
+    if "conversations" in record:
+        return _turns(record, "conversations", "from", "value", SHAREGPT_ROLES)
+    return None
+
+
+def _check_contents(messages: Messages, names: list[str]) -> None:
+    """Every turn needs text; an empty assistant turn marks the whole record as an unanswered one."""
+    for message, name in zip(messages, names):
+        if not message["content"].strip():
+            raise (EmptyAnswer if message["role"] == "assistant" else RecordError)(f"{name}: empty content")
+
+
+def _with_system(record: dict, messages: Messages) -> Messages:
+    """Prepend an optional top-level 'system' string (LLaMA-Factory style records carry one)."""
+    system = record.get("system")
+    if isinstance(system, str) and system.strip() and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system}] + messages
+    return messages
+
+
+def _question(record: dict) -> str | None:
+    """The user text of an instruction or prompt record; None for the other layouts."""
+    if "instruction" in record:
+        instruction, extra = _nonempty(record, "instruction"), record.get("input") or ""
+        if not isinstance(extra, str):
+            raise RecordError(f"'input' must be a string, got {type(extra).__name__}")
+        return f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    for key in ("prompt", "question"):
+        if key in record:
+            return _nonempty(record, key)
+    return None
+
+
+def _answer(record: dict) -> str:
+    for key in ANSWER_KEYS:
+        if key in record:
+            answer = _string(record, key)
+            if not answer.strip():
+                raise EmptyAnswer(f"empty {key!r}")
+            return answer
+    raise RecordError(f"no answer: expected one of {', '.join(ANSWER_KEYS)}")
+
+
+def _as_dict(record: Any) -> dict:
+    if not isinstance(record, dict):
+        raise RecordError(f"expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def _unknown_layout(record: dict, accepted: tuple[str, ...]) -> RecordError:
+    keys = ", ".join(sorted(record)) or "none"
+    return RecordError(f"unknown record layout (keys: {keys}); expected one of: {'; '.join(accepted)}")
+
+
+def example_from_record(record: Any) -> Example:
+    """One example from a parsed record of any supported layout; raises RecordError (or EmptyAnswer)."""
+    record = _as_dict(record)
+    conversation = _conversation(record)
+    if conversation is not None:
+        messages, names = conversation
+        if not any(m["role"] == "assistant" for m in messages):
+            raise RecordError("conversation has no assistant turn to learn from")
+        _check_contents(messages, names)
+    elif (question := _question(record)) is not None:
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": _answer(record)}]
+    elif "text" in record:
+        text = _nonempty(record, "text")
+        return Example(id=_record_id(record, text), text=text)
+    else:
+        raise _unknown_layout(record, EXAMPLE_LAYOUTS)
+    messages = _with_system(record, messages)
+    return Example(id=_record_id(record, messages), messages=messages)
+
+
+def prompt_from_record(record: Any) -> Prompt:
+    """One prompt from a parsed record; any answer already there (trailing assistant turns) is ignored."""
+    record = _as_dict(record)
+    conversation = _conversation(record)
+    if conversation is not None:
+        messages, names = conversation
+        while messages and messages[-1]["role"] == "assistant":
+            messages, names = messages[:-1], names[:-1]
+        if not messages or messages[-1]["role"] != "user":
+            raise RecordError("conversation does not end with a user turn to answer")
+        _check_contents(messages, names)
+    elif (question := _question(record)) is not None:
+        messages = [{"role": "user", "content": question}]
+    else:
+        raise _unknown_layout(record, PROMPT_LAYOUTS)
+    messages = _with_system(record, messages)
+    return Prompt(id=_record_id(record, messages), messages=messages, tags=_tags(record), reference=_reference(record))
+
+
+def _tags(record: dict) -> list[str]:
+    tags = record.get("tags", record.get("tag", []))
+    tags = [tags] if isinstance(tags, str) else tags
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise RecordError("'tags' must be a string or a list of strings")
+    return tags
+
+
+def _reference(record: dict) -> str | None:
+    """A known answer carried by a prompt record (its `reference`, or its answer field)."""
+    for key in ("reference",) + ANSWER_KEYS:
+        value = record.get(key)
+        if isinstance(value, str) and value.strip():
+            return value
+    return None
+
+
+def map_fields(record: Any, fields: dict[str, str]) -> Any:
+    """Rename a record's own keys to ours (`fields`: ours -> theirs), e.g. {"prompt": "question"}."""
+    if not fields or not isinstance(record, dict):
+        return record
+    mapped = dict(record)
+    for ours, theirs in fields.items():
+        if theirs not in record:
+            raise RecordError(f"missing {theirs!r} (data.fields.{ours})")
+        mapped[ours] = record[theirs]
+    return mapped
+
+
+def _record_id(record: dict, content: Any) -> str:
+    return str(record["id"]) if record.get("id") is not None else _content_id(content)

@@ -1,0 +1,46 @@
+"""Predict a recipe's training cost before any run: parameters, FLOPs per token, memory and time on this machine.
+
+shapes: model shapes, parameter and FLOP counts; batches: the trainer's micro-batch shapes; timing: micro-
+benchmarks on this machine; cost: the step's FLOPs, seconds and memory; format: the printed table;
+from_recipe: the only module that reads the Recipe (`plan_recipe`, what `distill plan` runs).
+"""
+from distill.plan.batches import BatchStats
+from distill.plan.cost import Plan, StepSetup
+from distill.plan.format import format_plan
+from distill.plan.from_recipe import (
+    MAX_ENCODED_EXAMPLES,
+    batch_stats,
+    model_config,
+    plan_recipe,
+    step_flops,
+    student_shape,
+    teacher_online,
+)
+from distill.plan.shapes import (
+    ModelShape,
+    activation_floats_per_token,
+    forward_flops_per_token,
+    linear_flops_per_token,
+    lora_params,
+    shape_from_config,
+)
+
+__all__ = [
+    "MAX_ENCODED_EXAMPLES",
+    "BatchStats",
+    "ModelShape",
+    "Plan",
+    "StepSetup",
+    "activation_floats_per_token",
+    "batch_stats",
+    "format_plan",
+    "forward_flops_per_token",
+    "linear_flops_per_token",
+    "lora_params",
+    "model_config",
+    "plan_recipe",
+    "shape_from_config",
+    "step_flops",
+    "student_shape",
+    "teacher_online",
+]
