@@ -480,10 +480,16 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return " ".join(str(problem).split())
 
 
-def _yaml_line(err: yaml.YAMLError) -> str:
-    """":LINE" (1-based) where the YAML error is, or "" when it has no position."""
+def _yaml_line(err: yaml.YAMLError, text: str) -> str:
+    """":LINE" (1-based) where the YAML error in `text` is, or "" when it has no position."""
     mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
-    return f":{mark.line + 1}" if mark is not None else ""
+    if mark is not None:
+        return f":{mark.line + 1}"
+    position = getattr(err, "position", None)  # a ReaderError (a forbidden character) has only an offset
+    if position is None:
+        return ""
+    line = text.count("\n", 0, position) + 1
+    return f":{line}"
 
 
 def _parse_value(key: str, text: str) -> Any:
@@ -568,12 +574,16 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise DistillError(f"recipe not found: {path}")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DistillError(f"{path}: not a UTF-8 text file (byte {err.start})") from None
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DistillError(f"{path}:{line}: not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise DistillError(f"{path}{_yaml_line(err)}: not valid YAML ({_yaml_problem(err)})") from None
+        raise DistillError(f"{path}{_yaml_line(err, text)}: not valid YAML ({_yaml_problem(err)})") from None
     if data is None:
         data = {}  # an empty file: every missing section is named below
     if not isinstance(data, dict):
