@@ -58,7 +58,7 @@ class Endpoint(Section):
 
 
 class ServedModel(Endpoint):
-    """A model that may be served (`endpoint`; `model` is then the name the server knows) and how it is called."""
+    """How a model behind `endpoint` is called: requests in flight, the time each may take, and retries."""
 
     concurrency: Int = Field(default=8, gt=0)  # requests in flight
     timeout_s: Float = Field(default=120.0, gt=0)
