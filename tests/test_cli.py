@@ -184,3 +184,63 @@ def test_generate_filter_train_uses_only_kept_answers(tmp_path, tiny_teacher_dir
     if kept:
         train, _ = recipe_examples(load_recipe(path))
         assert {e.id for e in train} <= {r["id"] for r in kept}
+
+
+VALID_RECIPE = ("output_dir: run\nteacher: {model: some/teacher}\nstudent: {model: some/student}\n"
+                "data: {train: data.jsonl}\n")
+
+
+@pytest.mark.parametrize("recipe_text, overrides, expected", [
+    (VALID_RECIPE, ["train.lr={a: 1"], "--set train.lr: not valid YAML (expected ',' or '}'"),
+    (VALID_RECIPE, ["data.train=[a"], "--set data.train: not valid YAML (expected ',' or ']'"),
+    (VALID_RECIPE, [".steps=1"], "--set '.steps=1': expected KEY=VALUE"),
+    (VALID_RECIPE, ["train.steps=true"], "recipe.yaml: train.steps: Input should be a number, not a boolean (true)"),
+    ("- teacher\n- student\n", ["train.lr=1"], "recipe.yaml: a recipe must be a mapping of sections, got list"),
+    ("teacher:\n  model: a\n student: [\n", [], "recipe.yaml:3: not valid YAML (expected <block end>"),
+    ("output_dir: run\nseed: 1\x07\n", [], "recipe.yaml:2: not valid YAML (unacceptable character #x0007"),
+    (b"output_dir: run\nteacher: {model: \xff}\n", [], "recipe.yaml:2: not UTF-8 text"),
+])
+def test_bad_recipe_file_or_set_is_one_line_exit_2(tmp_path, pairs_jsonl, capsys, recipe_text, overrides, expected):
+    (tmp_path / "data.jsonl").write_text(pairs_jsonl.read_text())
+    path = tmp_path / "recipe.yaml"
+    if isinstance(recipe_text, bytes):
+        path.write_bytes(recipe_text)
+    else:
+        path.write_text(recipe_text)
+    args = ["train", str(path), "--no-progress"]
+    for item in overrides:
+        args += ["--set", item]
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_filter_records_file_takes_only_filter_settings(tmp_path, capsys):
+    records = tmp_path / "records.jsonl"
+    records.write_text(json.dumps({"id": "a", "prompt": "p", "response": "a fine answer", "status": "ok"}) + "\n")
+    out = tmp_path / "kept.jsonl"
+    assert main(["filter", str(records), "--out", str(out), "--set", "train.lr=1"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "distill: error: --set train.lr: a records file takes only filter.KEY=VALUE settings"
+    assert main(["filter", str(records), "--out", str(out), "--set", "filter.length.min_words=yes"]) == 2
+    assert "--set filter.length.min_words: Input should be a number, not a boolean" in capsys.readouterr().err
+    assert main(["filter", str(records), "--out", str(out), "--set", "filter=3"]) == 2
+    assert capsys.readouterr().err.startswith("distill: error: --set filter: ")
+    assert not out.exists()
+    assert main(["filter", str(records), "--out", str(out), "--set", "filter.length.min_words=2"]) == 0
+    assert "kept 1 of 1 records" in capsys.readouterr().out and out.is_file()
+
+
+def test_every_command_has_a_handler_and_help():
+    from distill.cli import COMMANDS, _parser
+
+    names = [c.name for c in COMMANDS]
+    assert names == ["run", "generate", "train", "eval", "filter", "capture", "student", "plan", "convert",
+                     "export", "serve", "report", "compare"]
+    help_text = _parser().format_help()
+    for command in COMMANDS:
+        assert command.name in help_text and callable(command.handle)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["frobnicate"])
+    assert exit_info.value.code == 2

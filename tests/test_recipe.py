@@ -1,13 +1,29 @@
 """Recipe schema: validation errors name the file and key path; --set overrides any key."""
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from distill.errors import DistillError
-from distill.recipe import apply_overrides, load_recipe
+from distill.recipe import (
+    CONTAMINATION_NGRAM,
+    HUB_DATASET,
+    Endpoint,
+    FilterSpec,
+    GenerationTeacherSpec,
+    JudgeFilter,
+    JudgeSpec,
+    ModelSource,
+    ServedModel,
+    TeacherSpec,
+    apply_overrides,
+    load_recipe,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,3 +170,85 @@ def test_gsm8k_recipe_without_shared_names_the_missing_file(tmp_path):
     shutil.copy(REPO / "recipes" / "gsm8k_rejection.yaml", copy)
     with pytest.raises(DistillError, match=r"data.prompts: file not found: .*gsm8k/train.jsonl"):
         load_recipe(copy)
+
+
+def test_booleans_are_not_numbers_but_numeric_strings_are(tmp_path, minimal):
+    cases = [("train.steps=true", r"train\.steps: Input should be a number, not a boolean \(true\)"),
+             ("train.lr=false", r"train\.lr: Input should be a number, not a boolean \(false\)"),
+             ("eval.speed_batch_sizes=[1, true]", r"eval\.speed_batch_sizes\.1: .*not a boolean"),
+             ("generate.max_prompts=true", r"generate\.max_prompts: .*not a boolean"),
+             ("teacher.concurrency=true", r"teacher\.concurrency: .*not a boolean"),
+             ("filter.near_dedup.seed=false", r"filter\.near_dedup\.seed: .*not a boolean")]
+    path = _write(tmp_path, minimal)
+    for override, message in cases:
+        with pytest.raises(DistillError, match=message):
+            load_recipe(path, [override])
+    minimal["train"] = {"steps": "3", "lr": "0.5"}  # YAML strings that are numbers still read as numbers
+    recipe = load_recipe(_write(tmp_path, minimal), ["eval.lm_eval_fewshot=0"])
+    assert recipe.train.steps == 3 and recipe.train.lr == 0.5 and recipe.eval.lm_eval_fewshot == 0
+
+
+def test_recipe_that_is_not_a_mapping_is_named_with_or_without_set(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- teacher\n- student\n")
+    for overrides in ([], ["train.lr=1"]):
+        with pytest.raises(DistillError, match=r"list\.yaml: a recipe must be a mapping of sections, got list"):
+            load_recipe(path, overrides)
+
+
+def test_set_value_that_is_not_yaml_names_the_key():
+    for override, key in (("train.lr={a: 1", "train.lr"), ("data.train=[a", "data.train"), ("seed=@", "seed")):
+        with pytest.raises(DistillError, match=rf"^--set {re.escape(key)}: not valid YAML \(.+\)$"):
+            apply_overrides({}, [override])
+    with pytest.raises(DistillError, match=r"--set 'train\.\.lr=1': expected KEY=VALUE with a dotted key"):
+        apply_overrides({}, ["train..lr=1"])
+
+
+def test_unreadable_recipe_files_name_the_line(tmp_path):
+    control = tmp_path / "control.yaml"
+    control.write_text("output_dir: run\nseed: 1\nnote: a\x07b\n")
+    with pytest.raises(DistillError, match=r"control\.yaml:3: not valid YAML \(unacceptable character"):
+        load_recipe(control)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("output_dir: run\nteacher: {model: caf\u00e9}\n".encode("latin-1"))
+    with pytest.raises(DistillError, match=r"latin1\.yaml:2: not UTF-8 text"):
+        load_recipe(latin1)
+
+
+def test_teachers_and_judges_share_the_model_and_server_settings(tmp_path, minimal):
+    assert issubclass(TeacherSpec, ModelSource) and issubclass(TeacherSpec, ServedModel)
+    assert issubclass(GenerationTeacherSpec, ModelSource) and issubclass(GenerationTeacherSpec, ServedModel)
+    assert issubclass(JudgeSpec, Endpoint) and not issubclass(JudgeSpec, ServedModel)
+    minimal["generate"] = {"teachers": [{"model": "other/teacher", "endpoint": "http://127.0.0.1:9/v1",
+                                         "concurrency": 2}]}
+    minimal["eval"] = {"judge": {"endpoint": "http://127.0.0.1:9/v1", "api_key_env": "JUDGE_KEY"}}
+    recipe = load_recipe(_write(tmp_path, minimal))
+    extra = recipe.generate.teachers[0]
+    assert (extra.concurrency, extra.timeout_s, extra.max_retries, extra.dtype) == (2, 120.0, 5, "auto")
+    assert (recipe.teacher.concurrency, recipe.teacher.timeout_s, recipe.teacher.max_retries) == (8, 120.0, 5)
+    assert recipe.eval.judge.api_key_env == "JUDGE_KEY" and recipe.eval.judge.model is None
+    minimal["generate"]["teachers"][0]["timeout_s"] = 0
+    with pytest.raises(DistillError, match=r"generate\.teachers\.0\.timeout_s: Input should be greater than 0"):
+        load_recipe(_write(tmp_path, minimal))
+    minimal["generate"] = {}
+    minimal["eval"]["judge"]["concurrency"] = 4  # the pairwise judge takes no request settings
+    with pytest.raises(DistillError, match=r"eval\.judge\.concurrency: unknown key"):
+        load_recipe(_write(tmp_path, minimal))
+
+
+def test_filter_section_schema_lives_in_the_recipe():
+    from distill.data import contamination, examples, filters
+
+    assert filters.FilterSpec is FilterSpec and filters.JudgeFilter is JudgeFilter
+    assert FilterSpec().contamination.n == contamination.DEFAULT_N == CONTAMINATION_NGRAM
+    assert HUB_DATASET == examples.HUB_DATASET
+    assert set(FilterSpec.model_fields) == {"dedup_scope", *filters.FILTER_ORDER}
+
+
+def test_recipe_schema_imports_no_data_code():
+    """The schema is below the code it configures: importing it loads neither distill.data nor torch."""
+    code = "import sys, distill.recipe; print(' '.join(sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = result.stdout.split()
+    assert "distill.recipe" in loaded
+    assert not [m for m in loaded if m.startswith("distill.data") or m == "torch"]

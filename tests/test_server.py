@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from distill.errors import DistillError
 from distill.teachers.backend import LocalBackend, SamplingParams
 from distill.teachers.local import generate_texts
-from distill.teachers.server import make_server, serve
+from distill.teachers.server import is_loopback, make_server, serve
 
 from conftest import make_tiny_llama
 
@@ -211,3 +211,27 @@ def test_serve_loads_a_model_answers_and_stops_on_ctrl_c(tiny_teacher_dir, monke
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True), ("LOCALHOST", True),
+                                            ("127.0.0.2", True), ("::1", True), ("0.0.0.0", False), ("::", False),
+                                            ("", False), ("192.168.1.5", False), ("myhost.example", False)])
+def test_is_loopback(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+def test_serve_beyond_loopback_needs_a_key_or_insecure(tmp_path, capsys, monkeypatch):
+    from distill.cli import main
+
+    missing = str(tmp_path / "no-model")  # past the host check, serving fails here: "model not found"
+    assert main(["serve", missing, "--host", "0.0.0.0"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distill: error: --host 0.0.0.0: without an API key")
+    assert "--api-key-env VAR" in lines[0] and "--insecure" in lines[0]
+    monkeypatch.setenv("DISTILL_TEST_SERVE_KEY", "k-123")
+    for extra in (["--host", "0.0.0.0", "--insecure"], ["--host", "localhost"],
+                  ["--host", "0.0.0.0", "--api-key-env", "DISTILL_TEST_SERVE_KEY"]):
+        assert main(["serve", missing, *extra]) == 2
+        assert "model not found" in capsys.readouterr().err, extra
+    with pytest.raises(DistillError, match=r"--host 10\.1\.2\.3: without an API key"):
+        serve(missing, host="10.1.2.3")

@@ -3,15 +3,33 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from distill.errors import DistillError
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+
+HUB_DATASET = "hf://"  # data.prompts may name a hub dataset (the same prefix distill.data.examples reads)
+CONTAMINATION_NGRAM = 13  # the GPT-3 paper's contamination n-gram (distill.data.contamination.DEFAULT_N)
+
+
+def _not_a_boolean(value: Any) -> Any:
+    """Refuse true/false where a number belongs: pydantic would otherwise read `steps: true` as 1."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("bool_not_number", "Input should be a number, not a boolean ({value})",
+                                  {"value": str(value).lower()})
+    return value
+
+
+# Numbers as the recipe reads them: YAML "3" is still 3 (pydantic's lax mode), but true/false are errors.
+Int = Annotated[int, BeforeValidator(_not_a_boolean)]
+Float = Annotated[float, BeforeValidator(_not_a_boolean)]
 
 
 class Section(BaseModel):
@@ -20,33 +38,44 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-# The filter section's classes live beside the filters they configure; they subclass Section, so import after it.
-from distill.data.filters import FilterSpec  # noqa: E402
-from distill.data.readers import HUB_DATASET  # noqa: E402  # data.prompts may name a hub dataset
-
-
-class TeacherSpec(Section):
-    """Where the teacher comes from: a hub id, a local HF directory, a .gguf file or pkg://package/file."""
+class ModelSource(Section):
+    """A model read from a hub id, a local HF directory, a .gguf file or pkg://package/file."""
 
     model: str
     gguf_file: Optional[str] = None  # for a hub repo or directory that holds several .gguf files
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
+
+
+class Endpoint(Section):
+    """An OpenAI-compatible server (vLLM, llama.cpp, Ollama, `distill serve`, a hosted API) and its key.
+
+    The key is read from the environment variable named by `api_key_env`, never written in the recipe or logged.
+    """
+
+    endpoint: Optional[str] = None  # e.g. http://127.0.0.1:8000/v1
+    api_key_env: Optional[str] = None
+
+
+class ServedModel(Endpoint):
+    """How a model behind `endpoint` is called: requests in flight, the time each may take, and retries."""
+
+    concurrency: Int = Field(default=8, gt=0)  # requests in flight
+    timeout_s: Float = Field(default=120.0, gt=0)
+    max_retries: Int = Field(default=5, ge=0)
+
+
+class TeacherSpec(ServedModel, ModelSource):
+    """Where the teacher comes from: local weights (ModelSource), or an OpenAI-compatible server (`endpoint`)."""
+
     # How a local teacher writes text (generate, the filter's judge): transformers in-process, or vLLM's offline
     # engine (much faster, but it needs a CUDA GPU and `pip install vllm`). Training and eval load it with transformers.
     engine: Literal["transformers", "vllm"] = "transformers"
     # A top-k cache of the teacher's log-probs (`distill capture` writes it): KD trains from it without
     # loading the teacher's weights; `model` still names the tokenizer and the teacher the cache must come from.
     cache: Optional[str] = None
-    cache_k: int = Field(default=64, gt=0)  # log-probs kept per position at capture
+    cache_k: Int = Field(default=64, gt=0)  # log-probs kept per position at capture
     cache_exact: bool = False  # float32 log-probs instead of quantized ones (~2.7x larger)
-    # An OpenAI-compatible server (vLLM, llama.cpp, Ollama, `distill serve`, a hosted API) writes the teacher data;
-    # `model` is then the model name the server knows. The key is read from the env var named here, never logged.
-    endpoint: Optional[str] = None  # e.g. http://127.0.0.1:8000/v1
-    api_key_env: Optional[str] = None
-    concurrency: int = Field(default=8, gt=0)  # requests in flight
-    timeout_s: float = Field(default=120.0, gt=0)
-    max_retries: int = Field(default=5, ge=0)
 
     @model_validator(mode="after")
     def _one_way_to_generate(self) -> "TeacherSpec":
@@ -58,34 +87,34 @@ class TeacherSpec(Section):
 class StudentConfig(Section):
     """Shape of a student built from scratch on the teacher's tokenizer (Llama layout)."""
 
-    num_layers: int = Field(gt=0)
-    hidden_size: int = Field(gt=0)
-    num_heads: int = Field(gt=0)
-    num_kv_heads: Optional[int] = Field(default=None, gt=0)
-    intermediate_size: Optional[int] = Field(default=None, gt=0)  # default: ~2.75 x hidden, multiple of 64
+    num_layers: Int = Field(gt=0)
+    hidden_size: Int = Field(gt=0)
+    num_heads: Int = Field(gt=0)
+    num_kv_heads: Optional[Int] = Field(default=None, gt=0)
+    intermediate_size: Optional[Int] = Field(default=None, gt=0)  # default: ~2.75 x hidden, multiple of 64
     tie_embeddings: bool = True
-    max_position_embeddings: Optional[int] = None  # default: the teacher's
+    max_position_embeddings: Optional[Int] = None  # default: the teacher's
 
 
 class CalibrationSpec(Section):
     """Text the pruner runs the teacher on to measure which layers, channels and heads matter."""
 
     file: Optional[str] = None  # default: the recipe's training data (teacher answers), else its prompts
-    samples: int = Field(default=64, gt=0)
-    max_length: int = Field(default=256, gt=8)
+    samples: Int = Field(default=64, gt=0)
+    max_length: Int = Field(default=256, gt=8)
 
 
 class FromTeacherSpec(Section):
     """A student cut out of the teacher: fewer layers (depth) and/or narrower layers (width)."""
 
-    layers: Optional[int] = Field(default=None, gt=0)  # how many teacher layers to keep
-    keep_layers: Optional[list[int]] = None  # or exactly which ones (0-based)
+    layers: Optional[Int] = Field(default=None, gt=0)  # how many teacher layers to keep
+    keep_layers: Optional[list[Int]] = None  # or exactly which ones (0-based)
     layer_selection: Literal["importance", "uniform"] = "importance"  # how `layers` are chosen
     layer_importance: Literal["block_influence", "skip_loss"] = "block_influence"
-    hidden_size: Optional[int] = Field(default=None, gt=0)  # width targets; None keeps the teacher's
-    intermediate_size: Optional[int] = Field(default=None, gt=0)
-    num_heads: Optional[int] = Field(default=None, gt=0)
-    num_kv_heads: Optional[int] = Field(default=None, gt=0)
+    hidden_size: Optional[Int] = Field(default=None, gt=0)  # width targets; None keeps the teacher's
+    intermediate_size: Optional[Int] = Field(default=None, gt=0)
+    num_heads: Optional[Int] = Field(default=None, gt=0)
+    num_kv_heads: Optional[Int] = Field(default=None, gt=0)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
 
     @model_validator(mode="after")
@@ -132,10 +161,10 @@ class DataSpec(Section):
     prompts_config: Optional[str] = None  # for hf:// prompts: the dataset configuration (e.g. "main" for gsm8k)
     train: Optional[str] = None  # JSONL of prompt/response, messages, or text; or a .txt file
     eval: Optional[str] = None  # held-out examples; default: a split of the training data
-    eval_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
-    max_eval_examples: int = Field(default=64, gt=0)
+    eval_fraction: Float = Field(default=0.1, ge=0.0, lt=1.0)
+    max_eval_examples: Int = Field(default=64, gt=0)
     system_prompt: Optional[str] = None
-    max_length: int = Field(default=512, gt=8)
+    max_length: Int = Field(default=512, gt=8)
     text_files: list[str] = Field(default_factory=list)  # plain reference text for perplexity
     # The prompt file's own key names, ours -> theirs: e.g. {prompt: question, reference: answer} for GSM8K.
     fields: dict[str, str] = Field(default_factory=dict)
@@ -148,30 +177,21 @@ class DataSpec(Section):
         return self
 
 
-class GenerationTeacherSpec(Section):
+class GenerationTeacherSpec(ServedModel, ModelSource):
     """Another teacher that writes answers (a mixture of teachers); `teacher` stays the KD and tokenizer teacher."""
 
-    model: str  # hub id, directory, .gguf or pkg://; with `endpoint`, the model name the server knows
-    gguf_file: Optional[str] = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    trust_remote_code: bool = False
-    endpoint: Optional[str] = None
-    api_key_env: Optional[str] = None
-    concurrency: int = Field(default=8, gt=0)
-    timeout_s: float = Field(default=120.0, gt=0)
-    max_retries: int = Field(default=5, ge=0)
     tags: list[str] = Field(default_factory=list)  # mixture "route": prompts with one of these tags come here
 
 
 class GenerateSpec(Section):
     """How the teacher answers the prompts (response distillation data)."""
 
-    max_new_tokens: int = Field(default=256, gt=0)
-    batch_size: int = Field(default=8, gt=0)
-    temperature: float = Field(default=0.0, ge=0.0)  # 0 = greedy
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    max_prompts: Optional[int] = Field(default=None, gt=0)
-    samples: int = Field(default=1, gt=0)  # answers per prompt (needs temperature > 0 when > 1)
+    max_new_tokens: Int = Field(default=256, gt=0)
+    batch_size: Int = Field(default=8, gt=0)
+    temperature: Float = Field(default=0.0, ge=0.0)  # 0 = greedy
+    top_p: Float = Field(default=1.0, gt=0.0, le=1.0)
+    max_prompts: Optional[Int] = Field(default=None, gt=0)
+    samples: Int = Field(default=1, gt=0)  # answers per prompt (needs temperature > 0 when > 1)
     stop: list[str] = Field(default_factory=list)  # stop strings
     # Chain of thought: ask the teacher to reason step by step, then keep the reasoning in the training text
     # or strip it (train on the final answer only; the reasoning stays in the record).
@@ -181,7 +201,7 @@ class GenerateSpec(Section):
         "starting with 'Answer:'."
     )
     answer_marker: str = "Answer:"
-    shard_records: int = Field(default=5000, gt=0)  # records per teacher-data shard
+    shard_records: Int = Field(default=5000, gt=0)  # records per teacher-data shard
     # More teachers: "route" sends each prompt to the first of them whose tags it has (else to `teacher`);
     # "all" has every teacher answer every prompt (keep the best with filter.judge.best_per_prompt).
     teachers: list[GenerationTeacherSpec] = Field(default_factory=list)
@@ -201,9 +221,9 @@ class GenerateSpec(Section):
 class HiddenStateSpec(Section):
     """Hidden-state KD: student layer i's output matches teacher layer j's, through a learned projection."""
 
-    weight: float = Field(default=1.0, gt=0.0)  # added to the logit loss
+    weight: Float = Field(default=1.0, gt=0.0)  # added to the logit loss
     loss: Literal["mse", "cosine"] = "mse"  # mse is normalised by the teacher states' mean square
-    layer_map: Optional[list[tuple[int, int]]] = None  # [[student, teacher], ...]; default: derived
+    layer_map: Optional[list[tuple[Int, Int]]] = None  # [[student, teacher], ...]; default: derived
 
 
 class MethodSpec(Section):
@@ -211,19 +231,19 @@ class MethodSpec(Section):
 
     kind: Literal["kd", "sft"] = "kd"
     divergence: Divergence = "forward_kl"
-    temperature: float = Field(default=1.0, gt=0.0)
-    alpha: float = Field(default=0.5, ge=0.0, le=1.0)  # weight of cross-entropy on labels; 1-alpha on KD
-    beta: float = Field(default=0.5, gt=0.0, lt=1.0)  # JSD mixing weight
-    skew: float = Field(default=0.1, ge=0.0, lt=1.0)  # skew KL mixing weight
-    chunk_size: int = Field(default=192, gt=0)  # positions per chunk in the memory-safe loss (see docs/benchmarks.md)
+    temperature: Float = Field(default=1.0, gt=0.0)
+    alpha: Float = Field(default=0.5, ge=0.0, le=1.0)  # weight of cross-entropy on labels; 1-alpha on KD
+    beta: Float = Field(default=0.5, gt=0.0, lt=1.0)  # JSD mixing weight
+    skew: Float = Field(default=0.1, ge=0.0, lt=1.0)  # skew KL mixing weight
+    chunk_size: Int = Field(default=192, gt=0)  # positions per chunk in the memory-safe loss (see docs/benchmarks.md)
     hidden: Optional[HiddenStateSpec] = None  # also match intermediate hidden states
 
 
 
 class LoraSpec(Section):
-    r: int = Field(default=16, gt=0)
-    alpha: int = Field(default=32, gt=0)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    r: Int = Field(default=16, gt=0)
+    alpha: Int = Field(default=32, gt=0)
+    dropout: Float = Field(default=0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
@@ -232,60 +252,58 @@ class LoraSpec(Section):
 class TrainSpec(Section):
     """Optimisation: steps, batch, schedule, checkpoints."""
 
-    steps: int = Field(default=200, gt=0)
-    batch_size: int = Field(default=8, gt=0)
-    grad_accum: int = Field(default=1, gt=0)
-    lr: float = Field(default=1e-3, gt=0.0)
-    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
-    weight_decay: float = Field(default=0.01, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = Field(default=10, ge=0)
+    steps: Int = Field(default=200, gt=0)
+    batch_size: Int = Field(default=8, gt=0)
+    grad_accum: Int = Field(default=1, gt=0)
+    lr: Float = Field(default=1e-3, gt=0.0)
+    min_lr_ratio: Float = Field(default=0.1, ge=0.0, le=1.0)
+    weight_decay: Float = Field(default=0.01, ge=0.0)
+    betas: tuple[Float, Float] = (0.9, 0.95)
+    warmup_steps: Int = Field(default=10, ge=0)
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    decay_fraction: float = Field(default=0.2, gt=0.0, le=1.0)  # WSD: share of steps spent decaying
-    max_grad_norm: Optional[float] = Field(default=1.0, gt=0.0)
-    nan_tolerance: int = Field(default=0, ge=0)  # non-finite steps skipped (no update) before a run stops
-    checkpoint_every: int = Field(default=100, gt=0)
-    keep_checkpoints: int = Field(default=2, gt=0)
-    log_every: int = Field(default=10, gt=0)
+    decay_fraction: Float = Field(default=0.2, gt=0.0, le=1.0)  # WSD: share of steps spent decaying
+    max_grad_norm: Optional[Float] = Field(default=1.0, gt=0.0)
+    nan_tolerance: Int = Field(default=0, ge=0)  # non-finite steps skipped (no update) before a run stops
+    checkpoint_every: Int = Field(default=100, gt=0)
+    keep_checkpoints: Int = Field(default=2, gt=0)
+    log_every: Int = Field(default=10, gt=0)
     lora: Optional[LoraSpec] = None
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPUs that support it, else fp32
     device: str = "auto"
-    threads: Optional[int] = Field(default=None, gt=0)
+    threads: Optional[Int] = Field(default=None, gt=0)
     packing: bool = False  # pack several examples into rows of data.max_length tokens (no attention across them)
 
 
-class JudgeSpec(Section):
+class JudgeSpec(Endpoint):
     """Pairwise judging of student vs teacher answers (each pair twice, positions swapped)."""
 
     model: Optional[str] = None  # default: the recipe's teacher (local weights or teacher.endpoint)
-    endpoint: Optional[str] = None  # an OpenAI-compatible server for the judge
-    api_key_env: Optional[str] = None
     rubric: Optional[str] = None  # default: distill.eval.judge.DEFAULT_RUBRIC
-    max_items: int = Field(default=32, gt=0)
-    max_new_tokens: int = Field(default=64, gt=0)  # the verdict is asked for on the last line
+    max_items: Int = Field(default=32, gt=0)
+    max_new_tokens: Int = Field(default=64, gt=0)  # the verdict is asked for on the last line
 
 
 class EvalSpec(Section):
     """What `distill eval` measures."""
 
-    max_new_tokens: int = Field(default=64, gt=0)
-    batch_size: int = Field(default=8, gt=0)
-    speed_prompt_tokens: int = Field(default=64, gt=0)
-    speed_new_tokens: int = Field(default=32, gt=0)
-    speed_batch_sizes: list[int] = Field(default_factory=lambda: [1, 8])
+    max_new_tokens: Int = Field(default=64, gt=0)
+    batch_size: Int = Field(default=8, gt=0)
+    speed_prompt_tokens: Int = Field(default=64, gt=0)
+    speed_new_tokens: Int = Field(default=32, gt=0)
+    speed_batch_sizes: list[Int] = Field(default_factory=lambda: [1, 8])
     measure_speed: bool = True
-    speed_threads: Optional[int] = Field(default=None, gt=0)  # CPU threads while timing (default: train.threads/all)
+    speed_threads: Optional[Int] = Field(default=None, gt=0)  # CPU threads while timing (default: train.threads/all)
     before_training: bool = True  # also measure <run>/student_init, so the report shows what training recovered
     general_text: bool = True  # perplexity on general text outside the training domain (capability collapse)
     calibration: bool = True  # expected calibration error of next-token probabilities on the held-out text
     suites: list[str] = Field(default_factory=list)  # shipped suite names or suite YAML paths (docs/eval.md)
     judge: Optional[JudgeSpec] = None
-    contamination_ngram: int = Field(default=13, gt=1)  # eval items sharing an n-gram with training are flagged
+    contamination_ngram: Int = Field(default=13, gt=1)  # eval items sharing an n-gram with training are flagged
     # lm-evaluation-harness tasks (pip install distill[lm-eval]): lm-eval names (need the hub) or local
     # NAME=PATH.jsonl:KIND (multiple_choice | generate | perplexity), comma-separated; see docs/eval.md.
     lm_eval: Optional[str] = None
-    lm_eval_limit: Optional[int] = Field(default=None, gt=0)
-    lm_eval_fewshot: Optional[int] = Field(default=None, ge=0)
+    lm_eval_limit: Optional[Int] = Field(default=None, gt=0)
+    lm_eval_fewshot: Optional[Int] = Field(default=None, ge=0)
 
 
 class ExportSpec(Section):
@@ -295,11 +313,139 @@ class ExportSpec(Section):
     formats: list[str] = Field(default_factory=list)
 
 
+# ---------------------------------------------------------------- the filter section (distill.data.filters)
+
+DEFAULT_FILTER_RUBRIC = (
+    "You grade an AI assistant's answer to a user's request. Judge correctness first, then helpfulness, "
+    "clarity and completeness. Reply with one line, 'Score: N', where N is an integer from 1 (wrong or useless) "
+    "to 10 (excellent)."
+)
+
+
+class FilterSection(Section):
+    """One filter's settings; `enabled: false` (or the section set to `false`) switches it off."""
+
+    enabled: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_bool(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
+
+
+class TruncatedFilter(FilterSection):
+    """Drop answers the teacher did not finish (finish_reason "length": cut at max_new_tokens)."""
+
+
+class GarbledFilter(FilterSection):
+    """Drop empty or garbled answers."""
+
+    min_alnum_ratio: Float = Field(default=0.25, ge=0.0, le=1.0)  # letters+digits among non-space characters
+    max_replacement_chars: Int = Field(default=0, ge=0)  # U+FFFD: bytes that did not decode
+    code_fences: bool = True  # an odd number of ``` fence lines
+
+
+class LengthFilter(FilterSection):
+    """Bounds on the answer's length in characters and whitespace-separated words (null: no bound)."""
+
+    min_chars: Int = Field(default=1, ge=0)
+    max_chars: Optional[Int] = Field(default=None, gt=0)
+    min_words: Int = Field(default=1, ge=0)
+    max_words: Optional[Int] = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "LengthFilter":
+        for unit in ("chars", "words"):
+            low, high = getattr(self, f"min_{unit}"), getattr(self, f"max_{unit}")
+            if high is not None and high < low:
+                raise ValueError(f"max_{unit} ({high}) is below min_{unit} ({low})")
+        return self
+
+
+class RefusalFilter(FilterSection):
+    """Drop refusals and AI boilerplate: regular expressions searched case-insensitively anywhere in the answer."""
+
+    default_patterns: bool = True  # the curated REFUSAL_PATTERNS
+    extra_patterns: list[str] = Field(default_factory=list)
+
+    @field_validator("extra_patterns")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"not a regular expression: {pattern!r} ({err})") from None
+        return patterns
+
+
+class RepetitionFilter(FilterSection):
+    """Drop answers that loop: many repeated word n-grams, or the same line many times in a row."""
+
+    ngram: Int = Field(default=3, gt=0)
+    max_duplicate_ngram_ratio: Float = Field(default=0.3, ge=0.0, le=1.0)  # repeated n-grams / all n-grams
+    max_line_repeats: Int = Field(default=3, gt=0)  # the same line more often in a row is a loop
+
+
+class VerifyFilter(FilterSection):
+    """Rejection sampling: where a record has a reference answer, keep it only if the final numbers match."""
+
+
+class ContaminationFilter(FilterSection):
+    """Drop records whose prompt + answer share a word n-gram with an evaluation item."""
+
+    n: Int = Field(default=CONTAMINATION_NGRAM, gt=0)
+    eval_files: list[str] = Field(default_factory=list)  # JSONL/JSON (every string field) or .txt (paragraphs)
+
+
+class ExactDedupFilter(FilterSection):
+    """Keep the first of records whose text is equal after normalisation (NFKC, case, spacing)."""
+
+
+class NearDedupFilter(FilterSection):
+    """Keep the first of records whose word-shingle sets are near-equal (MinHash + LSH)."""
+
+    threshold: Float = Field(default=0.8, gt=0.0, le=1.0)  # estimated Jaccard similarity
+    num_perm: Int = Field(default=128, ge=16)
+    shingle: Int = Field(default=5, gt=0)  # words per shingle
+    seed: Int = 0
+
+
+class JudgeFilter(FilterSection):
+    """An LLM grades each answer 1-10 with a rubric; keep scores >= threshold. Off unless enabled."""
+
+    enabled: bool = False
+    threshold: Float = Field(default=7.0, ge=1.0, le=10.0)
+    rubric: str = DEFAULT_FILTER_RUBRIC
+    batch_size: Int = Field(default=16, gt=0)
+    keep_unparsed: bool = False  # a reply with no score: keep (true) or drop (false) the record
+    model: Optional[str] = None  # the judge model for the CLI to load; None: the recipe's teacher
+    max_new_tokens: Int = Field(default=32, gt=0)  # for the CLI's judge generation
+    # Keep only the best-scored answer of each prompt (several samples or teachers: best-of-n by the judge).
+    best_per_prompt: bool = False
+
+
+class FilterSpec(Section):
+    """The `filter` section: which filters run (in this order) and their thresholds."""
+
+    dedup_scope: Literal["response", "prompt_response"] = "prompt_response"
+    truncated: TruncatedFilter = Field(default_factory=TruncatedFilter)
+    garbled: GarbledFilter = Field(default_factory=GarbledFilter)
+    length: LengthFilter = Field(default_factory=LengthFilter)
+    refusal: RefusalFilter = Field(default_factory=RefusalFilter)
+    repetition: RepetitionFilter = Field(default_factory=RepetitionFilter)
+    verify: VerifyFilter = Field(default_factory=VerifyFilter)
+    contamination: ContaminationFilter = Field(default_factory=ContaminationFilter)
+    exact_dedup: ExactDedupFilter = Field(default_factory=ExactDedupFilter)
+    near_dedup: NearDedupFilter = Field(default_factory=NearDedupFilter)
+    judge: JudgeFilter = Field(default_factory=JudgeFilter)
+
+
 class Recipe(Section):
     """A whole distillation run."""
 
     output_dir: str
-    seed: int = 0
+    seed: Int = 0
     teacher: TeacherSpec
     student: StudentSpec
     data: DataSpec
@@ -329,9 +475,30 @@ class Recipe(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _parse_value(text: str) -> Any:
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error's reason on one line (its str() spans several, with the position)."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return " ".join(str(problem).split())
+
+
+def _yaml_line(err: yaml.YAMLError, text: str) -> str:
+    """":LINE" (1-based) where the YAML error in `text` is, or "" when it has no position."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    if mark is not None:
+        return f":{mark.line + 1}"
+    position = getattr(err, "position", None)  # a ReaderError (a forbidden character) has only an offset
+    if position is None:
+        return ""
+    line = text.count("\n", 0, position) + 1
+    return f":{line}"
+
+
+def _parse_value(key: str, text: str) -> Any:
     """Parse an override value the way YAML would (`1e-4` -> float, `true` -> bool, `[1,2]` -> list)."""
-    value = yaml.safe_load(text)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise DistillError(f"--set {key}: not valid YAML ({_yaml_problem(err)})") from None
     if isinstance(value, str):
         try:
             return float(value)  # YAML 1.1 reads `1e-4` as a string
@@ -347,7 +514,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise DistillError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
         key, text = item.split("=", 1)
-        parts = key.strip().split(".")
+        key = key.strip()
+        parts = key.split(".")
+        if not all(parts):
+            raise DistillError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=1e-4")
         node = data
         for part in parts[:-1]:
             child = node.get(part)
@@ -356,7 +526,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise DistillError(f"--set {key}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = _parse_value(text)
+        node[parts[-1]] = _parse_value(key, text)
     return data
 
 
@@ -405,11 +575,19 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise DistillError(f"recipe not found: {path}")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DistillError(f"{path}:{line}: not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise DistillError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
-    data = apply_overrides(data or {}, overrides or [])
+        raise DistillError(f"{path}{_yaml_line(err, text)}: not valid YAML ({_yaml_problem(err)})") from None
+    if data is None:
+        data = {}  # an empty file: every missing section is named below
+    if not isinstance(data, dict):
+        raise DistillError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
     return recipe_from_dict(data, source=str(path), base_dir=path.resolve().parent)

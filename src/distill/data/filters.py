@@ -11,16 +11,22 @@ import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Optional
-
-from pydantic import Field, field_validator, model_validator
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from distill.answers import extract_answer
-from distill.data.contamination import DEFAULT_N, NgramIndex, load_eval_texts
+from distill.data.contamination import NgramIndex, load_eval_texts
 from distill.data.minhash import MinHasher, near_duplicates
 from distill.data.readers import Malformed, json_records
 from distill.errors import DistillError
-from distill.recipe import Section
+from distill.recipe import (  # the filter section's settings are part of the recipe schema
+    FilterSpec,
+    GarbledFilter,
+    JudgeFilter,
+    LengthFilter,
+    NearDedupFilter,
+    RefusalFilter,
+    RepetitionFilter,
+)
 from distill.runtime import atomic_write_json, atomic_write_text
 
 Messages = list[dict[str, str]]
@@ -36,135 +42,6 @@ REFUSAL_PATTERNS = (  # lower case: they search the lower-cased answer
     r"\bi don['’]t have (?:personal )?(?:opinions|feelings|beliefs|emotions)\b",
     r"\b(?:openai|anthropic)['’]s (?:content|use|usage) polic",
 )
-
-DEFAULT_RUBRIC = (
-    "You grade an AI assistant's answer to a user's request. Judge correctness first, then helpfulness, "
-    "clarity and completeness. Reply with one line, 'Score: N', where N is an integer from 1 (wrong or useless) "
-    "to 10 (excellent)."
-)
-
-
-# ---------------------------------------------------------------- settings
-
-
-class FilterSection(Section):
-    """One filter's settings; `enabled: false` (or the section set to `false`) switches it off."""
-
-    enabled: bool = True
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_bool(cls, value: Any) -> Any:
-        return {"enabled": value} if isinstance(value, bool) else value
-
-
-class TruncatedFilter(FilterSection):
-    """Drop answers the teacher did not finish (finish_reason "length": cut at max_new_tokens)."""
-
-
-class GarbledFilter(FilterSection):
-    """Drop empty or garbled answers."""
-
-    min_alnum_ratio: float = Field(default=0.25, ge=0.0, le=1.0)  # letters+digits among non-space characters
-    max_replacement_chars: int = Field(default=0, ge=0)  # U+FFFD: bytes that did not decode
-    code_fences: bool = True  # an odd number of ``` fence lines
-
-
-class LengthFilter(FilterSection):
-    """Bounds on the answer's length in characters and whitespace-separated words (null: no bound)."""
-
-    min_chars: int = Field(default=1, ge=0)
-    max_chars: Optional[int] = Field(default=None, gt=0)
-    min_words: int = Field(default=1, ge=0)
-    max_words: Optional[int] = Field(default=None, gt=0)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "LengthFilter":
-        for unit in ("chars", "words"):
-            low, high = getattr(self, f"min_{unit}"), getattr(self, f"max_{unit}")
-            if high is not None and high < low:
-                raise ValueError(f"max_{unit} ({high}) is below min_{unit} ({low})")
-        return self
-
-
-class RefusalFilter(FilterSection):
-    """Drop refusals and AI boilerplate: regular expressions searched case-insensitively anywhere in the answer."""
-
-    default_patterns: bool = True  # the curated REFUSAL_PATTERNS
-    extra_patterns: list[str] = Field(default_factory=list)
-
-    @field_validator("extra_patterns")
-    @classmethod
-    def _compiles(cls, patterns: list[str]) -> list[str]:
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise ValueError(f"not a regular expression: {pattern!r} ({err})") from None
-        return patterns
-
-
-class RepetitionFilter(FilterSection):
-    """Drop answers that loop: many repeated word n-grams, or the same line many times in a row."""
-
-    ngram: int = Field(default=3, gt=0)
-    max_duplicate_ngram_ratio: float = Field(default=0.3, ge=0.0, le=1.0)  # repeated n-grams / all n-grams
-    max_line_repeats: int = Field(default=3, gt=0)  # the same line more often in a row is a loop
-
-
-class VerifyFilter(FilterSection):
-    """Rejection sampling: where a record has a reference answer, keep it only if the final numbers match."""
-
-
-class ContaminationFilter(FilterSection):
-    """Drop records whose prompt + answer share a word n-gram with an evaluation item."""
-
-    n: int = Field(default=DEFAULT_N, gt=0)
-    eval_files: list[str] = Field(default_factory=list)  # JSONL/JSON (every string field) or .txt (paragraphs)
-
-
-class ExactDedupFilter(FilterSection):
-    """Keep the first of records whose text is equal after normalisation (NFKC, case, spacing)."""
-
-
-class NearDedupFilter(FilterSection):
-    """Keep the first of records whose word-shingle sets are near-equal (MinHash + LSH)."""
-
-    threshold: float = Field(default=0.8, gt=0.0, le=1.0)  # estimated Jaccard similarity
-    num_perm: int = Field(default=128, ge=16)
-    shingle: int = Field(default=5, gt=0)  # words per shingle
-    seed: int = 0
-
-
-class JudgeFilter(FilterSection):
-    """An LLM grades each answer 1-10 with a rubric; keep scores >= threshold. Off unless enabled."""
-
-    enabled: bool = False
-    threshold: float = Field(default=7.0, ge=1.0, le=10.0)
-    rubric: str = DEFAULT_RUBRIC
-    batch_size: int = Field(default=16, gt=0)
-    keep_unparsed: bool = False  # a reply with no score: keep (true) or drop (false) the record
-    model: Optional[str] = None  # the judge model for the CLI to load; None: the recipe's teacher
-    max_new_tokens: int = Field(default=32, gt=0)  # for the CLI's judge generation
-    # Keep only the best-scored answer of each prompt (several samples or teachers: best-of-n by the judge).
-    best_per_prompt: bool = False
-
-
-class FilterSpec(Section):
-    """The `filter` section: which filters run (in this order) and their thresholds."""
-
-    dedup_scope: Literal["response", "prompt_response"] = "prompt_response"
-    truncated: TruncatedFilter = Field(default_factory=TruncatedFilter)
-    garbled: GarbledFilter = Field(default_factory=GarbledFilter)
-    length: LengthFilter = Field(default_factory=LengthFilter)
-    refusal: RefusalFilter = Field(default_factory=RefusalFilter)
-    repetition: RepetitionFilter = Field(default_factory=RepetitionFilter)
-    verify: VerifyFilter = Field(default_factory=VerifyFilter)
-    contamination: ContaminationFilter = Field(default_factory=ContaminationFilter)
-    exact_dedup: ExactDedupFilter = Field(default_factory=ExactDedupFilter)
-    near_dedup: NearDedupFilter = Field(default_factory=NearDedupFilter)
-    judge: JudgeFilter = Field(default_factory=JudgeFilter)
-
 
 FILTER_ORDER = ("truncated", "garbled", "length", "refusal", "repetition", "verify", "contamination",
                 "exact_dedup", "near_dedup", "judge")

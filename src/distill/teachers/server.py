@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
 import queue
@@ -215,6 +216,17 @@ def make_server(
     return server.start()
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable only from this machine: localhost, 127.0.0.0/8 or ::1."""
+    # Any other name counts as reachable: it may resolve to any address.
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def serve(
     model_path: str,
     *,
@@ -223,18 +235,22 @@ def serve(
     batch_size: int = 8,
     api_key_env: str | None = None,
     gguf_file: str | None = None,
+    insecure: bool = False,
 ) -> None:
-    """Load a model and serve it over HTTP until interrupted (Ctrl-C)."""
+    """Load a model and serve it over HTTP until Ctrl-C; a non-loopback host needs an API key or `insecure`."""
     from distill.models.loading import load_model, load_tokenizer
     from distill.runtime import resolve_device, resolve_dtype
 
     api_key = read_api_key(api_key_env, "--api-key-env")
+    if api_key is None and not is_loopback(host) and not insecure:
+        raise DistillError(f"--host {host}: without an API key anyone who can reach it could use the model; give "
+                           "--api-key-env VAR (the variable holding the key), or --insecure to serve without one")
     device = resolve_device("auto")
     tokenizer = load_tokenizer(model_path, gguf_file)
     model = load_model(model_path, gguf_file, dtype=resolve_dtype("auto", device), device=device)
     backend = LocalBackend(model, tokenizer, name=model_path, batch_size=batch_size)
     server = make_server(backend, host, port, api_key=api_key)
-    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+    if api_key is None and not is_loopback(host):  # --insecure
         log.warning("serving on %s without an API key: anyone who can reach it can use the model", host)
     print(f"serving {model_path} at {server.url} (batches of up to {batch_size}; Ctrl-C stops)", flush=True)
     try:
