@@ -137,7 +137,7 @@ def generate(recipe: Recipe, *, progress: bool = True):
             backend, prompts, out,
             params=replace(params, top_logprobs=keep), samples=recipe.generate.samples,
             system_prompt=recipe.data.system_prompt, reasoning=reasoning,
-            shard_records=recipe.generate.shard_records, progress=progress,
+            shard_records=recipe.generate.shard_records, progress=progress, on_long_prompt=recipe.data.on_error,
         )
         log.info("generate (%s): %d new answers (%d already there), %d failed, %d prompt + %d new tokens, %.0f s "
                  "-> %s", spec.model, stats.done, stats.skipped_existing, stats.failed, stats.prompt_tokens,
