@@ -89,7 +89,7 @@ def test_directory_without_weights(tmp_path, tiny_teacher_dir):
     model_dir = tmp_path / "no_weights"
     shutil.copytree(tiny_teacher_dir, model_dir)
     (model_dir / "model.safetensors").unlink()
-    with pytest.raises(DistillError, match=r"no_weights: no model weights"):
+    with pytest.raises(DistillError, match=r"no_weights: no model\.safetensors"):
         load_model(str(model_dir))
 
 

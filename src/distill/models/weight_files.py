@@ -179,6 +179,6 @@ def check_model_dir(path: str | Path) -> None:
         if pickled:
             raise DistillError(f"{path}: has only {pickled[0]}: distill loads safetensors only "
                                "(convert it with transformers' save_pretrained(..., safe_serialization=True))")
-        raise DistillError(f"{path}: no model weights (model.safetensors)")
+        raise DistillError(f"{path}: no model.safetensors (the directory holds no weights)")
     for file in weights:
         check_safetensors(file)
