@@ -187,6 +187,9 @@ class GenerateSpec(Section):
     """How the teacher answers the prompts (response distillation data)."""
 
     max_new_tokens: Int = Field(default=256, gt=0)
+    # Longer prompts are skipped and counted (data.on_error: stop refuses them); default: the teacher's context
+    # less max_new_tokens (a served teacher's context is unknown: only an explicit value applies there).
+    max_prompt_tokens: Optional[Int] = Field(default=None, gt=0)
     batch_size: Int = Field(default=8, gt=0)
     temperature: Float = Field(default=0.0, ge=0.0)  # 0 = greedy
     top_p: Float = Field(default=1.0, gt=0.0, le=1.0)

@@ -18,6 +18,9 @@ from distill.errors import DistillError
 log = logging.getLogger(__name__)
 
 IGNORE = -100
+# Text is cut at max_length * this many characters before it is tokenised: no tokenizer's tokens average this
+# long, so the first max_length tokens are unchanged, while a 20 MB line costs no more than a normal one.
+MAX_CHARS_PER_TOKEN = 64
 
 
 @dataclass
@@ -174,21 +177,42 @@ def _encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[in
     return ids, list(ids)
 
 
+def cut_text(text: str, max_length: int) -> str:
+    """The start of text that holds its first max_length tokens (and more), so that no more is ever tokenised."""
+    return text[:max_length * MAX_CHARS_PER_TOKEN]
+
+
+def cut_messages(messages: Messages, max_length: int) -> Messages:
+    """The conversation's start that holds its first max_length tokens: contents cut, in order, at a shared
+    character budget, and the turns after it dropped (their tokens would be cut off anyway)."""
+    budget, kept = max_length * MAX_CHARS_PER_TOKEN, []
+    for message in messages:
+        if budget <= 0:
+            break
+        content = message.get("content")
+        if isinstance(content, str) and len(content) > budget:
+            message = {**message, "content": content[:budget]}
+        budget -= len(content) if isinstance(content, str) else 0
+        kept.append(message)
+    return kept
+
+
 def encode_example(
     example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int, system_prompt: str | None = None
 ) -> EncodedExample | None:
     """Token ids and aligned labels for one example, truncated to max_length (the start is kept).
 
     Chat examples train only the assistant turns (each with its end-of-turn token); plain text trains every
-    token. Returns None when no token is left to predict (the caller drops the example).
+    token. Text is cut by characters first, so an enormous line is never tokenised whole. Returns None when no
+    token is left to predict (the caller drops the example).
     """
     if example.messages is not None:
         messages = example.messages
         if system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system_prompt}] + messages
-        ids, labels = _encode_chat(tokenizer, messages)
+        ids, labels = _encode_chat(tokenizer, cut_messages(messages, max_length))
     else:
-        ids, labels = _encode_text(tokenizer, example.text or "")
+        ids, labels = _encode_text(tokenizer, cut_text(example.text or "", max_length))
     ids, labels = ids[:max_length], labels[:max_length]
     # Position 0 is never predicted (nothing comes before it), so it does not count as a trained token.
     if all(label == IGNORE for label in labels[1:]):
@@ -204,10 +228,11 @@ def example_token_ids(
     if encoded is not None:
         return encoded.input_ids
     if example.messages is None:
-        return _tokens(tokenizer, example.text or "", True)[:max_length]
+        return _tokens(tokenizer, cut_text(example.text or "", max_length), True)[:max_length]
     messages = example.messages
     if system_prompt and messages and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
+    messages = cut_messages(messages, max_length)
     ends_with_user = bool(messages) and messages[-1]["role"] == "user"
     return _tokens(tokenizer, _render(tokenizer, messages, ends_with_user), False)[:max_length]
 

@@ -50,7 +50,16 @@ def export_hf(source: Path, out_dir: Path) -> Path:
 
 
 def model_dir_of(source: Path) -> Path:
-    """The HF directory to export: <run>/student for a run directory, source itself for a model directory."""
+    """The HF directory to export: <run>/student for a run directory, source itself for a model directory; its
+    safetensors are checked whole (every export format reads them)."""
+    from distill.models.weight_files import check_model_dir  # distill.models pulls in transformers
+
+    model_dir = _model_dir(source)
+    check_model_dir(model_dir)
+    return model_dir
+
+
+def _model_dir(source: Path) -> Path:
     if not source.is_dir():
         raise DistillError(f"{source}: not found (expected a run directory or a model directory)")
     if (source / "recipe.yaml").is_file():
@@ -124,9 +133,12 @@ def _readme_license(readme: Path) -> Optional[str]:
 def _gguf_license(path: Path) -> Optional[str]:
     from gguf import GGUFReader
 
+    from distill.models.weight_files import check_gguf
+
     try:
+        check_gguf(path)  # GGUFReader fails in many ways on a damaged file
         field = GGUFReader(path).fields.get("general.license")
-    except (OSError, ValueError):
+    except (OSError, ValueError, DistillError):
         return None
     return str(field.contents()) if field is not None else None
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import struct
 from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.errors import DistillError
 from distill.models.heads import is_peft
 from distill.models.paths import resolve_model_path
+from distill.models.weight_files import check_gguf, check_model_dir
 from distill.runtime import SHARED_IDLE_S, atomic_directory, remove_stale_temporaries
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
@@ -22,11 +25,12 @@ def load_tokenizer(
     model: str, gguf_file: str | None = None, trust_remote_code: bool = False
 ) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with a pad token (eos when it has none) so batches can be padded."""
-    path, gguf_file = _prefer_gguf_cache(*resolve_model_path(model, gguf_file))
+    path, gguf_file = _readable_source(model, gguf_file)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as err:
-        raise DistillError(f"could not load the tokenizer of {model!r}: {_first_line(err)}") from None
+    except (OSError, ValueError, KeyError, struct.error) as err:
+        raise DistillError(f"could not load the tokenizer of {_shown(model, path, gguf_file)!r}: "
+                           f"{_first_line(err)}") from None
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:
@@ -44,16 +48,17 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """A causal LM in eval mode; GGUF weights come back dequantized and saveable."""
-    path, gguf_file = _prefer_gguf_cache(*resolve_model_path(model, gguf_file))
+    path, gguf_file = _readable_source(model, gguf_file)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
-    elif Path(path).is_dir() and any(Path(path).glob("*.safetensors")):
-        kwargs["use_safetensors"] = True  # never fall back to pickled .bin when safetensors are there
+    elif Path(path).is_dir():
+        check_model_dir(path)  # config.json and whole safetensors: a clear line instead of a loader traceback
+        kwargs["use_safetensors"] = True  # never unpickle .bin files
     try:
         loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise DistillError(f"could not load model {model!r}: {_first_line(err)}") from None
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, struct.error) as err:
+        raise DistillError(f"could not load model {_shown(model, path, gguf_file)!r}: {_first_line(err)}") from None
     if gguf_file is not None:
         _forget_quantization(loaded)
         _fill_gguf_cache(loaded, path, gguf_file)
@@ -67,6 +72,20 @@ def gguf_cache_dir(path: str, gguf_file: str) -> Path:
     key = f"{file}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
     root = Path(os.environ.get("DISTILL_CACHE") or Path.home() / ".cache" / "distill")
     return root / "gguf" / f"{file.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _readable_source(model: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """(directory or hub id, gguf file) to load from: a GGUF's converted copy when there is one, else the GGUF
+    itself, checked whole first (a truncated one otherwise fails deep in the GGUF reader)."""
+    path, gguf_file = _prefer_gguf_cache(*resolve_model_path(model, gguf_file))
+    if gguf_file is not None and Path(path).is_dir():
+        check_gguf(Path(path) / gguf_file)
+    return path, gguf_file
+
+
+def _shown(model: str, path: str, gguf_file: str | None) -> str:
+    """How errors name what was loaded: the GGUF file itself when there is one on disk."""
+    return str(Path(path) / gguf_file) if gguf_file is not None and Path(path).is_dir() else model
 
 
 def _prefer_gguf_cache(path: str, gguf_file: str | None) -> tuple[str, str | None]:

@@ -43,7 +43,7 @@ def generation_settings(recipe: Recipe) -> tuple[SamplingParams, Reasoning]:
     """(sampling parameters, reasoning mode) of the recipe's generate section."""
     g = recipe.generate
     params = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                            seed=recipe.seed, stop=tuple(g.stop))
+                            seed=recipe.seed, stop=tuple(g.stop), max_prompt_tokens=g.max_prompt_tokens)
     return params, Reasoning(mode=g.reasoning, prompt=g.reasoning_prompt, marker=g.answer_marker)
 
 

@@ -33,6 +33,7 @@ def generate(recipe: Recipe, *, progress: bool = True):
             params=replace(params, top_logprobs=keep), samples=recipe.generate.samples,
             system_prompt=recipe.data.system_prompt, reasoning=reasoning,
             shard_records=recipe.generate.shard_records, progress=progress,
+            on_long_prompt=recipe.data.on_error,
         )
         _log_stats(spec.model, stats, out)
         all_stats.append(stats)

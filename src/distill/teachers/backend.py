@@ -17,11 +17,15 @@ class SamplingParams:
     seed: int = 0
     stop: tuple[str, ...] = ()
     top_logprobs: int = 0  # > 0: also return the teacher's top-k log-probs at each generated token
+    # Longer prompts are not sent (generate skips or refuses them); None: the teacher's context - max_new_tokens,
+    # where the backend knows its context. Not part of the identity: it decides which prompts, not their answers.
+    max_prompt_tokens: int | None = None
 
     def identity(self) -> dict:
         """The fields that change what the teacher writes (the seed only matters when sampling)."""
         out = asdict(self)
         out.pop("top_logprobs")
+        out.pop("max_prompt_tokens")
         if self.temperature == 0:
             out.pop("seed")
             out.pop("top_p")
@@ -76,6 +80,19 @@ class LocalBackend:
     tokenizer: object
     name: str
     batch_size: int = 8
+
+    @property
+    def context_length(self) -> int | None:
+        """How many positions the model reads (prompt and answer together), when its config says."""
+        from distill.teachers.local import model_context
+
+        return model_context(self.model)
+
+    def prompt_tokens(self, conversation: Messages, at_most: int | None = None) -> int:
+        """Tokens of the conversation's prompt, counted up to at_most + 1 (a huge prompt is never tokenised whole)."""
+        from distill.teachers.local import count_prompt_tokens
+
+        return count_prompt_tokens(self.tokenizer, conversation, at_most)
 
     def generate(self, conversations: list[Messages], params: SamplingParams) -> list[Result]:
         """Answer conversations in batches of batch_size; an out-of-memory batch fails its rows, not the run."""

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -22,6 +23,8 @@ from tqdm import tqdm
 from distill.data.layouts import Messages, Prompt
 from distill.errors import DistillError
 from distill.teachers.backend import Completion, Failure, Result, SamplingParams, TeacherBackend
+
+log = logging.getLogger("distill")
 
 SHARD_GLOB = "shard-*.jsonl"
 TOPK_DIR = "topk"  # <data_dir>/topk/<record id>.npz: the teacher's top-k log-probs at the tokens it wrote
@@ -51,6 +54,7 @@ class GenerationStats:
     empty: int = 0  # answers with no text (kept in the file; load_teacher_data skips them)
     errors: dict[str, int] = field(default_factory=dict)  # failure message -> count
     topk: int = 0  # answers whose top-k log-probs were kept (generate.capture_topk)
+    too_long: int = 0  # prompts not sent: longer than the prompt limit (generate.max_prompt_tokens)
 
 
 # ---------------------------------------------------------------- the shard store
@@ -282,19 +286,26 @@ def generate_responses(
     reasoning: Reasoning | None = None,
     shard_records: int = 5000,
     progress: bool = True,
+    on_long_prompt: str = "skip",
 ) -> GenerationStats:
-    """Answer the (prompt, sample) pairs not yet answered in data_dir; killing and re-running loses nothing."""
+    """Answer the (prompt, sample) pairs not yet answered in data_dir; killing and re-running loses nothing.
+
+    Prompts longer than the prompt limit (params.max_prompt_tokens, else the teacher's context less
+    max_new_tokens) are skipped and counted, or refused with one error when on_long_prompt is "stop".
+    """
     params, reasoning = params or SamplingParams(), reasoning or Reasoning()
     requests = plan_requests(prompts, backend.name, params, samples, system_prompt, reasoning)
     existing = latest_records(data_dir)
     todo = [r for r in requests if existing.get(r.id, {}).get("status") != "ok"]
     stats = GenerationStats(teacher=backend.name, skipped_existing=len(requests) - len(todo))
-    stats.retried = sum(r.id in existing for r in todo)
+    # Counting prompt tokens needs the teacher (its tokenizer): only when something is left to answer.
+    fitting, lengths = _within_prompt_limit(backend, todo, params, on_long_prompt, stats) if todo else (todo, {})
+    stats.retried = sum(r.id in existing for r in fitting)
     writer = ShardWriter(data_dir, shard_records)
-    bar = tqdm(total=len(requests), initial=stats.skipped_existing, desc=f"teacher answers ({backend.name})",
-               unit="answer", disable=not progress)
+    bar = tqdm(total=len(requests) - len(todo) + len(fitting), initial=stats.skipped_existing,
+               desc=f"teacher answers ({backend.name})", unit="answer", disable=not progress)
     start = time.perf_counter()
-    for sample, chunk in _chunks(todo, backend.batch_size) if todo else ():
+    for sample, chunk in _chunks(fitting, backend.batch_size, lengths) if fitting else ():
         results = backend.generate([r.conversation for r in chunk], _sample_params(params, sample))
         if len(results) != len(chunk):
             raise DistillError(f"teacher {backend.name}: {len(results)} results for {len(chunk)} requests")
@@ -309,7 +320,7 @@ def generate_responses(
         _count(stats, results)
         stats.seconds = time.perf_counter() - start
         bar.update(len(chunk))
-        bar.set_postfix(failed=stats.failed, tokens=stats.new_tokens,
+        bar.set_postfix(failed=stats.failed, too_long=stats.too_long, tokens=stats.new_tokens,
                         tok_per_s=f"{stats.new_tokens / max(stats.seconds, 1e-9):.1f}")
     bar.close()
     stats.seconds = time.perf_counter() - start
@@ -324,13 +335,71 @@ def raise_if_all_failed(stats: GenerationStats) -> None:
                            f"answered; first error: {first}")
 
 
-def _chunks(todo: list[Request], size: int) -> Iterator[tuple[int, list[Request]]]:
-    """Batches of one sample number each; longest prompts first so similar lengths share a batch."""
+def prompt_limit(params: SamplingParams, context: int | None) -> tuple[int | None, str]:
+    """(the longest prompt to send, where that number comes from): generate.max_prompt_tokens, else the teacher's
+    context less max_new_tokens (so prompt and answer fit), else no limit (a served teacher's context is unknown)."""
+    if params.max_prompt_tokens is not None:
+        return params.max_prompt_tokens, f"generate.max_prompt_tokens={params.max_prompt_tokens}"
+    if context is None:
+        return None, "no limit"
+    if context <= params.max_new_tokens:
+        raise DistillError(f"generate.max_new_tokens={params.max_new_tokens} leaves no room for a prompt in the "
+                           f"teacher's context of {context} tokens")
+    return context - params.max_new_tokens, (f"the teacher's context of {context} tokens less "
+                                             f"generate.max_new_tokens={params.max_new_tokens}")
+
+
+def _token_counter(backend: TeacherBackend) -> Callable[[Messages, int | None], int] | None:
+    """How to count a conversation's prompt tokens as the teacher reads them, when the backend can tell."""
+    counter = getattr(backend, "prompt_tokens", None)  # a local teacher
+    if callable(counter):
+        return counter
+    tokenizer = getattr(backend, "tokenizer", None)  # a served teacher that was given the teacher's tokenizer
+    if tokenizer is None:
+        return None
+    from distill.teachers.local import count_prompt_tokens  # torch and transformers: only when there is a tokenizer
+
+    return lambda conversation, at_most: count_prompt_tokens(tokenizer, conversation, at_most)
+
+
+def _within_prompt_limit(
+    backend: TeacherBackend, todo: list[Request], params: SamplingParams, on_long_prompt: str, stats: GenerationStats
+) -> tuple[list[Request], dict[str, int]]:
+    """The requests whose prompt fits the prompt limit, and each one's prompt tokens (to batch by length)."""
+    limit, why = prompt_limit(params, getattr(backend, "context_length", None))
+    count = _token_counter(backend) if limit is not None else None
+    if count is None:
+        if limit is not None:
+            log.warning("generate.max_prompt_tokens: no tokenizer to count %s's prompt tokens with; prompts are "
+                        "sent unchecked", backend.name)
+        return todo, {}
+    by_prompt: dict[str, int] = {}  # the samples of one prompt share its conversation
+    for request in todo:
+        if request.prompt.id not in by_prompt:
+            by_prompt[request.prompt.id] = count(request.conversation, limit)
+    too_long = [prompt_id for prompt_id, tokens in by_prompt.items() if tokens > limit]
+    if too_long and on_long_prompt == "stop":
+        more = f" (and {len(too_long) - 1} more)" if len(too_long) > 1 else ""
+        raise DistillError(f"prompt {too_long[0]!r}: longer than {limit} tokens ({why}){more}; shorten it, raise "
+                           "generate.max_prompt_tokens, or set data.on_error: skip to skip such prompts")
+    if too_long:
+        stats.too_long = len(too_long)
+        log.warning("generate (%s): skipped %d prompt(s) longer than %d tokens (%s), e.g. %r",
+                    backend.name, len(too_long), limit, why, too_long[0])
+    skipped = set(too_long)
+    fitting = [r for r in todo if r.prompt.id not in skipped]
+    return fitting, {r.id: by_prompt[r.prompt.id] for r in fitting}
+
+
+def _chunks(todo: list[Request], size: int, lengths: dict[str, int]) -> Iterator[tuple[int, list[Request]]]:
+    """Batches of one sample number each; longest prompts first (in tokens when counted, then in characters) so
+    similar lengths share a batch and one long prompt does not pad many short ones."""
     by_sample: dict[int, list[Request]] = {}
     for request in todo:
         by_sample.setdefault(request.sample, []).append(request)
     for sample in sorted(by_sample):
-        group = sorted(by_sample[sample], key=lambda r: (-len(json.dumps(r.conversation)), r.id))
+        group = sorted(by_sample[sample],
+                       key=lambda r: (-lengths.get(r.id, 0), -len(json.dumps(r.conversation)), r.id))
         for first in range(0, len(group), size):
             yield sample, group[first:first + size]
 

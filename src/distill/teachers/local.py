@@ -6,7 +6,7 @@ from dataclasses import replace
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.data.tokenize import padding_id
+from distill.data.tokenize import cut_messages, padding_id
 from distill.teachers.backend import Completion, Messages, SamplingParams
 
 
@@ -18,6 +18,28 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> list[i
     # No chat template: a plain instruction format, so base models still produce an answer.
     text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
     return tokenizer(text)["input_ids"]
+
+
+def count_prompt_tokens(tokenizer: PreTrainedTokenizerBase, messages: Messages, at_most: int | None = None) -> int:
+    """len(prompt_ids(...)), or at_most + 1 when it is longer than at_most: the conversation is cut by characters
+    first (distill.data.tokenize.cut_messages), so a 20 MB prompt costs no more to count than a long one."""
+    if at_most is None:
+        return len(prompt_ids(tokenizer, messages))
+    return min(len(prompt_ids(tokenizer, cut_messages(messages, at_most + 1))), at_most + 1)
+
+
+# Where configs keep their context length, by model family (Llama/Qwen/Mistral, GPT-2, Falcon/MPT, ChatGLM).
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "max_seq_len", "seq_length")
+
+
+def model_context(model: PreTrainedModel) -> int | None:
+    """The number of positions the model reads, from its config; None when the config does not say."""
+    config = getattr(model, "config", None)
+    for key in _CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
