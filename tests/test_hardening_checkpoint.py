@@ -45,7 +45,7 @@ def test_trainer_state_loads_without_code_and_restores_every_rng(tmp_path):
     expected = (random.random(), np.random.standard_normal(), np.random.random(), torch.rand(2).tolist())
 
     state = torch.load(path / TRAINER_STATE, weights_only=True)  # raises on any global beyond tensors and containers
-    assert set(state) == {"step", "optimizer", "scheduler", "rng"}
+    assert set(state) == {"step", "optimizer", "scheduler", "rng", "training_set"}
 
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     fresh_model, fresh_optimizer, fresh_scheduler = _tiny_training_objects()

@@ -132,7 +132,7 @@ def test_a_changed_training_set_refuses_to_resume(tmp_path, tiny_teacher_dir, pa
     assert train(recipe, progress=False, stop_after=2) is None
     lines = pairs_jsonl.read_text().splitlines()
     pairs_jsonl.write_text("\n".join(lines[:-1]) + "\n")  # one example fewer, edited between kill and resume
-    with pytest.raises(DistillError, match="training_set.json: the checkpoints were trained on other data"):
+    with pytest.raises(DistillError, match="step_2: this checkpoint was trained on other data"):
         train(recipe, progress=False)
     pairs_jsonl.write_text("\n".join(lines) + "\n")  # restored: resumes
     assert train(recipe, progress=False).steps == 6

@@ -19,7 +19,7 @@ from distill.losses.hidden import HiddenStateMatcher, check_layer_map, default_l
 from distill.models import check_tokenizers, count_params, load_tokenizer, save_model
 from distill.models.heads import base_model, decoder_layers
 from distill.recipe import Recipe
-from distill.runtime import atomic_write_json, set_seed
+from distill.runtime import set_seed
 from distill.signals.cache import dataset_hash, example_hash, read_header
 from distill.signals.reader import TeacherCacheReader, open_teacher_cache
 from distill.signals.teacher_signal import HIDDEN_WITH_CACHE, PACKING_WITH_CACHE, CachedTeacher, LiveTeacher
@@ -43,8 +43,6 @@ from distill.training.loop import LoopSettings, MetricsLog, Training, check_fini
 from distill.training.schedule import lr_multiplier
 
 log = logging.getLogger("distill")
-
-TRAINING_SET_FILE = "training_set.json"  # in checkpoints/: the hash of the data the checkpoints were trained on
 
 
 @dataclass
@@ -96,7 +94,6 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
             if model is not None:
                 check_packing_support(model, name)
     data = training_set(recipe, tokenizer)
-    _check_same_training_set(files.checkpoints, data, resuming=checkpoint is not None)
     signal = teacher_signal(recipe, teacher, tokenizer, data.encoded)
     items, to_batch = _batch_items(recipe, data)
     if t.lora is not None:
@@ -112,11 +109,12 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     start = 0
     if checkpoint is not None:
-        start = load_checkpoint(checkpoint, student, optimizer, scheduler, matcher)
+        start = load_checkpoint(checkpoint, student, optimizer, scheduler, matcher, training_set_hash(data))
         log.info("resumed from %s (step %d of %d)", checkpoint, start, t.steps)
     settings = LoopSettings(steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum, seed=recipe.seed,
                             max_grad_norm=t.max_grad_norm, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
-                            keep_checkpoints=t.keep_checkpoints, nan_tolerance=t.nan_tolerance)
+                            keep_checkpoints=t.keep_checkpoints, nan_tolerance=t.nan_tolerance,
+                            training_set=training_set_hash(data))
     training = Training(
         student=student, tokenizer=tokenizer, signal=signal, matcher=matcher, method=recipe.method, compute_dtype=compute_dtype(recipe),
         device=device(recipe), items=items, to_batch=to_batch, pad_id=padding_id(tokenizer), trainable=trainable,
@@ -137,19 +135,9 @@ def _batch_items(recipe: Recipe, data: TrainingSet) -> tuple[list, object]:
     return rows, collate_packed
 
 
-def _check_same_training_set(checkpoint_dir: Path, data: TrainingSet, *, resuming: bool) -> None:
-    """Refuse to resume on other data than the checkpoints were trained on; record the data for a fresh run."""
-    digest = dataset_hash([example_hash(e.input_ids, e.labels) for e in data.encoded])
-    record = checkpoint_dir / TRAINING_SET_FILE
-    if resuming and record.is_file():
-        saved = json.loads(record.read_text())
-        if saved.get("hash") != digest:
-            raise DistillError(
-                f"{record}: the checkpoints were trained on other data ({saved.get('examples')} examples, now "
-                f"{len(data.encoded)}; the training set changed since); restore it, choose a new output_dir, "
-                "or pass --restart to discard the checkpoints")
-        return
-    atomic_write_json(record, {"hash": digest, "examples": len(data.encoded)})
+def training_set_hash(data: TrainingSet) -> str:
+    """One hash of every encoded training example: checkpoints keep it, so a resume on other data is refused."""
+    return dataset_hash([example_hash(e.input_ids, e.labels) for e in data.encoded])
 
 
 def _finished_student(recipe: Recipe, checkpoints: list[Path]) -> Optional[TrainResult]:

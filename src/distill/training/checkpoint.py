@@ -46,12 +46,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(
     checkpoint_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    scheduler: Any, keep: int, matcher: torch.nn.Module | None = None,
+    scheduler: Any, keep: int, matcher: torch.nn.Module | None = None, training_set: str = "",
 ) -> Path:
     """Write checkpoints/step_N atomically, then drop all but the newest `keep`.
 
     `matcher` is a training-only module the optimizer also steps (hidden-state projections); it is saved
-    beside the student as matcher.safetensors.
+    beside the student as matcher.safetensors. `training_set` (a hash of the data) is kept so that a resume on
+    other data is refused.
     """
     final = checkpoint_dir / f"{STEP_PREFIX}{step}"
     remove_stale_temporaries(checkpoint_dir)  # a killed save's half-written step_N (only this run writes here)
@@ -62,7 +63,7 @@ def save_checkpoint(
             safetensors.torch.save_model(matcher, str(tmp / MATCHER_FILE))
         torch.save(
             {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": _rng_state()},
+             "rng": _rng_state(), "training_set": training_set},
             tmp / TRAINER_STATE,
         )
     for old in list_checkpoints(checkpoint_dir)[:-keep]:
@@ -81,9 +82,12 @@ def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
 
 def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-    matcher: torch.nn.Module | None = None,
+    matcher: torch.nn.Module | None = None, training_set: str = "",
 ) -> int:
-    """Restore a checkpoint into live objects; return the number of completed steps."""
+    """Restore a checkpoint into live objects; return the number of completed steps.
+
+    A checkpoint trained on another training set (its hash differs from `training_set`) is refused.
+    """
     missing, unexpected = safetensors.torch.load_model(model, str(path / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise DistillError(
@@ -92,6 +96,9 @@ def load_checkpoint(
         )
     _load_matcher(path, matcher)
     state = _trainer_state(path / TRAINER_STATE)
+    if state.get("training_set") and training_set and state["training_set"] != training_set:
+        raise DistillError(f"{path}: this checkpoint was trained on other data (the training set changed since); "
+                           "restore the data, choose a new output_dir, or pass --restart to discard the checkpoints")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])

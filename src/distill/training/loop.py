@@ -36,6 +36,7 @@ class LoopSettings:
     checkpoint_every: int
     keep_checkpoints: int
     nan_tolerance: int = 0  # non-finite steps skipped (no update) before the run stops
+    training_set: str = ""  # the data's hash, kept in every checkpoint
 
 
 @dataclass
@@ -118,7 +119,7 @@ def run_loop(t: Training, start: int, *, stop_after: Optional[int] = None, progr
             window_tokens, window_start = 0, time.perf_counter()
         if done % s.checkpoint_every == 0 or done == s.steps or done == stop_after:
             save_checkpoint(t.checkpoint_dir, done, t.student, t.optimizer, t.scheduler, s.keep_checkpoints,
-                            t.matcher)
+                            t.matcher, s.training_set)
         if done == stop_after:
             bar.close()
             return None
