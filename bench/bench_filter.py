@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.data.filters import FilterSpec, filter_file, format_filter_report
+from distill.data.filters import filter_file, format_filter_report
+from distill.recipe import FilterSpec
 
 
 def _vocabulary(rng: np.random.Generator, size: int) -> np.ndarray:

@@ -16,7 +16,8 @@ import time
 
 from distill.data import quickstart_prompts_path, read_prompts
 from distill.models.loading import load_model, load_tokenizer
-from distill.teachers.backend import LocalBackend, SamplingParams
+from distill.teachers.backend import SamplingParams
+from distill.teachers.local import LocalBackend
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -11,7 +11,8 @@ import pytest
 from conftest import SHARED, require_shared
 
 from distill.answers import ANSWER_PATTERNS, extract_answer, normalize_number
-from distill.data.filters import FILTER_ORDER, FilterSpec, filter_records
+from distill.data.filters import FILTER_ORDER, filter_records
+from distill.recipe import FilterSpec
 from distill.eval.scorers import exact_match
 
 GSM8K = SHARED / "data" / "gsm8k" / "train.jsonl"

@@ -12,9 +12,10 @@ from distill.cli import main
 from distill.data.examples import Example, Prompt
 from distill.data.tokenize import MAX_CHARS_PER_TOKEN, encode_example, example_token_ids
 from distill.errors import DistillError
-from distill.teachers.backend import Completion, LocalBackend, SamplingParams
-from distill.teachers.generate import generate_responses, latest_records, plan_requests, prompt_limit
-from distill.teachers.local import count_prompt_tokens, prompt_ids
+from distill.teachers.backend import Completion, SamplingParams
+from distill.teachers.local import LocalBackend, count_prompt_tokens, prompt_ids
+from distill.data.teacher_records import latest_records
+from distill.teachers.generate import generate_responses, plan_requests, prompt_limit
 
 CONTEXT = 256  # the fixture teacher's max_position_embeddings
 

@@ -15,7 +15,6 @@ from distill.data import contamination
 from distill.data.contamination import NgramIndex, load_eval_texts, read_eval_texts
 from distill.data.filters import (
     FILTER_ORDER,
-    FilterSpec,
     filter_file,
     filter_records,
     format_filter_report,
@@ -24,6 +23,7 @@ from distill.data.filters import (
 )
 from distill.data.minhash import MinHasher, concat_ngrams, estimated_jaccard, hash_words, near_duplicates, words
 from distill.errors import DistillError
+from distill.recipe import FilterSpec
 
 GSM8K = SHARED / "data" / "gsm8k" / "train.jsonl"
 WORDS = [f"w{i}" for i in range(3000)]
@@ -424,7 +424,8 @@ def test_cli_filters_a_records_file_with_set_overrides(tmp_path, capsys):
 
 
 def test_judge_best_per_prompt_keeps_the_top_answer_of_each_prompt():
-    from distill.data.filters import FilterSpec, filter_records
+    from distill.data.filters import filter_records
+    from distill.recipe import FilterSpec
 
     records = [{"id": f"{p}{k}", "prompt_id": p, "status": "ok", "prompt": f"question {p}", "finish_reason": "stop",
                 "response": f"answer {p} {k} with score {score}"}

@@ -10,11 +10,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from distill.data import Prompt, quickstart_prompts_path, read_prompts
 from distill.data.examples import load_teacher_data
 from distill.errors import DistillError
-from distill.teachers.backend import Completion, Failure, LocalBackend, SamplingParams
-from distill.teachers.generate import (
-    Reasoning, generate_responses, latest_records, plan_requests, shard_paths, split_reasoning,
-)
-from distill.teachers.local import generate_texts
+from distill.teachers.backend import Completion, Failure, SamplingParams
+from distill.teachers.local import LocalBackend, generate_texts
+from distill.data.teacher_records import latest_records, shard_paths
+from distill.teachers.generate import Reasoning, generate_responses, plan_requests, split_reasoning
 
 OK_FIELDS = {"id", "prompt_id", "sample", "teacher", "prompt", "tags", "reference", "status", "messages", "response",
              "reasoning", "finish_reason", "prompt_tokens", "new_tokens"}

@@ -17,9 +17,10 @@ from distill.recipe import recipe_from_dict
 from distill.signals.cache import TopKCache, example_hash
 from distill.stages import capture
 from distill.signals.from_generation import FROM_GENERATION, reused_rows
-from distill.teachers.backend import Completion, LocalBackend, SamplingParams
-from distill.teachers.generate import generate_responses, load_topk, save_topk, topk_path
-from distill.teachers.local import generate_texts, prompt_ids
+from distill.teachers.backend import Completion, SamplingParams
+from distill.teachers.local import LocalBackend, generate_texts, prompt_ids
+from distill.data.teacher_records import load_topk, topk_path
+from distill.teachers.generate import generate_responses, save_topk
 from distill.data.layouts import Prompt
 from distill.data.tokenize import EncodedExample
 

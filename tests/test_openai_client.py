@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import STORIES260K, make_tiny_llama, require_shared
 from distill.errors import DistillError
-from distill.teachers.backend import Completion, Failure, LocalBackend, SamplingParams
-from distill.teachers.local import generate_texts
+from distill.teachers.backend import Completion, Failure, SamplingParams
+from distill.teachers.local import LocalBackend, generate_texts
 from distill.teachers.openai_client import OpenAIBackend, token_bytes_table, token_ids_from_logprobs
 from distill.teachers.server import make_server
 from fault_server import FaultServer

@@ -239,7 +239,7 @@ def test_teachers_and_judges_share_the_model_and_server_settings(tmp_path, minim
 def test_filter_section_schema_lives_in_the_recipe():
     from distill.data import contamination, examples, filters
 
-    assert filters.FilterSpec is FilterSpec and filters.JudgeFilter is JudgeFilter
+    assert not hasattr(filters, "FilterSpec")  # the filters read the section; they do not define or build it
     assert FilterSpec().contamination.n == contamination.DEFAULT_N == CONTAMINATION_NGRAM
     assert HUB_DATASET == examples.HUB_DATASET
     assert set(FilterSpec.model_fields) == {"dedup_scope", *filters.FILTER_ORDER}

@@ -14,8 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.errors import DistillError
-from distill.teachers.backend import LocalBackend, SamplingParams
-from distill.teachers.local import generate_texts
+from distill.teachers.backend import SamplingParams
+from distill.teachers.local import LocalBackend, generate_texts
 from distill.teachers.server import is_loopback, make_server, serve
 
 from conftest import make_tiny_llama

@@ -26,6 +26,7 @@ from distill.data.readers import (
     read_text,
     text_blocks,
 )
+from distill.data.teacher_records import latest_records, shard_paths
 from distill.errors import DistillError
 
 log = logging.getLogger(__name__)
@@ -127,9 +128,6 @@ def load_teacher_data(path: str | Path, ids: list[str] | None = None) -> list[Ex
     path = Path(path)
     collector = _Collector(path, empty_reason="an empty teacher response")
     if path.is_dir():
-        # Imported here: distill.teachers sits above distill.data (and imports it).
-        from distill.teachers.generate import latest_records, shard_paths
-
         if not shard_paths(path):
             raise DistillError(f"{path}: no teacher data shards; run `distill generate` first")
         latest = latest_records(path)

@@ -11,23 +11,25 @@ import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
 from distill.answers import extract_answer
 from distill.data.contamination import NgramIndex, load_eval_texts
 from distill.data.minhash import MinHasher, near_duplicates
 from distill.data.readers import Malformed, json_records
 from distill.errors import DistillError
-from distill.recipe import (  # the filter section's settings are part of the recipe schema
-    FilterSpec,
-    GarbledFilter,
-    JudgeFilter,
-    LengthFilter,
-    NearDedupFilter,
-    RefusalFilter,
-    RepetitionFilter,
-)
 from distill.runtime import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:  # the filter section's settings, part of the recipe schema: read here, never built
+    from distill.recipe import (
+        FilterSpec,
+        GarbledFilter,
+        JudgeFilter,
+        LengthFilter,
+        NearDedupFilter,
+        RefusalFilter,
+        RepetitionFilter,
+    )
 
 Messages = list[dict[str, str]]
 Judge = Callable[[list[Messages]], list[str]]  # conversations -> the judge model's replies

@@ -18,6 +18,7 @@ import torch
 
 from distill.data.tokenize import IGNORE, EncodedExample
 from distill.errors import DistillError
+from distill.models.heads import base_model, decoder_hidden_states
 
 # Keeps the packing's tie order apart from the epoch permutations, which use the streams [seed, epoch].
 _PACKING_STREAM = 0x7061636B  # "pack"
@@ -110,8 +111,6 @@ def check_packing_support(model: torch.nn.Module, name: str) -> None:
     Models whose attention bypasses transformers' mask functions (some remote code, custom attention backends)
     would otherwise mix examples silently.
     """
-    from distill.models.heads import base_model, decoder_hidden_states
-
     device = next(model.parameters()).device
     vocab = base_model(model).config.get_text_config().vocab_size
     ids = (torch.arange(11, device=device) * 7 + 3) % vocab

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.errors import DistillError
+from distill.models import bytes_on_disk, count_params
 
 Batch = dict[str, torch.Tensor]
 T = TypeVar("T")
@@ -262,8 +263,6 @@ def peak_memory_mb(fn: Callable[[], T], device: torch.device | str | None = None
 
 def model_size(model: torch.nn.Module, model_dir: Path | None = None) -> dict[str, Any]:
     """Parameter count (tied weights once), weight bytes in memory, and weight-file bytes in model_dir."""
-    from distill.models import bytes_on_disk, count_params
-
     if model_dir is not None and not Path(model_dir).exists():
         raise DistillError(f"model size: {model_dir} not found")
     return {

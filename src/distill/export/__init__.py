@@ -5,7 +5,10 @@ import logging
 from pathlib import Path
 
 from distill.errors import DistillError
+from distill.export.gguf import export_gguf, parse_qtype, verify_gguf
 from distill.export.hf import export_hf, model_card, model_dir_of
+from distill.export.quantize import quantize_model
+from distill.runtime import atomic_write_json
 
 log = logging.getLogger("distill")
 
@@ -39,8 +42,6 @@ def parse_target(target: str) -> tuple[str, str | None]:
         raise DistillError(f"{target}: unknown format {fmt!r} (supported: {', '.join(FORMATS)})")
     quant = quant or DEFAULT_QUANT[fmt]
     if fmt == "gguf":
-        from distill.export.gguf import parse_qtype
-
         parse_qtype(quant)
     elif quant is not None and quant not in HF_QUANTS:
         raise DistillError(f"{target}: unknown quantization {quant!r} for hf (supported: {', '.join(HF_QUANTS)})")
@@ -74,8 +75,6 @@ def _default_out(source: Path, fmt: str, quant: str | None) -> Path:
 
 
 def _export_quantized(source: Path, out: Path, bits: int) -> Path:
-    from distill.export.quantize import quantize_model
-
     report = quantize_model(model_dir_of(source), out, bits)
     log.info("int%d: %.1f MB (%.2fx of fp32), decode %.2fx the fp32 speed, perplexity %.3f vs %.3f, top-1 "
              "agreement with fp32 %.3f; load it with distill.export.quantize.load_quantized", bits,
@@ -85,9 +84,6 @@ def _export_quantized(source: Path, out: Path, bits: int) -> Path:
 
 
 def _export_gguf(source: Path, out: Path, quant: str, verify: bool) -> Path:
-    from distill.export.gguf import export_gguf, parse_qtype, verify_gguf
-    from distill.runtime import atomic_write_json
-
     parse_qtype(quant)  # an unknown type fails before anything is read
     written = export_gguf(model_dir_of(source), out, quant)
     if verify:

@@ -16,11 +16,24 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-from gguf import (GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType,
-                  MODEL_ARCH, MODEL_ARCH_NAMES, TokenType, get_tensor_name_map, quants)
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGML_QUANT_VERSION,
+    MODEL_ARCH,
+    MODEL_ARCH_NAMES,
+    GGMLQuantizationType,
+    GGUFWriter,
+    LlamaFileType,
+    TokenType,
+    get_tensor_name_map,
+    quants,
+)
 
 from distill.errors import DistillError
+from distill.export.hf import model_dir_of
 from distill.runtime import atomic_file
+from distill.teachers.backend import SamplingParams
+from distill.teachers.local import generate_texts
 
 log = logging.getLogger("distill")
 
@@ -58,8 +71,6 @@ def export_gguf(model_dir: Path, out_path: Path, qtype: str = "f16") -> Path:
 
     out_path ending in `.gguf` is the file; anything else is a directory that receives `model-<qtype>.gguf`.
     """
-    from distill.export.hf import model_dir_of
-
     ggml_type = parse_qtype(qtype)
     model_dir = model_dir_of(Path(model_dir))
     out_file = _out_file(Path(out_path), qtype.lower())
@@ -485,7 +496,6 @@ def verify_gguf(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.export.hf import model_dir_of
 
     model_dir, gguf_path = model_dir_of(Path(model_dir)), Path(gguf_path)
     source = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -512,9 +522,6 @@ def verify_gguf(
 
 def compare_greedy(source, source_tok, other, other_tok, prompts: Sequence[str], new_tokens: int = 24) -> dict:
     """Greedy answers of the source (its tokenizer) and of the loaded file (its own tokenizer) to the same prompts."""
-    from distill.teachers.backend import SamplingParams
-    from distill.teachers.local import generate_texts
-
     params = SamplingParams(max_new_tokens=new_tokens)
     rows = []
     for prompt in prompts:

@@ -11,7 +11,11 @@ import torch
 import yaml
 
 from distill.errors import DistillError
+from distill.models import load_model, load_tokenizer, resolve_model_path, save_model, student_config_summary
+from distill.models.weight_files import check_gguf
+from distill.report.table import format_table
 from distill.runtime import atomic_directory, atomic_write_json, atomic_write_text
+from distill.version import __version__
 
 CARD_TAGS = ["distill", "knowledge-distillation"]
 # The hub rejects a base_model that is not `org/name`; a local teacher is named in the card's text only.
@@ -21,9 +25,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def export_hf(source: Path, out_dir: Path) -> Path:
     """Write source's student (a run directory) or model (an HF directory) to out_dir with a model card."""
-    from distill.version import __version__
-    from distill.models import load_model, load_tokenizer, save_model, student_config_summary
-
     source, out_dir = Path(source), Path(out_dir)
     model_dir = model_dir_of(source)
     _check_out_dir(source, out_dir)
@@ -102,8 +103,6 @@ def _saved_dtype(model_dir: Path) -> torch.dtype:
 
 def _teacher_license(teacher: Optional[str], gguf_file: Optional[str]) -> Optional[str]:
     """The teacher's licence from its local README front matter or GGUF metadata; None when unknown."""
-    from distill.models import resolve_model_path
-
     if not teacher:
         return None
     try:
@@ -133,7 +132,6 @@ def _readme_license(readme: Path) -> Optional[str]:
 def _gguf_license(path: Path) -> Optional[str]:
     from gguf import GGUFReader
 
-    from distill.models.weight_files import check_gguf
 
     try:
         check_gguf(path)  # GGUFReader fails in many ways on a damaged file
@@ -244,8 +242,6 @@ def _data_paths(recipe: dict) -> list[str]:
 
 
 def _evaluation(report: Optional[dict]) -> str:
-    from distill.report.table import format_table
-
     if report is None:
         return "## Evaluation\n\nNo report: run `distill eval` on the run directory, then export again.\n"
     meta = report.get("meta") or {}

@@ -17,8 +17,13 @@ from typing import Any, Callable, Optional
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from distill.data.layouts import Example
+from distill.data.tokenize import collate, encode_all, padding_id
 from distill.errors import DistillError
+from distill.eval import metrics
+from distill.models import bytes_on_disk, load_model, load_tokenizer
 from distill.runtime import atomic_directory, atomic_write_json
+from distill.version import __version__
 
 BITS = (8, 4)
 LIBRARY = "optimum-quanto"
@@ -85,8 +90,6 @@ def quantize_model(
     quanto's weight-only schemes need no calibration data. `group_size` applies to int4 only. Measuring decode
     speed takes a few seconds per model on a small student; `measure_speed=False` leaves it out of the report.
     """
-    from distill.models import bytes_on_disk, load_model, load_tokenizer
-
     check_bits(bits)
     if group_size < 1:
         raise DistillError(f"group_size {group_size}: must be a positive number of input columns")
@@ -198,8 +201,6 @@ def _unshared_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _info(model: PreTrainedModel, model_dir: Path, groups: dict, report: QuantizeReport) -> dict:
-    from distill.version import __version__
-
     float_modules = [name for name, module in model.named_modules()
                      if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and name not in groups]
     return {
@@ -306,8 +307,6 @@ def measure_quality(source: PreTrainedModel, quantized: PreTrainedModel, tokeniz
 
 
 def _metrics():
-    from distill.eval import metrics
-
     return metrics
 
 
@@ -322,9 +321,6 @@ def _no_inference_mode(metric: Callable) -> Callable:
 
 def eval_batches(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> Callable[[], list[dict]]:
     """Each text as plain text (every token scored), cut to EVAL_MAX_TOKENS, one text per batch."""
-    from distill.data.layouts import Example
-    from distill.data.tokenize import collate, encode_all, padding_id
-
     examples = [Example(id=str(i), text=text) for i, text in enumerate(texts)]
     encoded = encode_all(examples, tokenizer, EVAL_MAX_TOKENS, source="the quantization eval text")
     pad = padding_id(tokenizer)

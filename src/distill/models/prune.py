@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from distill.errors import DistillError
 from distill.models.heads import base_model
 from distill.models.loading import count_params
+from distill.models.student import student_config_summary
 
 if TYPE_CHECKING:
     from distill.recipe import FromTeacherSpec
@@ -101,8 +102,6 @@ def check_prunable(model: PreTrainedModel) -> None:
 
 
 def _shape(model: PreTrainedModel) -> dict:
-    from distill.models.student import student_config_summary
-
     return student_config_summary(model)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from distill.signals.cache import next_tokens, trained_positions
 from distill.signals.encoding import TopKRows
-from distill.teachers.generate import load_topk, topk_path
+from distill.data.teacher_records import load_topk, topk_path
 
 # cache.json's teacher_weights when rows come from generation: the weights were never loaded to be hashed.
 FROM_GENERATION = "not hashed: log-probs kept at generation"

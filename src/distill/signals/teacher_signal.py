@@ -15,6 +15,8 @@ from torch import Tensor
 from distill.errors import DistillError
 from distill.losses.kd import DenseTeacher
 from distill.losses.sparse import SparseTargets
+from distill.models import output_head
+from distill.models.heads import decoder_layer_outputs
 
 if TYPE_CHECKING:
     from distill.signals.reader import TeacherCacheReader
@@ -59,9 +61,6 @@ class LiveTeacher:
         self, batch: dict[str, Tensor], indices: Optional[Sequence[int]] = None, layers: Sequence[int] = ()
     ) -> tuple[DenseTeacher, dict[int, Tensor]]:
         """The teacher's forward on the batch: final hidden states of every shifted position, head, block outputs."""
-        from distill.models import output_head
-        from distill.models.heads import decoder_layer_outputs
-
         mask, positions = attention_inputs(batch)
         with torch.no_grad():
             final, states = decoder_layer_outputs(self.model, batch["input_ids"], mask, layers, positions)

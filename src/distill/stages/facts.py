@@ -18,7 +18,8 @@ from distill.models import load_model, load_tokenizer, resolve_model_path
 from distill.recipe import GenerationTeacherSpec, Recipe, TeacherSpec
 from distill.rundir import RunDir
 from distill.runtime import resolve_device, resolve_dtype
-from distill.teachers.backend import LocalBackend, TeacherBackend
+from distill.teachers.backend import TeacherBackend
+from distill.teachers.local import LocalBackend
 from distill.teachers.openai_client import OpenAIBackend
 from distill.teachers.vllm_backend import VLLMBackend
 

@@ -11,7 +11,8 @@ from distill.recipe import Recipe
 from distill.stages.data import generation_settings, planned_ids, teacher_assignments
 from distill.stages.facts import captures_at_generation, judge_backend, run_files, teacher_backend
 from distill.teachers.backend import SamplingParams, TeacherBackend, as_judge
-from distill.teachers.generate import GenerationStats, generate_responses, latest_records, raise_if_all_failed
+from distill.data.teacher_records import latest_records
+from distill.teachers.generate import GenerationStats, generate_responses, raise_if_all_failed
 
 log = logging.getLogger("distill")
 

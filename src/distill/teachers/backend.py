@@ -1,8 +1,11 @@
 """One interface for every teacher that writes text: an in-process model, an OpenAI-compatible server, vLLM."""
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Callable, Protocol, Union
+
+from distill.errors import DistillError
 
 Messages = list[dict[str, str]]
 
@@ -72,48 +75,8 @@ class TeacherBackend(Protocol):
         ...
 
 
-@dataclass
-class LocalBackend:
-    """An in-process transformers model: batched, left-padded, KV cache."""
-
-    model: object
-    tokenizer: object
-    name: str
-    batch_size: int = 8
-
-    @property
-    def context_length(self) -> int | None:
-        """How many positions the model reads (prompt and answer together), when its config says."""
-        from distill.teachers.local import model_context
-
-        return model_context(self.model)
-
-    def prompt_tokens(self, conversation: Messages, at_most: int | None = None) -> int:
-        """Tokens of the conversation's prompt, counted up to at_most + 1 (a huge prompt is never tokenised whole)."""
-        from distill.teachers.local import count_prompt_tokens
-
-        return count_prompt_tokens(self.tokenizer, conversation, at_most)
-
-    def generate(self, conversations: list[Messages], params: SamplingParams) -> list[Result]:
-        """Answer conversations in batches of batch_size; an out-of-memory batch fails its rows, not the run."""
-        from distill.teachers.local import generate_texts
-
-        results: list[Result] = []
-        for first in range(0, len(conversations), self.batch_size):
-            batch = conversations[first:first + self.batch_size]
-            try:
-                results.extend(generate_texts(self.model, self.tokenizer, batch, params=params))
-            except RuntimeError as err:  # e.g. CUDA OOM on a long batch: count it, retry next run
-                results.extend(Failure(error=f"{type(err).__name__}: {str(err).splitlines()[0]}") for _ in batch)
-        return results
-
-
 def read_api_key(env_var: str | None, setting: str) -> str | None:
     """The key held by the environment variable `env_var` (named by `setting`), or None when none is asked for."""
-    import os
-
-    from distill.errors import DistillError
-
     if env_var is None:
         return None
     key = os.environ.get(env_var)

@@ -1,13 +1,13 @@
 """Batched generation with an in-process transformers model (teacher answers, eval answers)."""
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.data.tokenize import cut_messages, padding_id
-from distill.teachers.backend import Completion, Messages, SamplingParams
+from distill.teachers.backend import Completion, Failure, Messages, Result, SamplingParams
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> list[int]:
@@ -135,3 +135,33 @@ def generate_texts(
             vocab_size=out.logits[0].size(-1) if params.top_logprobs else None,
         ))
     return results
+
+
+@dataclass
+class LocalBackend:
+    """An in-process transformers model: batched, left-padded, KV cache."""
+
+    model: object
+    tokenizer: object
+    name: str
+    batch_size: int = 8
+
+    @property
+    def context_length(self) -> int | None:
+        """How many positions the model reads (prompt and answer together), when its config says."""
+        return model_context(self.model)
+
+    def prompt_tokens(self, conversation: Messages, at_most: int | None = None) -> int:
+        """Tokens of the conversation's prompt, counted up to at_most + 1 (a huge prompt is never tokenised whole)."""
+        return count_prompt_tokens(self.tokenizer, conversation, at_most)
+
+    def generate(self, conversations: list[Messages], params: SamplingParams) -> list[Result]:
+        """Answer conversations in batches of batch_size; an out-of-memory batch fails its rows, not the run."""
+        results: list[Result] = []
+        for first in range(0, len(conversations), self.batch_size):
+            batch = conversations[first:first + self.batch_size]
+            try:
+                results.extend(generate_texts(self.model, self.tokenizer, batch, params=params))
+            except RuntimeError as err:  # e.g. CUDA OOM on a long batch: count it, retry next run
+                results.extend(Failure(error=f"{type(err).__name__}: {str(err).splitlines()[0]}") for _ in batch)
+        return results

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from distill.errors import DistillError
-from distill.teachers.backend import read_api_key
-from distill.teachers.backend import Completion, Failure, LocalBackend, Messages, Result, SamplingParams
+from distill.models.loading import load_model, load_tokenizer
+from distill.runtime import resolve_device, resolve_dtype
+from distill.teachers.backend import Completion, Failure, Messages, Result, SamplingParams, read_api_key
+from distill.teachers.local import LocalBackend
 from distill.teachers.openai_client import token_bytes_table
 
 log = logging.getLogger(__name__)
@@ -238,9 +240,6 @@ def serve(
     insecure: bool = False,
 ) -> None:
     """Load a model and serve it over HTTP until Ctrl-C; a non-loopback host needs an API key or `insecure`."""
-    from distill.models.loading import load_model, load_tokenizer
-    from distill.runtime import resolve_device, resolve_dtype
-
     api_key = read_api_key(api_key_env, "--api-key-env")
     if api_key is None and not is_loopback(host) and not insecure:
         raise DistillError(f"--host {host}: without an API key anyone who can reach it could use the model; give "
