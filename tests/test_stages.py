@@ -144,3 +144,38 @@ def test_a_finished_run_rerun_reports_the_logged_loss_not_nan(tmp_path, tiny_tea
     (recipe.run_dir / "student" / "config.json").unlink()  # killed between the last checkpoint and the save
     again = train(recipe, progress=False)
     assert again.final_loss == pytest.approx(first.final_loss)
+
+
+def test_a_teacher_replaced_at_the_same_path_invalidates_its_cache(tmp_path, tiny_teacher_dir, pairs_jsonl):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher_dir, teacher)
+    recipe = recipe_from_dict(tiny_recipe(tmp_path / "run", teacher, pairs_jsonl, student={
+        "model": str(tiny_teacher_dir), "config": None}, teacher={"cache": str(tmp_path / "cache"), "cache_k": 8}))
+    capture(recipe, progress=False)
+    assert train(recipe, progress=False, stop_after=1) is None  # the cache is accepted as captured
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    model.save_pretrained(teacher)  # other weights, same path and config
+    with pytest.raises(DistillError, match="teacher's weight files changed since this cache was captured"):
+        train(recipe, progress=False)
+
+
+@pytest.mark.parametrize("command", ["train", "run"])
+def test_a_malformed_data_file_fails_before_any_model_is_built(tmp_path, tiny_teacher_dir, pairs_jsonl, capsys,
+                                                              command):
+    import yaml
+
+    with pairs_jsonl.open("a") as f:
+        f.write("{not json\n")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tmp_path / "run", tiny_teacher_dir, pairs_jsonl)))
+    assert main([command, str(path), "--no-progress"]) == 2
+    assert str(pairs_jsonl) in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "run" / "student_init").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()

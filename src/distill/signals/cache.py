@@ -89,6 +89,7 @@ class CacheHeader:
     n_examples: int
     shard_examples: int
     temperature: float = 1.0  # log-probs are stored at T = 1; the loss re-applies the recipe's temperature
+    teacher_files: str = ""  # size and mtime of the teacher's weight files at capture ("" when not local)
     encoding_version: int = ENCODING_VERSION
     format: str = FORMAT
 
@@ -146,7 +147,7 @@ class TopKCacheWriter:
         if file.is_file():
             existing = read_header(self.path).to_json()
             for key, value in self.header.to_json().items():
-                if existing.get(key) != value:
+                if key in existing and existing[key] != value:  # a key a newer distill added is not a change
                     raise DistillError(
                         f"{self.path}: this cache was captured with a different {key} "
                         f"({existing.get(key)!r}, now {value!r}); delete it or set another teacher.cache"

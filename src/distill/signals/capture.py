@@ -70,6 +70,7 @@ class CaptureJob:
     batch_size: int
     chunk_size: int
     shard_examples: int = SHARD_EXAMPLES
+    teacher_files: str = ""  # the teacher's weight files' fingerprint (provenance.files_fingerprint)
 
 
 def capture_cache(
@@ -96,7 +97,7 @@ def capture_cache(
         teacher=job.teacher, teacher_weights=weights, tokenizer=tokenizer_hash(tokenizer),
         chat_template=chat_template_hash(tokenizer), vocab_size=vocab_size, k=k, step=job.step,
         compressor="lzma2", dataset=dataset_hash(hashes), n_examples=len(encoded),
-        shard_examples=job.shard_examples,
+        shard_examples=job.shard_examples, teacher_files=job.teacher_files,
     )
     writer = TopKCacheWriter(job.path, header)
     done = writer.complete_shards()

@@ -28,6 +28,12 @@ def chat_template_hash(tokenizer) -> str:
     return _hash(json.dumps(template, sort_keys=True)) if template else "none"
 
 
+def files_fingerprint(files: list[Path]) -> str:
+    """Name, size and modification time of each weight file: changes when a teacher is replaced at the same path."""
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(files)]
+    return _hash(json.dumps(stats)) if stats else ""
+
+
 def weights_hash(model: torch.nn.Module) -> str:
     """BLAKE2b of every parameter and buffer, in name order (format-independent: a GGUF and its HF copy agree)."""
     h = hashlib.blake2b(digest_size=16)
@@ -37,8 +43,11 @@ def weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def check_provenance(header: CacheHeader, path: Path, teacher: str, tokenizer) -> None:
-    """Refuse a cache made by another teacher (reference `teacher`), tokenizer or chat template, naming what differs."""
+def check_provenance(header: CacheHeader, path: Path, teacher: str, tokenizer, teacher_files: str = "") -> None:
+    """Refuse a cache made by another teacher (reference `teacher`), tokenizer or chat template, naming what differs.
+
+    `teacher_files` (see `files_fingerprint`) catches a teacher whose weights were replaced at the same path.
+    """
     found = {
         "teacher": (header.teacher, teacher),
         "tokenizer": (header.tokenizer, tokenizer_hash(tokenizer)),
@@ -48,5 +57,8 @@ def check_provenance(header: CacheHeader, path: Path, teacher: str, tokenizer) -
         if cached != wanted:
             raise DistillError(f"{path}: the cache was captured with a different {what} ({cached!r}, the recipe's "
                                f"is {wanted!r}); capture it again with `distill capture`")
+    if header.teacher_files and teacher_files and header.teacher_files != teacher_files:
+        raise DistillError(f"{path}: the teacher's weight files changed since this cache was captured (same path, "
+                           "other files); capture it again with `distill capture`")
     if header.k > header.vocab_size:
         raise DistillError(f"{path}: k = {header.k} is larger than the teacher's vocabulary ({header.vocab_size})")

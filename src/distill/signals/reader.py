@@ -30,9 +30,11 @@ class TeacherCacheReader:
         return SparseTargets(join("ids"), join("log_probs"), join("tail"), self.vocab_size).to(device)
 
 
-def open_teacher_cache(path: Path, teacher: str, tokenizer, encoded: Sequence) -> TeacherCacheReader:
+def open_teacher_cache(
+    path: Path, teacher: str, tokenizer, encoded: Sequence, teacher_files: str = ""
+) -> TeacherCacheReader:
     """The cache at `path`, refused (one DistillError line) unless it is complete and belongs to this teacher and data."""
     cache = TopKCache(Path(path))
-    check_provenance(cache.header, Path(path), teacher, tokenizer)
+    check_provenance(cache.header, Path(path), teacher, tokenizer, teacher_files)
     hashes = [example_hash(e.input_ids, e.labels) for e in encoded]
     return TeacherCacheReader(cache, hashes, [e.labels for e in encoded])

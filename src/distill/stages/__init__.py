@@ -14,6 +14,7 @@ from distill.runtime import atomic_write_text
 from distill.stages.cache import capture
 from distill.stages.evaluation import evaluate
 from distill.stages.exports import export, export_targets
+from distill.stages.data import recipe_examples
 from distill.stages.facts import run_files, uses_teacher_cache
 from distill.stages.teacher_data import filter_data, generate
 from distill.stages.reporting import report
@@ -66,6 +67,7 @@ def run(recipe: Recipe, *, restart: bool = False, progress: bool = True) -> dict
     export_targets(recipe)
     generate(recipe, progress=progress)
     filter_data(recipe)
+    recipe_examples(recipe)  # a malformed data file fails here, before any model is built or trained
     if uses_teacher_cache(recipe):  # resumable: done shards are kept
         capture(recipe, progress=progress)
     if recipe.student.model is None:

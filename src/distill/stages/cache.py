@@ -8,7 +8,15 @@ from distill.recipe import Recipe
 from distill.signals.capture import CaptureJob, CaptureStats, capture_cache
 from distill.signals.from_generation import kept_topk_files
 from distill.stages.data import training_set
-from distill.stages.facts import cache_path, device, load_teacher, run_files, teacher_id, teacher_tokenizer
+from distill.stages.facts import (
+    cache_path,
+    device,
+    load_teacher,
+    run_files,
+    teacher_files,
+    teacher_id,
+    teacher_tokenizer,
+)
 
 
 def capture(
@@ -26,6 +34,7 @@ def capture(
         path=Path(out) if out is not None else cache_path(recipe), teacher=teacher_id(recipe),
         k=recipe.teacher.cache_k, step=None if recipe.teacher.cache_exact else 1 / 16,
         batch_size=batch_size or recipe.train.batch_size, chunk_size=recipe.method.chunk_size,
+        teacher_files=teacher_files(recipe),
     )
     if shard_examples is not None:
         job.shard_examples = shard_examples

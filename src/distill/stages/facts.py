@@ -17,6 +17,7 @@ from distill.errors import DistillError
 from distill.models import load_model, load_tokenizer, resolve_model_path
 from distill.recipe import GenerationTeacherSpec, Recipe, TeacherSpec
 from distill.rundir import RunDir
+from distill.signals.provenance import files_fingerprint
 from distill.runtime import resolve_device, resolve_dtype
 from distill.teachers.backend import TeacherBackend
 from distill.teachers.local import LocalBackend
@@ -95,6 +96,17 @@ def teacher_id(recipe: Recipe) -> str:
     """The recipe's teacher as a reference: resolved path or hub id, plus the .gguf file when named."""
     ref = model_ref(recipe, recipe.teacher.model)
     return ref + (f"#{recipe.teacher.gguf_file}" if recipe.teacher.gguf_file else "")
+
+
+def teacher_files(recipe: Recipe) -> str:
+    """A fingerprint of the local teacher's weight files (its .gguf or *.safetensors); "" for a hub id."""
+    path, gguf = model_source(recipe, recipe.teacher)
+    local = Path(path)
+    if gguf is not None:
+        files = [local / gguf] if local.is_dir() else []
+    else:
+        files = sorted(local.glob("*.safetensors")) if local.is_dir() else []
+    return files_fingerprint([f for f in files if f.is_file()])
 
 
 def teacher_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:

@@ -24,7 +24,7 @@ from distill.signals.cache import dataset_hash, example_hash, read_header
 from distill.signals.reader import TeacherCacheReader, open_teacher_cache
 from distill.signals.teacher_signal import HIDDEN_WITH_CACHE, PACKING_WITH_CACHE, CachedTeacher, LiveTeacher
 from distill.signals.teacher_signal import TeacherSignal
-from distill.stages.data import TrainingSet, training_set
+from distill.stages.data import TrainingSet, encode, recipe_examples
 from distill.stages.facts import (
     cache_path,
     compute_dtype,
@@ -33,6 +33,7 @@ from distill.stages.facts import (
     model_source,
     needs_teacher_weights,
     run_files,
+    teacher_files,
     teacher_id,
     teacher_tokenizer,
     uses_teacher_cache,
@@ -88,12 +89,13 @@ def train(
 def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
     """Everything the loop needs, from the recipe, resumed from `checkpoint` when given; and the step to start at."""
     t, files = recipe.train, run_files(recipe)
+    examples, held_out = recipe_examples(recipe)  # a malformed data file fails before any model is built
     tokenizer, teacher, student = _models(recipe)
     if t.packing:
         for model, name in ((student, "student"), (teacher, "teacher")):
             if model is not None:
                 check_packing_support(model, name)
-    data = training_set(recipe, tokenizer)
+    data = TrainingSet(examples, held_out, encode(recipe, examples, tokenizer))
     signal = teacher_signal(recipe, teacher, tokenizer, data.encoded)
     items, to_batch = _batch_items(recipe, data)
     if t.lora is not None:
@@ -167,7 +169,7 @@ def teacher_signal(
 
 def open_recipe_cache(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, encoded: list) -> TeacherCacheReader:
     """The recipe's teacher cache for these encoded examples, refused unless it is complete and theirs."""
-    return open_teacher_cache(cache_path(recipe), teacher_id(recipe), tokenizer, encoded)
+    return open_teacher_cache(cache_path(recipe), teacher_id(recipe), tokenizer, encoded, teacher_files(recipe))
 
 
 def hidden_matcher(
