@@ -117,3 +117,20 @@ def test_saving_the_student_clears_copies_a_killed_save_left(tmp_path, tiny_stud
     assert (run / "student" / "config.json").is_file()
     remaining = _hidden(run)
     assert len(remaining) == 1 and remaining[0].startswith(".student_init.")  # another directory's: not this save's
+
+
+def test_a_killed_export_is_cleared_by_the_next_export_of_the_same_target(tmp_path, tiny_teacher_dir):
+    from distill.export import export_model
+
+    out = tmp_path / "exports" / "hf"
+    _kill_while_writing(f"dir:{out}")
+    assert len(list(out.parent.glob(".hf.*.tmp"))) == 1
+    export_model(tiny_teacher_dir, out, "hf", verify=False)
+    assert not list(out.parent.glob(".hf.*.tmp")) and (out / "config.json").is_file()
+
+    gguf_file = Path(export_model(tiny_teacher_dir, tmp_path / "gguf", "gguf", "f16", verify=False))
+    gguf_file = gguf_file if gguf_file.is_file() else next(gguf_file.glob("*.gguf"))
+    _kill_while_writing(f"file:{gguf_file}")
+    assert len(list(gguf_file.parent.glob(f".{gguf_file.name}.*.tmp"))) == 1
+    export_model(tiny_teacher_dir, tmp_path / "gguf", "gguf", "f16", verify=False)
+    assert not list(gguf_file.parent.glob(f".{gguf_file.name}.*.tmp"))

@@ -31,7 +31,7 @@ from gguf import (
 
 from distill.errors import DistillError
 from distill.export.hf import model_dir_of
-from distill.runtime import atomic_file
+from distill.runtime import atomic_file, remove_stale_temporaries
 from distill.teachers.backend import SamplingParams
 from distill.teachers.local import generate_texts
 
@@ -78,6 +78,7 @@ def export_gguf(model_dir: Path, out_path: Path, qtype: str = "f16") -> Path:
     arch, permute_qk = _architecture(model_dir, config)
     plans = _plan_tensors(model_dir, config, arch, ggml_type)
     vocab = read_vocab(model_dir, config.vocab_size)
+    remove_stale_temporaries(out_file.parent, out_file.name)  # what a killed export of this file left
     with atomic_file(out_file) as tmp:
         writer = GGUFWriter(tmp, MODEL_ARCH_NAMES[arch])
         try:

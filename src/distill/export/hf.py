@@ -14,7 +14,7 @@ from distill.errors import DistillError
 from distill.models import load_model, load_tokenizer, resolve_model_path, save_model, student_config_summary
 from distill.models.weight_files import check_gguf
 from distill.report.table import format_table
-from distill.runtime import atomic_directory, atomic_write_json, atomic_write_text
+from distill.runtime import atomic_directory, atomic_write_json, atomic_write_text, remove_stale_temporaries
 from distill.version import __version__
 
 CARD_TAGS = ["distill", "knowledge-distillation"]
@@ -38,6 +38,7 @@ def export_hf(source: Path, out_dir: Path) -> Path:
     card = model_card(student_config_summary(model), recipe=recipe, report=report, pruning=pruning,
                       teacher_license=_teacher_license(teacher.get("model"), teacher.get("gguf_file")),
                       source=source)
+    remove_stale_temporaries(out_dir.parent, out_dir.name)  # what a killed export of this folder left
     with atomic_directory(out_dir) as tmp:
         save_model(model, tokenizer, tmp)  # replaces tmp itself; out_dir appears only when all is written
         atomic_write_text(tmp / "README.md", card)

@@ -22,7 +22,7 @@ from distill.data.tokenize import collate, encode_all, padding_id
 from distill.errors import DistillError
 from distill.eval import metrics
 from distill.models import bytes_on_disk, load_model, load_tokenizer
-from distill.runtime import atomic_directory, atomic_write_json
+from distill.runtime import atomic_directory, atomic_write_json, remove_stale_temporaries
 from distill.version import __version__
 
 BITS = (8, 4)
@@ -103,6 +103,7 @@ def quantize_model(
     groups = quantize_in_place(quantized, bits, group_size)
     quality = measure_quality(source, quantized, tokenizer, calibration or [DEFAULT_TEXT])
     speeds = decode_tokens_per_s([source, quantized], tokenizer, rounds=SPEED_ROUNDS) if measure_speed else [None] * 2
+    remove_stale_temporaries(Path(out_dir).parent, Path(out_dir).name)  # what a killed export left
     with atomic_directory(out_dir) as tmp:
         _save(quantized, tokenizer, tmp)
         report = QuantizeReport(
