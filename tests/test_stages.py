@@ -179,3 +179,17 @@ def test_a_malformed_data_file_fails_before_any_model_is_built(tmp_path, tiny_te
     assert str(pairs_jsonl) in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "run" / "student_init").exists()
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_directory_that_is_not_a_model_names_the_recipe_key(tmp_path, tiny_teacher_dir, pairs_jsonl, capsys):
+    import yaml
+
+    not_a_model = tmp_path / "notes"
+    not_a_model.mkdir()
+    (not_a_model / "readme.txt").write_text("hello")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tmp_path / "run", tiny_teacher_dir, pairs_jsonl, student={
+        "model": str(not_a_model), "config": None})))
+    assert main(["train", str(path), "--no-progress"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("distill: error: student.model: ") and str(not_a_model) in line and "config.json" in line

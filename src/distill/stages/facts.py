@@ -7,8 +7,9 @@ teacher in different dtypes); now `teacher_dtype` is the one rule and every stag
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -111,17 +112,40 @@ def teacher_files(recipe: Recipe) -> str:
 
 def teacher_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     """The teacher's tokenizer: the student is trained on it too."""
-    path, gguf = model_source(recipe, recipe.teacher)
-    return load_tokenizer(path, gguf, trust_remote_code=recipe.teacher.trust_remote_code)
+    with named_by("teacher.model"):
+        path, gguf = model_source(recipe, recipe.teacher)
+        return load_tokenizer(path, gguf, trust_remote_code=recipe.teacher.trust_remote_code)
 
 
 def load_teacher(recipe: Recipe, spec: Optional[AnyTeacherSpec] = None) -> PreTrainedModel:
     """A frozen local teacher (eval mode, no gradients) on the run's device, in `teacher_dtype`."""
     spec = spec or recipe.teacher
-    path, gguf = model_source(recipe, spec)
-    teacher = load_model(path, gguf, dtype=teacher_dtype(recipe, spec), device=device(recipe),
-                         trust_remote_code=spec.trust_remote_code)
+    with named_by(model_key(recipe, spec)):
+        path, gguf = model_source(recipe, spec)
+        teacher = load_model(path, gguf, dtype=teacher_dtype(recipe, spec), device=device(recipe),
+                             trust_remote_code=spec.trust_remote_code)
     return teacher.eval().requires_grad_(False)
+
+
+def model_key(recipe: Recipe, spec) -> str:
+    """The recipe key that names a spec's model: teacher.model, student.model or generate.teachers[i].model."""
+    if spec is recipe.teacher:
+        return "teacher.model"
+    if spec is recipe.student:
+        return "student.model"
+    found = [i for i, t in enumerate(recipe.generate.teachers) if t is spec]
+    return f"generate.teachers[{found[0]}].model" if found else "model"
+
+
+@contextmanager
+def named_by(key: str) -> Iterator[None]:
+    """Prefix a DistillError raised inside with the recipe key that named the model (one line says where to look)."""
+    try:
+        yield
+    except DistillError as err:
+        if str(err).startswith(key):
+            raise
+        raise DistillError(f"{key}: {err}") from None
 
 
 def teacher_backend(

@@ -20,7 +20,7 @@ from distill.models.prune import PruneReport, calibration_batches, prune_teacher
 from distill.recipe import Recipe
 from distill.runtime import atomic_write_json
 from distill.stages.data import recipe_examples, recipe_prompts
-from distill.stages.facts import device, load_teacher, model_source, run_files, teacher_tokenizer
+from distill.stages.facts import device, load_teacher, model_source, named_by, run_files, teacher_tokenizer
 
 log = logging.getLogger("distill")
 
@@ -40,9 +40,10 @@ def initial_student(
     """The fp32 student before training: an existing model, or the one built_student() made from the teacher."""
     spec = recipe.student
     if spec.model is not None:
-        path, gguf = model_source(recipe, spec)
-        return load_model(path, gguf, dtype=torch.float32, device=device(recipe),
-                          trust_remote_code=spec.trust_remote_code)
+        with named_by("student.model"):
+            path, gguf = model_source(recipe, spec)
+            return load_model(path, gguf, dtype=torch.float32, device=device(recipe),
+                              trust_remote_code=spec.trust_remote_code)
     built = built_student(recipe, teacher, tokenizer)
     return load_model(str(built), None, dtype=torch.float32, device=device(recipe))
 
