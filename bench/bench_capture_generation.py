@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distill import stages as pipeline
+from distill import stages
 from distill.data import quickstart_prompts_path
 from distill.recipe import recipe_from_dict
 from distill.signals.cache import TopKCache, example_hash
@@ -63,9 +63,9 @@ def main() -> None:
         prompts.write_text("\n".join(lines) + "\n")
         forced = _recipe(Path(tmp) / "forced", prompts, args, keep=False)
         kept = _recipe(Path(tmp) / "kept", prompts, args, keep=True)
-        stats = pipeline.generate(forced, progress=False)
+        stats = stages.generate(forced, progress=False)
         gen_plain = stats.seconds  # the answering loop alone: loading the teacher is the same for both
-        gen_kept = pipeline.generate(kept, progress=False).seconds
+        gen_kept = stages.generate(kept, progress=False).seconds
         forced_stats = capture(forced, progress=False)
         kept_stats = capture(kept, progress=False)
         cap_forced, cap_kept = forced_stats.seconds, kept_stats.seconds  # whole calls: loading the teacher counts

@@ -122,12 +122,13 @@ def child_plan(name: str, args: argparse.Namespace) -> dict:
 
 def child_train(name: str, args: argparse.Namespace) -> dict:
     """Train a few real steps; time each from metrics writes; peak RSS of the step loop and of the process."""
-    from distill.training import trainer
+    from distill.stages import train
+    from distill.training import loop
 
     clock = time.process_time if args.cpu_time else time.perf_counter
     stamps: list[tuple[float, float]] = []  # (wall, clock) at the loop's start and at each step's end
     peak = {}
-    original_init, original_write = trainer.MetricsLog.__init__, trainer.MetricsLog.write
+    original_init, original_write = loop.MetricsLog.__init__, loop.MetricsLog.write
 
     def init(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
@@ -141,9 +142,9 @@ def child_train(name: str, args: argparse.Namespace) -> dict:
         stamps.append((time.perf_counter(), clock()))
         peak["loop"] = _status_bytes("VmHWM")
 
-    trainer.MetricsLog.__init__, trainer.MetricsLog.write = init, write
+    loop.MetricsLog.__init__, loop.MetricsLog.write = init, write
     with tempfile.TemporaryDirectory(prefix="bench-plan-") as run_dir:
-        trainer.train(_recipe(name, args, run_dir), progress=False)
+        train(_recipe(name, args, run_dir), progress=False)
         rates = [json.loads(line)["tokens_per_s"] for line in (Path(run_dir) / "metrics.jsonl").open()]
     walls = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
     durations = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from conftest import tiny_recipe
-from distill import stages as pipeline
+from distill import stages
 from distill.cli import main
 from distill.export.found import find_exports
 from distill.export import default_export_dir, export_model
@@ -42,8 +42,8 @@ def evaluated(tmp_path_factory, tiny_teacher_dir):
                                         "response": f"The answer is {2 * i}."}) + "\n" for i in range(24)))
     recipe = recipe_from_dict(tiny_recipe(base / "run", tiny_teacher_dir, data, train={"steps": 4},
                                           eval={"speed_batch_sizes": [1, 2]}))
-    pipeline.prepare_run_dir(recipe)
-    pipeline.train(recipe, progress=False)
+    stages.prepare_run_dir(recipe)
+    stages.train(recipe, progress=False)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("DISTILL_CACHE", str(base / "cache"))  # the dequantized GGUF copy stays out of ~/.cache
         written = {"gguf-f32": export_model(recipe.run_dir, None, "gguf", "f32", verify=False)}
@@ -56,7 +56,7 @@ def evaluated(tmp_path_factory, tiny_teacher_dir):
         logger.addHandler(lines)
         logger.setLevel(logging.INFO)
         try:
-            report = pipeline.evaluate(recipe, progress=False)
+            report = stages.evaluate(recipe, progress=False)
         finally:
             logger.removeHandler(lines)
             logger.setLevel(level)
@@ -200,12 +200,12 @@ def test_recipe_export_section_ships_after_training_and_keeps_fresh_exports(tmp_
     monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
     recipe = recipe_from_dict(tiny_recipe(tmp_path / "run", tiny_teacher_dir, pairs_jsonl, train={"steps": 2},
                                           export={"formats": ["gguf:f32", "hf"]}))
-    pipeline.prepare_run_dir(recipe)
-    pipeline.train(recipe, progress=False)
-    written = pipeline.export(recipe)
+    stages.prepare_run_dir(recipe)
+    stages.train(recipe, progress=False)
+    written = stages.export(recipe)
     assert [p.relative_to(recipe.run_dir).as_posix() for p in written] == ["exports/gguf-f32/model-f32.gguf",
                                                                           "exports/hf"]
-    assert pipeline.export(recipe) == []  # newer than the student: kept, not redone
+    assert stages.export(recipe) == []  # newer than the student: kept, not redone
     assert {e.name for e in find_exports(recipe.run_dir)} >= {"hf"}
 
 
@@ -220,5 +220,5 @@ def test_a_bad_export_target_fails_before_anything_runs(tmp_path, tiny_teacher_d
     recipe = recipe_from_dict(tiny_recipe(tmp_path / "run", tiny_teacher_dir, pairs_jsonl,
                                           export={"formats": [target]}))
     with pytest.raises(DistillError, match=message):
-        pipeline.run(recipe, progress=False)
+        stages.run(recipe, progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()

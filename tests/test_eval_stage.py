@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import tiny_recipe
-from distill import stages as pipeline
+from distill import stages
 from distill.recipe import recipe_from_dict
 from distill.report.table import format_table
 
@@ -35,10 +35,10 @@ def evaluated(tmp_path_factory, tiny_teacher_dir):
                             "speed_batch_sizes": [1, 2]})
     raw["data"]["eval"] = str(tmp / "eval.jsonl")
     recipe = recipe_from_dict(raw)
-    pipeline.prepare_run_dir(recipe)
-    pipeline.build_student(recipe)
-    pipeline.train(recipe, progress=False)
-    return recipe, pipeline.evaluate(recipe, progress=False)
+    stages.prepare_run_dir(recipe)
+    stages.build_student(recipe)
+    stages.train(recipe, progress=False)
+    return recipe, stages.evaluate(recipe, progress=False)
 
 
 def test_before_training_general_text_and_calibration(evaluated):

@@ -212,7 +212,7 @@ def test_local_generation_stop_strings_and_top_logprobs(backend, prompts):
 @pytest.mark.parametrize("mixture", ["route", "all"])
 def test_mixture_of_teachers_routes_by_tag_or_asks_all(tmp_path, tiny_teacher_dir, tiny_student_dir, mixture):
     from conftest import tiny_recipe
-    from distill import stages as pipeline
+    from distill import stages
     from distill.stages.data import planned_ids
     from distill.stages.facts import run_files
     from distill.recipe import recipe_from_dict
@@ -224,7 +224,7 @@ def test_mixture_of_teachers_routes_by_tag_or_asks_all(tmp_path, tiny_teacher_di
     raw["generate"] = {"max_new_tokens": 3, "batch_size": 4, "mixture": mixture,
                        "teachers": [{"model": str(tiny_student_dir), "tags": ["math"]}]}
     recipe = recipe_from_dict(raw)
-    pipeline.generate(recipe, progress=False)
+    stages.generate(recipe, progress=False)
     latest = latest_records(run_files(recipe).teacher_data)
     by_teacher = {}
     for r in latest.values():

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import make_tiny_llama, tiny_recipe
-from distill import stages as pipeline
+from distill import stages
 from distill.recipe import recipe_from_dict
 from distill.signals.cache import TopKCache, example_hash
 from distill.stages import capture
@@ -135,7 +135,7 @@ def test_generate_then_capture_reuses_kept_rows_and_equals_teacher_forcing(tmp_p
 
     prompts = _prompts(tmp_path)
     reused = _cache_recipe(tmp_path, talker, prompts, "reused")
-    pipeline.generate(reused, progress=False)
+    stages.generate(reused, progress=False)
     records = [json.loads(x) for f in sorted((reused.run_dir / "teacher_data").glob("shard-*.jsonl"))
                for x in f.read_text().splitlines()]
     assert len(records) == 10 and all(r["topk"] == 8 for r in records)
@@ -165,11 +165,11 @@ def test_generate_then_capture_reuses_kept_rows_and_equals_teacher_forcing(tmp_p
 def test_records_without_kept_rows_are_teacher_forced_and_kept_rows_survive_a_rerun(tmp_path, talker):
     prompts = _prompts(tmp_path, n=6)
     recipe = _cache_recipe(tmp_path, talker, prompts, "mixed")
-    pipeline.generate(recipe, progress=False)
+    stages.generate(recipe, progress=False)
     data_dir = recipe.run_dir / "teacher_data"
     victim = sorted(data_dir.glob("topk/*.npz"))[0]
     victim.unlink()
-    again = pipeline.generate(recipe, progress=False)
+    again = stages.generate(recipe, progress=False)
     assert again.done == 0 and again.skipped_existing == 6  # the answer stays; its rows are forced instead
     stats = capture(recipe, progress=False)
     assert stats.reused <= 5 and stats.reused + sum(stats.forced_reasons.values()) <= 6
@@ -219,7 +219,7 @@ def test_smollm2_cache_from_generation_needs_no_teacher_pass(tmp_path, monkeypat
         "generate": {"max_new_tokens": 24, "batch_size": 6},
         "method": {"kind": "kd"}, "train": {"steps": 1, "batch_size": 2},
     })
-    pipeline.generate(recipe, progress=False)
+    stages.generate(recipe, progress=False)
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher's weights were loaded")
@@ -231,11 +231,11 @@ def test_smollm2_cache_from_generation_needs_no_teacher_pass(tmp_path, monkeypat
 
 def test_a_rerun_with_every_answer_on_disk_never_builds_the_teacher(tmp_path, talker, monkeypatch):
     recipe = _cache_recipe(tmp_path, talker, _prompts(tmp_path, n=3), "rerun")
-    assert pipeline.generate(recipe, progress=False).done == 3
+    assert stages.generate(recipe, progress=False).done == 3
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher was built with nothing left to answer")
 
-    monkeypatch.setattr(pipeline.teacher_data, "teacher_backend", no_teacher)
-    again = pipeline.generate(recipe, progress=False)
+    monkeypatch.setattr(stages.teacher_data, "teacher_backend", no_teacher)
+    again = stages.generate(recipe, progress=False)
     assert (again.done, again.skipped_existing) == (0, 3)

@@ -76,7 +76,7 @@ def test_load_failure_and_missing_package_are_one_line(hub, monkeypatch):
 
 def test_recipe_with_hub_prompts_validates_and_reads_them(hub, tmp_path, tiny_teacher_dir):
     from conftest import tiny_recipe
-    from distill import stages as pipeline
+    from distill import stages
     from distill.recipe import recipe_from_dict
 
     raw = tiny_recipe(tmp_path / "run", tiny_teacher_dir, Path("unused"))
@@ -85,7 +85,7 @@ def test_recipe_with_hub_prompts_validates_and_reads_them(hub, tmp_path, tiny_te
     raw["generate"] = {"max_prompts": 2}
     recipe = recipe_from_dict(raw, base_dir=tmp_path)
     assert recipe.path(recipe.data.prompts) == "hf://tatsu-lab/alpaca"  # not a file under the recipe's folder
-    prompts = pipeline.recipe_prompts(recipe)
+    prompts = stages.recipe_prompts(recipe)
     assert [p.user_text for p in prompts] == ["Add the numbers.\n\n2 and 3", "Name a colour."]
     assert hub.calls == [("tatsu-lab/alpaca", "plain", "train[:2]")]
     raw["data"]["train"] = "hf://o/n"  # only prompts may come from the hub

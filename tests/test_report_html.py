@@ -138,7 +138,7 @@ def test_reliability_diagram_from_the_calibration_shape():
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory, tiny_teacher_dir) -> Path:
     """A run trained and evaluated by the real pipeline functions on the fixture teacher."""
-    from distill import stages as pipeline
+    from distill import stages
     from distill.recipe import recipe_from_dict
 
     base = tmp_path_factory.mktemp("report_run")
@@ -146,9 +146,9 @@ def real_run(tmp_path_factory, tiny_teacher_dir) -> Path:
     data.write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}?",
                                         "response": f"The answer is {2 * i}."}) + "\n" for i in range(24)))
     recipe = recipe_from_dict(tiny_recipe(base / "run", tiny_teacher_dir, data, train={"steps": 4}))
-    pipeline.prepare_run_dir(recipe)
-    pipeline.train(recipe, progress=False)
-    pipeline.evaluate(recipe, progress=False)
+    stages.prepare_run_dir(recipe)
+    stages.train(recipe, progress=False)
+    stages.evaluate(recipe, progress=False)
     return recipe.run_dir
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill import stages as pipeline
+from distill import stages
 from distill.errors import DistillError
 from distill.recipe import recipe_from_dict
 from distill.training.checkpoint import list_checkpoints
@@ -96,14 +96,14 @@ def test_sft_trains_without_teacher_logits(tmp_path, tiny_teacher_dir, pairs_jso
 
 def test_run_dir_refuses_a_different_recipe(tmp_path, tiny_teacher_dir, pairs_jsonl):
     first = recipe_from_dict(tiny_recipe(tmp_path / "r", tiny_teacher_dir, pairs_jsonl))
-    pipeline.prepare_run_dir(first)
+    stages.prepare_run_dir(first)
     train(first, progress=False, stop_after=2)
     changed = recipe_from_dict(tiny_recipe(tmp_path / "r", tiny_teacher_dir, pairs_jsonl, train={"lr": 1e-2}))
     with pytest.raises(DistillError, match=r"train\.lr differs"):
-        pipeline.prepare_run_dir(changed)
+        stages.prepare_run_dir(changed)
     longer = recipe_from_dict(tiny_recipe(tmp_path / "r", tiny_teacher_dir, pairs_jsonl, train={"steps": 8}))
-    pipeline.prepare_run_dir(longer)  # more steps of the same recipe is a continuation
-    pipeline.prepare_run_dir(changed, restart=True)
+    stages.prepare_run_dir(longer)  # more steps of the same recipe is a continuation
+    stages.prepare_run_dir(changed, restart=True)
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 

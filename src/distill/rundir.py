@@ -21,6 +21,7 @@ class RunDir:
 
     @property
     def log(self) -> Path:
+        """The run's log file."""
         return self.root / "log.txt"
 
     @property
@@ -45,6 +46,7 @@ class RunDir:
 
     @property
     def checkpoints(self) -> Path:
+        """Resumable training checkpoints, step_N/."""
         return self.root / "checkpoints"
 
     @property
@@ -54,6 +56,7 @@ class RunDir:
 
     @property
     def tensorboard(self) -> Path:
+        """TensorBoard event files (when tensorboard is installed)."""
         return self.root / "tensorboard"
 
     @property
@@ -63,10 +66,12 @@ class RunDir:
 
     @property
     def exports(self) -> Path:
+        """What the export stage shipped; eval measures each."""
         return self.root / "exports"
 
     @property
     def report_json(self) -> Path:
+        """Every metric of teacher, student and exports."""
         return self.root / "report.json"
 
     @property
@@ -76,16 +81,20 @@ class RunDir:
 
     @property
     def suite_samples(self) -> Path:
+        """Per-item rows of the task suites."""
         return self.root / "suite_samples.jsonl"
 
     @property
     def judge(self) -> Path:
+        """Per-pair verdicts of the judge."""
         return self.root / "judge.jsonl"
 
     @property
     def report_html(self) -> Path:
+        """The self-contained HTML report."""
         return self.root / "report.html"
 
     @property
     def report_md(self) -> Path:
+        """The Markdown summary."""
         return self.root / "report.md"

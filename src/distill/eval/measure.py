@@ -26,7 +26,7 @@ class MeasureSettings:
     """How models are measured (the recipe's eval section, as plain values)."""
 
     batch_size: int = 8
-    max_new_tokens: int = 128
+    max_new_tokens: int = 64
     calibration: bool = True
     measure_speed: bool = True
     speed_prompt_tokens: int = 64

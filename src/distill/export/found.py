@@ -11,8 +11,8 @@ import torch
 from gguf import GGUFReader, LlamaFileType
 
 from distill.errors import DistillError
-from distill.export.quantize import INFO_FILE, load_quantized
 from distill.export import EXPORTS_DIR
+from distill.export.quantize import INFO_FILE, load_quantized
 from distill.models import load_model
 
 log = logging.getLogger("distill")

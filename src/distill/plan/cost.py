@@ -1,6 +1,6 @@
 """The cost model of one optimizer step: FLOPs, seconds and resident memory by part, and the Plan they make.
 
-A step is costed as the trainer runs it (distill.train.trainer): the student's decoder forward and backward
+A step is costed as the trainer runs it (distill.training.step): the student's decoder forward and backward
 on every padded position, the frozen teacher's forward when KD uses a live teacher, and the chunked loss
 (distill.losses.kd) on the labelled positions only, which forms logits `chunk_size` rows at a time and works
 out the head's gradients in its forward pass (three `[rows, V]` matmuls for the student, one for the teacher,

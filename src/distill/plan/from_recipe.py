@@ -46,7 +46,7 @@ def model_config(recipe: Recipe, spec) -> PretrainedConfig:
 
 
 def student_shape(recipe: Recipe, teacher: ModelShape) -> ModelShape:
-    """The student's shape as the trainer will build it (distill.models.from_recipe.initial_student)."""
+    """The student's shape as the trainer will build it (distill.stages.student.initial_student)."""
     spec = recipe.student
     if spec.model is not None:
         return shape_from_config(model_config(recipe, spec))

@@ -13,9 +13,9 @@ from typing import Optional
 
 import numpy as np
 
+from distill.data.teacher_records import load_topk, topk_path
 from distill.signals.cache import next_tokens, trained_positions
 from distill.signals.encoding import TopKRows
-from distill.data.teacher_records import load_topk, topk_path
 
 # cache.json's teacher_weights when rows come from generation: the weights were never loaded to be hashed.
 FROM_GENERATION = "not hashed: log-probs kept at generation"

@@ -33,7 +33,7 @@ class TeacherCacheReader:
 def open_teacher_cache(
     path: Path, teacher: str, tokenizer, encoded: Sequence, teacher_files: str = ""
 ) -> TeacherCacheReader:
-    """The cache at `path`, refused (one DistillError line) unless it is complete and belongs to this teacher and data."""
+    """The cache at `path`, refused (one DistillError line) unless complete and made by this teacher on this data."""
     cache = TopKCache(Path(path))
     check_provenance(cache.header, Path(path), teacher, tokenizer, teacher_files)
     hashes = [example_hash(e.input_ids, e.labels) for e in encoded]

@@ -1,5 +1,8 @@
-"""The stages of a run, the only code that reads a Recipe: generate -> filter -> capture -> student -> train ->
-export -> eval -> report, each also callable on its own; `run` calls them in order."""
+"""The stages of a run: generate -> filter -> capture -> student -> train -> export -> eval -> report.
+
+Below the CLI, only these (and `distill plan`) read a Recipe. Each stage is callable on its own; `run` calls them
+in order.
+"""
 from __future__ import annotations
 
 import logging
@@ -12,13 +15,13 @@ from distill.errors import DistillError
 from distill.recipe import Recipe
 from distill.runtime import atomic_write_text
 from distill.stages.cache import capture
+from distill.stages.data import recipe_examples
 from distill.stages.evaluation import evaluate
 from distill.stages.exports import export, export_targets
-from distill.stages.data import recipe_examples
 from distill.stages.facts import run_files, uses_teacher_cache
-from distill.stages.teacher_data import filter_data, generate
 from distill.stages.reporting import report
 from distill.stages.student import build_student
+from distill.stages.teacher_data import filter_data, generate
 from distill.stages.training import train
 
 __all__ = ["prepare_run_dir", "generate", "filter_data", "capture", "build_student", "train", "export_targets",

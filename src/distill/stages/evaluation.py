@@ -28,9 +28,9 @@ from distill.eval.measure import (
     measure_model,
 )
 from distill.eval.report import build_report, write_report
+from distill.eval.suites import load_suite, run_suite
 from distill.export import older_than
 from distill.export.found import Export, find_exports, load_export
-from distill.eval.suites import load_suite, run_suite
 from distill.models import bytes_on_disk, check_tokenizers, load_model, load_tokenizer
 from distill.recipe import Recipe
 from distill.report.table import format_table

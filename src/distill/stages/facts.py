@@ -18,8 +18,8 @@ from distill.errors import DistillError
 from distill.models import load_model, load_tokenizer, resolve_model_path
 from distill.recipe import GenerationTeacherSpec, Recipe, TeacherSpec
 from distill.rundir import RunDir
-from distill.signals.provenance import files_fingerprint
 from distill.runtime import resolve_device, resolve_dtype
+from distill.signals.provenance import files_fingerprint
 from distill.teachers.backend import TeacherBackend
 from distill.teachers.local import LocalBackend
 from distill.teachers.openai_client import OpenAIBackend
@@ -196,7 +196,8 @@ def _vllm_backend(recipe: Recipe, t: TeacherSpec) -> VLLMBackend:
     if gguf is not None:
         path = str(Path(path) / gguf) if Path(path).is_dir() else _hub_file(path, gguf)
     # vLLM refuses requests for more log-probs than the engine allows (20 by default); a cache keeps cache_k.
-    return VLLMBackend(path, name=t.model, batch_size=recipe.generate.batch_size, dtype=t.dtype, seed=recipe.seed,
+    dtype = str(teacher_dtype(recipe, t)).removeprefix("torch.")  # the one dtype rule, as vLLM names dtypes
+    return VLLMBackend(path, name=t.model, batch_size=recipe.generate.batch_size, dtype=dtype, seed=recipe.seed,
                        trust_remote_code=t.trust_remote_code, max_logprobs=max(20, recipe.teacher.cache_k))
 
 

@@ -1,4 +1,4 @@
-"""The student stage: the recipe's student as built before training (an existing model, cut from the teacher, or new)."""
+"""The student stage: the student as built before training (an existing model, cut from the teacher, or new)."""
 from __future__ import annotations
 
 import json
@@ -15,12 +15,12 @@ from distill.data.tokenize import example_token_ids
 from distill.errors import DistillError
 from distill.models import build_student as build_new_student
 from distill.models import count_params, load_model, save_model, student_config_summary
-from distill.stages.presets import preset_config
 from distill.models.prune import PruneReport, calibration_batches, prune_teacher
 from distill.recipe import Recipe
 from distill.runtime import atomic_write_json
 from distill.stages.data import recipe_examples, recipe_prompts
 from distill.stages.facts import device, load_teacher, model_source, named_by, run_files, teacher_tokenizer
+from distill.stages.presets import preset_config
 
 log = logging.getLogger("distill")
 

@@ -6,12 +6,12 @@ from dataclasses import replace
 from typing import Callable, Optional
 
 from distill.data.filters import FilterResult, filter_to_file, format_filter_report
+from distill.data.teacher_records import latest_records
 from distill.errors import DistillError
 from distill.recipe import Recipe
 from distill.stages.data import generation_settings, planned_ids, teacher_assignments
 from distill.stages.facts import captures_at_generation, judge_backend, run_files, teacher_backend
 from distill.teachers.backend import SamplingParams, TeacherBackend, as_judge
-from distill.data.teacher_records import latest_records
 from distill.teachers.generate import GenerationStats, generate_responses, raise_if_all_failed
 
 log = logging.getLogger("distill")

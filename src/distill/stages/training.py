@@ -1,7 +1,6 @@
-"""The train stage: set up models, data, teacher signal, optimizer and resume state from the recipe, then run the loop."""
+"""The train stage: models, data, teacher signal, optimizer and resume state from the recipe, then the loop."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -22,8 +21,13 @@ from distill.recipe import Recipe
 from distill.runtime import set_seed
 from distill.signals.cache import dataset_hash, example_hash, read_header
 from distill.signals.reader import TeacherCacheReader, open_teacher_cache
-from distill.signals.teacher_signal import HIDDEN_WITH_CACHE, PACKING_WITH_CACHE, CachedTeacher, LiveTeacher
-from distill.signals.teacher_signal import TeacherSignal
+from distill.signals.teacher_signal import (
+    HIDDEN_WITH_CACHE,
+    PACKING_WITH_CACHE,
+    CachedTeacher,
+    LiveTeacher,
+    TeacherSignal,
+)
 from distill.stages.data import TrainingSet, encode, recipe_examples
 from distill.stages.facts import (
     cache_path,
@@ -48,6 +52,8 @@ log = logging.getLogger("distill")
 
 @dataclass
 class TrainResult:
+    """What a finished training call made: the student's directory, its steps, last loss and seconds."""
+
     student_dir: Path
     steps: int
     final_loss: float
@@ -71,8 +77,8 @@ def train(
     finished = _finished_student(recipe, checkpoints)
     if finished is not None:
         return finished
-    began = time.perf_counter()
     training, start = setup(recipe, checkpoints[-1] if checkpoints else None)
+    began = time.perf_counter()
     last = run_loop(training, start, stop_after=stop_after, progress=progress)
     if last is None:
         return None
@@ -109,18 +115,19 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
     factor = lr_multiplier(t.schedule, total_steps=t.steps, warmup_steps=t.warmup_steps,
                            min_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    start = 0
+    start, data_hash = 0, training_set_hash(data)
     if checkpoint is not None:
-        start = load_checkpoint(checkpoint, student, optimizer, scheduler, matcher, training_set_hash(data))
+        start = load_checkpoint(checkpoint, student, optimizer, scheduler, matcher, data_hash)
         log.info("resumed from %s (step %d of %d)", checkpoint, start, t.steps)
     settings = LoopSettings(steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum, seed=recipe.seed,
                             max_grad_norm=t.max_grad_norm, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
                             keep_checkpoints=t.keep_checkpoints, nan_tolerance=t.nan_tolerance,
-                            training_set=training_set_hash(data))
+                            training_set=data_hash)
     training = Training(
-        student=student, tokenizer=tokenizer, signal=signal, matcher=matcher, method=recipe.method, compute_dtype=compute_dtype(recipe),
-        device=device(recipe), items=items, to_batch=to_batch, pad_id=padding_id(tokenizer), trainable=trainable,
-        optimizer=optimizer, scheduler=scheduler, checkpoint_dir=files.checkpoints,
+        student=student, tokenizer=tokenizer, signal=signal, matcher=matcher, method=recipe.method,
+        compute_dtype=compute_dtype(recipe), device=device(recipe), items=items, to_batch=to_batch,
+        pad_id=padding_id(tokenizer), trainable=trainable, optimizer=optimizer, scheduler=scheduler,
+        checkpoint_dir=files.checkpoints,
         metrics=MetricsLog(files.metrics, start, files.tensorboard), settings=settings,
     )
     return training, start

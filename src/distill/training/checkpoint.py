@@ -97,8 +97,9 @@ def load_checkpoint(
     _load_matcher(path, matcher)
     state = _trainer_state(path / TRAINER_STATE)
     if state.get("training_set") and training_set and state["training_set"] != training_set:
-        raise DistillError(f"{path}: this checkpoint was trained on other data (the training set changed since); "
-                           "restore the data, choose a new output_dir, or pass --restart to discard the checkpoints")
+        raise DistillError(f"{path}: this checkpoint was trained on other data (the training set changed since: edited "
+                           "data files, or teacher answers that failed before and were answered on a re-run); restore "
+                           "the data, choose a new output_dir, or pass --restart to discard the checkpoints")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])

@@ -118,6 +118,7 @@ def run_loop(t: Training, start: int, *, stop_after: Optional[int] = None, progr
             bar.set_postfix(loss=f"{last:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             window_tokens, window_start = 0, time.perf_counter()
         if done % s.checkpoint_every == 0 or done == s.steps or done == stop_after:
+            _refuse_non_finite_weights(t, done)
             save_checkpoint(t.checkpoint_dir, done, t.student, t.optimizer, t.scheduler, s.keep_checkpoints,
                             t.matcher, s.training_set)
         if done == stop_after:
@@ -140,11 +141,29 @@ def _refuse_divergence(t: Training, step: int, result: StepResult, skipped: int)
                        "train.max_grad_norm, or allow skipped steps with train.nan_tolerance")
 
 
-def check_finite(model: torch.nn.Module) -> None:
-    """Refuse to save a student with a non-finite weight (one line naming the first such tensor)."""
+def _refuse_non_finite_weights(t: Training, step: int) -> None:
+    """Never checkpoint a student whose update went non-finite: stop, keeping the last good checkpoint."""
+    name = first_non_finite(t.student)
+    if name is not None:
+        kept = list_checkpoints(t.checkpoint_dir)
+        where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written"
+        raise DistillError(f"train: step {step} left the student's {name} non-finite; stopped, {where}; lower "
+                           "train.lr or set train.max_grad_norm (or pass --restart)")
+
+
+def first_non_finite(model: torch.nn.Module) -> Optional[str]:
+    """The name of the first floating-point tensor of the model holding a NaN or infinity, else None."""
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise DistillError(f"train: the student's {name} is not finite; it was not saved")
+            return name
+    return None
+
+
+def check_finite(model: torch.nn.Module) -> None:
+    """Refuse to save a student with a non-finite weight (one line naming the first such tensor)."""
+    name = first_non_finite(model)
+    if name is not None:
+        raise DistillError(f"train: the student's {name} is not finite; it was not saved (pass --restart)")
 
 
 def _step_of(line: str) -> float:
