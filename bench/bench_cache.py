@@ -127,6 +127,7 @@ def step_times(recipe, cached_recipe, teacher, tokenizer, encoded, steps: int, b
     from distill.models import build_student
     from distill.stages.training import open_recipe_cache
     from distill.signals.teacher_signal import CachedTeacher, LiveTeacher
+    from distill.stages.training import batch_objective
     from distill.training.step import loss_on_batch
 
     student = build_student(recipe.student.config, teacher, tokenizer, seed=0).float().train()
@@ -143,11 +144,11 @@ def step_times(recipe, cached_recipe, teacher, tokenizer, encoded, steps: int, b
                 cached.targets(idx)
             else:
                 if name == "online":
-                    out = loss_on_batch(student, live, data, recipe.method)
+                    out = loss_on_batch(student, live, data, batch_objective(recipe.method))
                 elif name == "cached":
-                    out = loss_on_batch(student, from_cache, data, recipe.method, indices=idx)
+                    out = loss_on_batch(student, from_cache, data, batch_objective(recipe.method), indices=idx)
                 else:
-                    out = loss_on_batch(student, None, data, sft)
+                    out = loss_on_batch(student, None, data, batch_objective(sft))
                 out.loss.backward()
                 student.zero_grad(set_to_none=True)
             if step:

@@ -20,6 +20,7 @@ from distill.recipe import recipe_from_dict
 from distill.training.checkpoint import MATCHER_FILE, list_checkpoints
 from distill.signals.teacher_signal import LiveTeacher
 from distill.stages.training import hidden_matcher
+from distill.stages.training import batch_objective
 from distill.training.step import loss_on_batch
 from distill.stages import train
 
@@ -246,8 +247,8 @@ def test_depth_pruned_student_starts_with_zero_hidden_loss(tmp_path, tiny_teache
     examples, _ = recipe_examples(recipe)
     batch = collate(encode_all(examples[:3], tok, 48, None), tok.pad_token_id)
     with torch.no_grad():
-        out = loss_on_batch(student, LiveTeacher(teacher), batch, recipe.method, matcher=matcher)
-        plain = loss_on_batch(student, LiveTeacher(teacher), batch, recipe.method)
+        out = loss_on_batch(student, LiveTeacher(teacher), batch, batch_objective(recipe.method), matcher=matcher)
+        plain = loss_on_batch(student, LiveTeacher(teacher), batch, batch_objective(recipe.method))
     assert out.hidden.item() == pytest.approx(0.0, abs=1e-6)
     assert plain.hidden is None and out.loss.item() == pytest.approx(plain.loss.item(), abs=1e-6)
 

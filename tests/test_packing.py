@@ -21,6 +21,7 @@ from distill.errors import DistillError
 from distill.recipe import MethodSpec, recipe_from_dict
 from distill.training.checkpoint import list_checkpoints
 from distill.signals.teacher_signal import LiveTeacher
+from distill.stages.training import batch_objective
 from distill.training.step import loss_on_batch
 from distill.stages import train
 from conftest import tiny_recipe
@@ -133,7 +134,7 @@ def test_a_model_whose_mask_ignores_packing_is_refused(tiny_teacher_dir, monkeyp
 def _loss_and_grads(student, teacher, batch, method, matcher=None):
     student.zero_grad(set_to_none=True)
     signal = LiveTeacher(teacher) if teacher is not None else None
-    out = loss_on_batch(student, signal, batch, method, matcher=matcher)
+    out = loss_on_batch(student, signal, batch, batch_objective(method), matcher=matcher)
     out.loss.backward()
     grads = [p.grad.clone() for p in student.parameters()]
     return out, grads

@@ -132,6 +132,7 @@ def test_step_flops_equal_the_trainers_counted_flops(tmp_path, tiny_teacher_dir,
     from distill.models import build_student
     from distill.plan import BatchStats
     from distill.signals.teacher_signal import LiveTeacher
+    from distill.stages.training import batch_objective
     from distill.training.step import loss_on_batch
 
     # TVD and alpha's CE add no matmuls of their own, so every counted FLOP is one the planner predicts.
@@ -155,7 +156,7 @@ def test_step_flops_equal_the_trainers_counted_flops(tmp_path, tiny_teacher_dir,
                        max_padded_tokens=rows * width, max_seq_len=width, examples=3, example_tokens=width, source="")
     mapping = {torch.ops.aten.addmm_: _addmm_inplace_flops}
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        loss_on_batch(student, LiveTeacher(teacher), batch, recipe.method).loss.backward()
+        loss_on_batch(student, LiveTeacher(teacher), batch, batch_objective(recipe.method)).loss.backward()
     teacher_shape = shape_from_config(teacher.config)
     predicted = step_flops(recipe, teacher_shape, student_shape(recipe, teacher_shape), stats)
     assert sum(predicted.values()) == pytest.approx(counter.get_total_flops(), rel=1e-9)

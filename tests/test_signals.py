@@ -213,6 +213,7 @@ def test_full_vocab_cache_gives_the_online_loss_and_gradients(tmp_path, tiny_tea
     from distill.data.tokenize import batch_indices, collate
     from distill.models import load_model
     from distill.signals.teacher_signal import CachedTeacher, LiveTeacher
+    from distill.stages.training import batch_objective
     from distill.training.step import loss_on_batch
 
     recipe = _recipe(tmp_path, tiny_teacher_dir, pairs_jsonl, cache_k=TINY_VOCAB, cache_exact=True)
@@ -226,9 +227,9 @@ def test_full_vocab_cache_gives_the_online_loss_and_gradients(tmp_path, tiny_tea
             torch.nn.init.normal_(m.weight, std=0.05, generator=torch.Generator().manual_seed(2))
     idx = batch_indices(len(encoded), 4, 0, 1)
     batch = collate([encoded[i] for i in idx], tok.pad_token_id)
-    online = loss_on_batch(student, LiveTeacher(teacher), batch, recipe.method)
+    online = loss_on_batch(student, LiveTeacher(teacher), batch, batch_objective(recipe.method))
     online_grads = torch.autograd.grad(online.loss, list(student.parameters()))
-    sparse = loss_on_batch(student, CachedTeacher(cached), batch, recipe.method, indices=idx)
+    sparse = loss_on_batch(student, CachedTeacher(cached), batch, batch_objective(recipe.method), indices=idx)
     sparse_grads = torch.autograd.grad(sparse.loss, list(student.parameters()))
     assert online.kd.item() > 1e-3
     assert sparse.loss.item() == pytest.approx(online.loss.item(), rel=1e-5, abs=1e-6)
@@ -244,6 +245,7 @@ def test_live_and_cached_signals_take_the_same_loss_call_and_the_cache_runs_no_m
     from distill.data.tokenize import batch_indices, collate
     from distill.models import load_model
     from distill.signals.teacher_signal import CachedTeacher, LiveTeacher
+    from distill.stages.training import batch_objective
     from distill.training.step import loss_on_batch
 
     tok, encoded = _encoded(cached_recipe)
@@ -261,7 +263,8 @@ def test_live_and_cached_signals_take_the_same_loss_call_and_the_cache_runs_no_m
     runs, outs = {}, {}
     for signal in (LiveTeacher(teacher), cached):
         teacher_runs.clear()
-        outs[type(signal).__name__] = out = loss_on_batch(student, signal, batch, cached_recipe.method, indices=idx)
+        objective = batch_objective(cached_recipe.method)
+        outs[type(signal).__name__] = out = loss_on_batch(student, signal, batch, objective, indices=idx)
         out.loss.backward()
         runs[type(signal).__name__] = len(teacher_runs)
     assert runs == {"LiveTeacher": 1, "CachedTeacher": 0}
@@ -270,7 +273,7 @@ def test_live_and_cached_signals_take_the_same_loss_call_and_the_cache_runs_no_m
     # Top-16 of 320 tokens plus a tail bucket coarsens both distributions, which can only lower a KL.
     assert 0 < from_cache.kd.item() < live.kd.item()
     with pytest.raises(DistillError, match="needs the batch's example indices"):
-        loss_on_batch(student, cached, batch, cached_recipe.method)
+        loss_on_batch(student, cached, batch, batch_objective(cached_recipe.method))
 
 
 def test_capture_resumes_after_a_kill_and_writes_the_same_cache(tmp_path, tiny_teacher_dir, pairs_jsonl):

@@ -14,6 +14,7 @@ from distill.losses.divergences import log_probs
 from distill.losses.objective import (
     IGNORE_INDEX,
     LossOutput,
+    LossSettings,
     Objective,
     build_objective,
     check_labels,
@@ -125,6 +126,15 @@ class DenseTeacher:
 
     def rows(self, index: slice) -> "DenseTeacher":
         return DenseTeacher(self.hidden[index], self.head)
+
+    def chunked_loss(self, hidden: Tensor, head: Tensor, labels: Tensor, settings: LossSettings) -> LossOutput:
+        """The objective against this live teacher, `settings.chunk_size` positions at a time."""
+        return kd_loss_chunked(hidden, head, self.hidden, self.head, labels, **settings.keywords())
+
+
+def sft_loss_chunked(hidden: Tensor, head: Tensor, labels: Tensor, settings: LossSettings) -> LossOutput:
+    """Cross-entropy on the labels alone (no teacher), through the same chunked path."""
+    return kd_loss_chunked(hidden, head, None, None, labels, **settings.keywords())
 
 
 def _process_chunk(

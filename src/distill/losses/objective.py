@@ -6,7 +6,7 @@ the positions whose label is not -100 (labels are already shifted). Without a te
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 import torch
@@ -26,6 +26,22 @@ class LossOutput:
     kd: Tensor
     ce: Tensor
     n_tokens: int
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The method's logit loss, decided once: divergence and its parameters, temperature, CE weight, chunk size."""
+
+    divergence: str = "forward_kl"
+    temperature: float = 1.0
+    alpha: float = 0.5  # weight of CE on the labels; 1 - alpha weighs T^2 * divergence
+    beta: float = 0.5  # JSD's mixture weight
+    skew: float = 0.1  # skew KL's mixture weight
+    chunk_size: int = 192  # positions per chunk of the fused loss
+
+    def keywords(self) -> dict:
+        """The settings as the keyword arguments of the chunked losses."""
+        return asdict(self)
 
 
 @dataclass(frozen=True)

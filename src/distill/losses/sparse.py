@@ -29,6 +29,7 @@ from distill.losses.divergences import log_probs
 from distill.losses.objective import (
     IGNORE_INDEX,
     LossOutput,
+    LossSettings,
     Objective,
     build_objective,
     check_labels,
@@ -66,6 +67,10 @@ class SparseTargets:
 
     def rows(self, index: slice | Tensor) -> "SparseTargets":
         return SparseTargets(self.ids[index], self.log_probs[index], self.tail[index], self.vocab_size)
+
+    def chunked_loss(self, hidden: Tensor, head: Tensor, labels: Tensor, settings: "LossSettings") -> LossOutput:
+        """The objective against these cached top-k targets, `settings.chunk_size` positions at a time."""
+        return kd_loss_sparse_chunked(hidden, head, self, labels, **settings.keywords())
 
 
 def teacher_buckets(targets: SparseTargets, shared_vocab: int, temperature: float, dtype: torch.dtype) -> Tensor:

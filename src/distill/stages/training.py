@@ -15,9 +15,10 @@ from distill.data.packing import check_packing_support, collate_packed, fill_rat
 from distill.data.tokenize import collate, padding_id
 from distill.errors import DistillError
 from distill.losses.hidden import HiddenStateMatcher, check_layer_map, default_layer_map
+from distill.losses.objective import LossSettings
 from distill.models import check_tokenizers, count_params, load_tokenizer, save_model
 from distill.models.heads import base_model, decoder_layers
-from distill.recipe import Recipe
+from distill.recipe import MethodSpec, Recipe
 from distill.runtime import set_seed
 from distill.signals.cache import dataset_hash, example_hash, read_header
 from distill.signals.reader import TeacherCacheReader, open_teacher_cache
@@ -46,6 +47,7 @@ from distill.stages.student import initial_student
 from distill.training.checkpoint import STEP_PREFIX, list_checkpoints, load_checkpoint
 from distill.training.loop import LoopSettings, MetricsLog, Training, check_finite, last_logged_loss, run_loop
 from distill.training.schedule import lr_multiplier
+from distill.training.step import BatchObjective
 
 log = logging.getLogger("distill")
 
@@ -124,7 +126,7 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
                             keep_checkpoints=t.keep_checkpoints, nan_tolerance=t.nan_tolerance,
                             training_set=data_hash)
     training = Training(
-        student=student, tokenizer=tokenizer, signal=signal, matcher=matcher, method=recipe.method,
+        student=student, tokenizer=tokenizer, signal=signal, matcher=matcher, objective=batch_objective(recipe.method),
         compute_dtype=compute_dtype(recipe), device=device(recipe), items=items, to_batch=to_batch,
         pad_id=padding_id(tokenizer), trainable=trainable, optimizer=optimizer, scheduler=scheduler,
         checkpoint_dir=files.checkpoints,
@@ -142,6 +144,13 @@ def _batch_items(recipe: Recipe, data: TrainingSet) -> tuple[list, object]:
     log.info("packing: %d examples in %d rows of %d tokens (%.0f%% filled)", len(data.encoded), len(rows), length,
              100 * fill_ratio(rows, length))
     return rows, collate_packed
+
+
+def batch_objective(m: MethodSpec) -> BatchObjective:
+    """The recipe's method section as the loss every micro-batch takes."""
+    loss = LossSettings(divergence=m.divergence, temperature=m.temperature, alpha=m.alpha, beta=m.beta, skew=m.skew,
+                        chunk_size=m.chunk_size)
+    return BatchObjective(loss, kd=m.kind == "kd", hidden_weight=m.hidden.weight if m.hidden is not None else None)
 
 
 def training_set_hash(data: TrainingSet) -> str:

@@ -18,7 +18,7 @@ from distill.losses.hidden import HiddenStateMatcher
 from distill.runtime import atomic_write_text
 from distill.signals.teacher_signal import TeacherSignal
 from distill.training.checkpoint import list_checkpoints, save_checkpoint
-from distill.training.step import loss_on_batch
+from distill.training.step import BatchObjective, loss_on_batch
 
 log = logging.getLogger("distill")
 
@@ -47,7 +47,7 @@ class Training:
     tokenizer: Any  # saved with the student
     signal: Optional[TeacherSignal]
     matcher: Optional[HiddenStateMatcher]
-    method: Any  # the recipe's method section: the loss to take
+    objective: BatchObjective  # the loss to take, built once from the recipe's method section
     compute_dtype: torch.dtype
     device: torch.device
     items: list  # encoded examples, or packed rows of several
@@ -82,7 +82,7 @@ def accumulate_gradients(t: Training, step: int) -> StepResult:
     for micro in range(s.grad_accum):
         idx = batch_indices(len(t.items), s.batch_size, s.seed, step * s.grad_accum + micro)
         batch = {k: v.to(t.device) for k, v in t.to_batch([t.items[i] for i in idx], t.pad_id).items()}
-        out = loss_on_batch(t.student, t.signal, batch, t.method, t.compute_dtype, t.matcher, indices=idx)
+        out = loss_on_batch(t.student, t.signal, batch, t.objective, t.compute_dtype, t.matcher, indices=idx)
         (out.loss / s.grad_accum).backward()
         for key in totals:
             totals[key] += float(getattr(out, key).detach()) / s.grad_accum

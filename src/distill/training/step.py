@@ -2,22 +2,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from transformers import PreTrainedModel
 
 from distill.errors import DistillError
-from distill.losses import kd_loss_chunked, kd_loss_sparse_chunked
 from distill.losses.hidden import HiddenStateMatcher
-from distill.losses.objective import LossOutput
-from distill.losses.sparse import SparseTargets
+from distill.losses.kd import sft_loss_chunked
+from distill.losses.objective import LossOutput, LossSettings
 from distill.models import output_head
 from distill.models.heads import decoder_layer_outputs
 from distill.signals.teacher_signal import TeacherSignal, attention_inputs
-
-if TYPE_CHECKING:
-    from distill.recipe import MethodSpec
 
 
 @dataclass
@@ -27,20 +23,29 @@ class BatchLoss(LossOutput):
     hidden: Optional[torch.Tensor] = None
 
 
+@dataclass(frozen=True)
+class BatchObjective:
+    """What a micro-batch's loss is, built once from the recipe's method section."""
+
+    loss: LossSettings
+    kd: bool  # learn from the teacher signal (method.kind: kd); False trains on the labels alone
+    hidden_weight: Optional[float] = None  # method.hidden.weight; None when hidden-state KD is off
+
+
 def loss_on_batch(
     student: PreTrainedModel, signal: Optional[TeacherSignal], batch: dict[str, torch.Tensor],
-    method: "MethodSpec", compute_dtype: torch.dtype = torch.float32,
+    objective: BatchObjective, compute_dtype: torch.dtype = torch.float32,
     matcher: Optional[HiddenStateMatcher] = None, *, indices: Optional[Sequence[int]] = None,
 ) -> BatchLoss:
     """The recipe's loss on one micro-batch, without ever holding [batch, seq, vocab] logits.
 
     `signal` is the teacher: a LiveTeacher (dense logits, chunk by chunk) or a CachedTeacher (the sparse top-k
     rows of the batch's examples, `indices`: the rows of the training examples the batch was drawn from);
-    None, or method.kind: sft, trains on the labels alone.
-    With a matcher (method.hidden), `method.hidden.weight` times its loss on the block outputs of every real
-    token (prompt included, padding not) is added to the logit loss.
+    None, or an objective without KD, trains on the labels alone. Either signal's rows bring their own chunked
+    loss. With a matcher, `hidden_weight` times its loss on the block outputs of every real token (prompt
+    included, padding not) is added to the logit loss.
     """
-    if matcher is not None and (signal is None or method.kind != "kd" or method.hidden is None):
+    if matcher is not None and (signal is None or not objective.kd or objective.hidden_weight is None):
         raise DistillError("method.hidden: hidden-state KD needs method.hidden set, method.kind: kd and a teacher")
     ids, real = batch["input_ids"], batch["attention_mask"]
     mask, positions = attention_inputs(batch)
@@ -50,19 +55,16 @@ def loss_on_batch(
     # Master weights stay fp32; a bf16 compute dtype runs the student's body under autocast.
     with torch.autocast(ids.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
         hidden, student_states = decoder_layer_outputs(student, ids, mask, student_layers, positions)
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    hidden, head = hidden[:, :-1].reshape(-1, hidden.shape[-1]), output_head(student)
     teacher, teacher_states = None, {}
-    if signal is not None and method.kind == "kd":
+    if signal is not None and objective.kd:
         teacher, teacher_states = signal.for_batch(batch, indices, teacher_layers)
-    loss_keys = dict(divergence=method.divergence, temperature=method.temperature, alpha=method.alpha,
-                     beta=method.beta, skew=method.skew, chunk_size=method.chunk_size)
-    if isinstance(teacher, SparseTargets):
-        out = kd_loss_sparse_chunked(hidden, output_head(student), teacher, labels, **loss_keys)
+    if teacher is not None:
+        out = teacher.chunked_loss(hidden, head, labels, objective.loss)
     else:
-        teacher_hidden, teacher_head = (teacher.hidden, teacher.head) if teacher is not None else (None, None)
-        out = kd_loss_chunked(hidden, output_head(student), teacher_hidden, teacher_head, labels, **loss_keys)
+        out = sft_loss_chunked(hidden, head, labels, objective.loss)
     if matcher is None:
         return BatchLoss(**vars(out))
     hidden_loss = matcher(student_states, teacher_states, real)
-    return BatchLoss(loss=out.loss + method.hidden.weight * hidden_loss, kd=out.kd, ce=out.ce,
+    return BatchLoss(loss=out.loss + objective.hidden_weight * hidden_loss, kd=out.kd, ce=out.ce,
                      n_tokens=out.n_tokens, hidden=hidden_loss.detach())
