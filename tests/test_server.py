@@ -199,7 +199,10 @@ def test_keep_alive_connection_serves_several_requests(server):
 @pytest.mark.slow
 def test_serve_loads_a_model_answers_and_stops_on_ctrl_c(tiny_teacher_dir, monkeypatch):
     monkeypatch.setenv("DISTILL_TEST_SERVE_KEY", "k-123")
-    code = (f"from distill.teachers.server import serve; "
+    # A job started with `&` by a non-interactive shell (a CI script) inherits SIGINT ignored, and Python then keeps
+    # ignoring it: restore Ctrl-C's default handler so the test does not depend on how the suite was launched.
+    code = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            f"from distill.teachers.server import serve; "
             f"serve({str(tiny_teacher_dir)!r}, port=0, batch_size=2, api_key_env='DISTILL_TEST_SERVE_KEY')")
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
