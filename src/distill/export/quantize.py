@@ -298,17 +298,12 @@ def _tied_names(model: torch.nn.Module) -> set[str]:
 def measure_quality(source: PreTrainedModel, quantized: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                     texts: list[str]) -> dict[str, Any]:
     """Perplexity of both models on texts, and the quantized model's top-1 agreement and KL against the source."""
-    metrics = _metrics()
     batches = eval_batches(tokenizer, texts)
     source_ppl, quantized_ppl = (_no_inference_mode(metrics.perplexity)(m, batches()) for m in (source, quantized))
     agree = _no_inference_mode(metrics.agreement)(quantized, source, batches(), source.config.vocab_size)
     return {"source_perplexity": source_ppl["perplexity"], "quantized_perplexity": quantized_ppl["perplexity"],
             "top1_agreement": agree["top1_agreement"], "kl_to_source": agree["kl_to_teacher"],
             "eval_tokens": agree["tokens"]}
-
-
-def _metrics():
-    return metrics
 
 
 def _no_inference_mode(metric: Callable) -> Callable:
@@ -336,7 +331,7 @@ def decode_tokens_per_s(
     Alternating and keeping the best makes the comparison fair on a shared CPU, where other work slows
     whichever model happens to run at the time.
     """
-    decode_speed = _no_inference_mode(_metrics().decode_speed)
+    decode_speed = _no_inference_mode(metrics.decode_speed)
     limit = getattr(models[0].config, "max_position_embeddings", None) or SPEED_PROMPT_TOKENS + SPEED_NEW_TOKENS
     prompt, new = min(SPEED_PROMPT_TOKENS, limit // 2), min(SPEED_NEW_TOKENS, limit // 2)
     runs = [[decode_speed(m, tokenizer, prompt_tokens=prompt, new_tokens=new, repeats=1)["decode_tokens_per_s"]

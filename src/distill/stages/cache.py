@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Optional
 
 from distill.recipe import Recipe
-from distill.signals.capture import CaptureJob, CaptureStats, capture_cache
+from distill.signals.capture import SHARD_EXAMPLES, CaptureJob, CaptureStats, capture_cache
 from distill.signals.from_generation import kept_topk_files
 from distill.stages.data import training_set
 from distill.stages.facts import (
@@ -21,7 +21,7 @@ from distill.stages.facts import (
 
 def capture(
     recipe: Recipe, *, out: Optional[Path] = None, progress: bool = True, batch_size: Optional[int] = None,
-    stop_after_shards: Optional[int] = None, shard_examples: Optional[int] = None,
+    stop_after_shards: Optional[int] = None, shard_examples: int = SHARD_EXAMPLES,
 ) -> CaptureStats:
     """Write (or complete) the recipe's teacher cache (teacher.cache, or <run>/teacher_cache; `out` overrides).
 
@@ -34,10 +34,8 @@ def capture(
         path=Path(out) if out is not None else cache_path(recipe), teacher=teacher_id(recipe),
         k=recipe.teacher.cache_k, step=None if recipe.teacher.cache_exact else 1 / 16,
         batch_size=batch_size or recipe.train.batch_size, chunk_size=recipe.method.chunk_size,
-        teacher_files=teacher_files(recipe),
+        shard_examples=shard_examples, teacher_files=teacher_files(recipe),
     )
-    if shard_examples is not None:
-        job.shard_examples = shard_examples
     teacher_data = run_files(recipe).teacher_data if recipe.data.prompts is not None else None
     return capture_cache(job, encoded, tokenizer, lambda: load_teacher(recipe), kept_topk_files(teacher_data, encoded),
                          device(recipe), progress=progress, stop_after_shards=stop_after_shards)
