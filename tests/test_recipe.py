@@ -16,7 +16,6 @@ from distill.recipe import (
     Endpoint,
     FilterSpec,
     GenerationTeacherSpec,
-    JudgeFilter,
     JudgeSpec,
     ModelSource,
     ServedModel,

@@ -229,18 +229,45 @@ class HiddenStateSpec(Section):
     layer_map: Optional[list[tuple[Int, Int]]] = None  # [[student, teacher], ...]; default: derived
 
 
-class MethodSpec(Section):
-    """What the student learns from: teacher logits (kd) or only teacher text (sft)."""
+class OnPolicySampling(Section):
+    """How the student (or, with method.seq_kd, the teacher) samples the responses an on-policy batch trains on."""
 
-    kind: Literal["kd", "sft"] = "kd"
-    divergence: Divergence = "forward_kl"
+    max_new_tokens: Int = Field(default=128, gt=0)  # capped so prompt + sample fit data.max_length
+    temperature: Float = Field(default=1.0, ge=0.0)  # 0 = greedy
+    top_p: Float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list)  # stop strings, besides the tokenizer's end-of-turn tokens
+
+
+class MethodSpec(Section):
+    """What the student learns from: teacher logits on the teacher's text (kd) or on its own samples (on_policy),
+    or only teacher text (sft)."""
+
+    kind: Literal["kd", "on_policy", "sft"] = "kd"
+    divergence: Divergence = "forward_kl"  # on_policy: reverse_kl unless set
     temperature: Float = Field(default=1.0, gt=0.0)
     alpha: Float = Field(default=0.5, ge=0.0, le=1.0)  # weight of cross-entropy on labels; 1-alpha on KD
     beta: Float = Field(default=0.5, gt=0.0, lt=1.0)  # JSD mixing weight
     skew: Float = Field(default=0.1, ge=0.0, lt=1.0)  # skew KL mixing weight
     chunk_size: Int = Field(default=192, gt=0)  # positions per chunk in the memory-safe loss (see docs/benchmarks.md)
     hidden: Optional[HiddenStateSpec] = None  # also match intermediate hidden states
+    # on_policy (GKD): the share of batches whose responses the student samples; the rest train on the data's.
+    lmbda: Float = Field(default=1.0, ge=0.0, le=1.0)
+    seq_kd: bool = False  # on_policy: the other batches train on responses the teacher samples (not the data's)
+    # on_policy: full = the divergence over the vocabulary on the samples; sampled_token = the per-token reverse-KL
+    # estimate log p_student - log p_teacher of each sampled token as a policy-gradient loss (needs only those).
+    estimator: Literal["full", "sampled_token"] = "full"
+    sampling: OnPolicySampling = Field(default_factory=OnPolicySampling)
 
+    @model_validator(mode="after")
+    def _on_policy_defaults(self) -> "MethodSpec":
+        if self.kind == "on_policy" and "divergence" not in self.model_fields_set:
+            self.divergence = "reverse_kl"  # GKD's and Thinking Machines' choice: mode-seeking on the samples
+        return self
+
+    @property
+    def learns_from_teacher_logits(self) -> bool:
+        """Whether the loss needs the teacher's distribution (kd, on_policy), not only its text (sft)."""
+        return self.kind in ("kd", "on_policy")
 
 
 class LoraSpec(Section):

@@ -202,15 +202,23 @@ def refusal_check(spec: RefusalFilter) -> Callable[[str], Optional[str]]:
     return reason
 
 
+def word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    """The text's lower-cased, whitespace-split word n-grams, in order."""
+    tokens = text.lower().split()
+    return list(zip(*(tokens[i:] for i in range(n))))
+
+
+def duplicate_ngram_ratio(text: str, n: int) -> float:
+    """The share of the text's word n-grams that repeat an earlier one (0 for a text shorter than n words)."""
+    grams = word_ngrams(text, n)
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
 def repetition_reason(text: str, spec: RepetitionFilter) -> Optional[str]:
     """Why a text loops (repeated n-grams, or one line repeated in a row), or None."""
-    tokens = text.lower().split()
-    n = spec.ngram
-    grams = list(zip(*(tokens[i:] for i in range(n))))
-    if grams:
-        ratio = 1 - len(set(grams)) / len(grams)
-        if ratio > spec.max_duplicate_ngram_ratio:
-            return f"{ratio:.0%} of word {n}-grams are repeats (> {spec.max_duplicate_ngram_ratio:.0%})"
+    n, ratio = spec.ngram, duplicate_ngram_ratio(text, spec.ngram)
+    if ratio > spec.max_duplicate_ngram_ratio:
+        return f"{ratio:.0%} of word {n}-grams are repeats (> {spec.max_duplicate_ngram_ratio:.0%})"
     run, longest, previous = 0, 0, None
     for line in text.splitlines():
         line = line.strip()

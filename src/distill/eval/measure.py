@@ -14,7 +14,15 @@ from tqdm.auto import tqdm
 
 from distill.data.tokenize import collate
 from distill.eval.calibration import next_token_calibration
-from distill.eval.metrics import agreement, decode_speed, model_size, peak_memory_mb, perplexity, rouge_l
+from distill.eval.metrics import (
+    agreement,
+    decode_speed,
+    model_size,
+    peak_memory_mb,
+    perplexity,
+    repetition,
+    rouge_l,
+)
 from distill.teachers.local import generate_texts
 
 # distill's own general-knowledge paragraphs, outside any distillation domain (eval.general_text).
@@ -80,6 +88,7 @@ def measure_model(model, model_dir: Optional[Path], answers: list[str], ref: Ref
     row["weight_bytes"] = weight_bytes(model)
     row["rougeL_ref"] = _mean([rouge_l(a, r) for a, r in zip(answers, ref.data.references)])
     row["rougeL_teacher"] = _mean([rouge_l(a, t) for a, t in zip(answers, ref.teacher_answers)])
+    row.update(repetition(answers))
     if speed and ref.settings.measure_speed:
         row.update(speed_row(model, ref.tokenizer, ref.device, row["weight_bytes"], ref.settings))
     return row

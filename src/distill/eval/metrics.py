@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from distill.data.filters import duplicate_ngram_ratio, word_ngrams
 from distill.errors import DistillError
 from distill.models import bytes_on_disk, count_params
 
@@ -62,6 +63,23 @@ def rouge_l(candidate: str, reference: str) -> float:
 
 
 # ---------------------------------------------------------------- logits on labelled positions
+
+
+# ---------------------------------------------------------------- repetition (exposure bias shows up as loops)
+
+LOOP_NGRAM = 3  # the repetition filter's defaults: a text loops when over 30% of its word 3-grams are repeats
+LOOP_RATIO = 0.3
+
+
+def repetition(texts: list[str]) -> dict[str, float | None]:
+    """loop_share: the share of texts that loop (the repetition filter's rule); distinct_2: distinct word bigrams
+    over all bigrams of all texts (1 = never repeats itself). None for no texts (or no bigrams)."""
+    if not texts:
+        return {"loop_share": None, "distinct_2": None}
+    loops = sum(duplicate_ngram_ratio(t, LOOP_NGRAM) > LOOP_RATIO for t in texts)
+    bigrams = [g for t in texts for g in word_ngrams(t, 2)]
+    distinct = len(set(bigrams)) / len(bigrams) if bigrams else None
+    return {"loop_share": loops / len(texts), "distinct_2": distinct}
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

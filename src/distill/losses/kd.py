@@ -21,6 +21,7 @@ from distill.losses.objective import (
     empty_output,
     fused_chunked_loss,
     tempered,
+    write_chunk_grads,
 )
 
 
@@ -131,6 +132,16 @@ class DenseTeacher:
         """The objective against this live teacher, `settings.chunk_size` positions at a time."""
         return kd_loss_chunked(hidden, head, self.hidden, self.head, labels, **settings.keywords())
 
+    @torch.no_grad()
+    def token_log_probs(self, labels: Tensor, chunk_size: int) -> Tensor:
+        """The teacher's log-prob of each label [N] (0 where the label is -100), `chunk_size` rows at a time."""
+        values = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+        for start in range(0, labels.numel(), chunk_size):
+            rows = slice(start, start + chunk_size)
+            picked = labels[rows].clamp(min=0)[:, None]
+            values[rows] = log_probs(self.hidden[rows] @ self.head.t()).gather(1, picked).squeeze(1).float()
+        return values.masked_fill(labels == IGNORE_INDEX, 0.0)
+
 
 def sft_loss_chunked(hidden: Tensor, head: Tensor, labels: Tensor, settings: LossSettings) -> LossOutput:
     """Cross-entropy on the labels alone (no teacher), through the same chunked path."""
@@ -169,11 +180,5 @@ def _process_chunk(
         (grad_logits,) = torch.autograd.grad(loss * scale, student_logits)
     sums = torch.stack([loss.detach(), ce.detach(), kd.detach()]).double()
     del student_logits, loss, ce, kd
-    if grad_hidden_out is not None:
-        torch.mm(grad_logits, head, out=grad_hidden_out)
-    if grad_head_acc is not None:
-        if grad_head_acc.dtype == grad_logits.dtype:
-            grad_head_acc.addmm_(grad_logits.t(), hidden)
-        else:  # half-precision head: matmul in its dtype, accumulate in float32
-            grad_head_acc.add_(grad_logits.t() @ hidden)
+    write_chunk_grads(grad_logits, hidden, head, grad_hidden_out, grad_head_acc)
     return sums

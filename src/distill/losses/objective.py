@@ -194,3 +194,18 @@ def _chunked_pass(
     if grad_head is not None:
         grad_head = grad_head.to(head.dtype)
     return loss, ce, kd, grad_hidden, grad_head
+
+
+def write_chunk_grads(
+    grad_logits: Tensor, hidden: Tensor, head: Tensor, grad_hidden_out: Optional[Tensor],
+    grad_head_acc: Optional[Tensor],
+) -> None:
+    """A chunk's logit grads through its head matmul by hand: the hidden grad lands in its slot, the head grad
+    accumulates with addmm_ (no [V, D] temporary per chunk)."""
+    if grad_hidden_out is not None:
+        torch.mm(grad_logits, head, out=grad_hidden_out)
+    if grad_head_acc is not None:
+        if grad_head_acc.dtype == grad_logits.dtype:
+            grad_head_acc.addmm_(grad_logits.t(), hidden)
+        else:  # half-precision head: matmul in its dtype, accumulate in float32
+            grad_head_acc.add_(grad_logits.t() @ hidden)

@@ -70,7 +70,7 @@ def student_shape(recipe: Recipe, teacher: ModelShape) -> ModelShape:
 
 def teacher_online(recipe: Recipe) -> bool:
     """Whether every batch runs the teacher's forward (KD from a live teacher, not from teacher.cache)."""
-    return recipe.method.kind == "kd" and not uses_teacher_cache(recipe)
+    return recipe.method.learns_from_teacher_logits and not uses_teacher_cache(recipe)
 
 
 def step_setup(recipe: Recipe) -> StepSetup:

@@ -22,7 +22,7 @@ from distill.stages.facts import run_files, uses_teacher_cache
 from distill.stages.reporting import report
 from distill.stages.student import build_student
 from distill.stages.teacher_data import filter_data, generate
-from distill.stages.training import train
+from distill.stages.training import check_recipe, train
 
 __all__ = ["prepare_run_dir", "generate", "filter_data", "capture", "build_student", "train", "export_targets",
            "export", "evaluate", "report", "run"]
@@ -66,6 +66,7 @@ def prepare_run_dir(recipe: Recipe, *, restart: bool = False) -> Path:
 
 def run(recipe: Recipe, *, restart: bool = False, progress: bool = True) -> dict:
     """All stages in order; re-running after a kill resumes where it stopped."""
+    check_recipe(recipe)  # method/train combinations the trainer cannot run: refused before any stage
     prepare_run_dir(recipe, restart=restart)
     export_targets(recipe)
     generate(recipe, progress=progress)

@@ -58,13 +58,15 @@ def teacher_dtype(recipe: Recipe, spec: Optional[AnyTeacherSpec] = None) -> torc
 
 
 def uses_teacher_cache(recipe: Recipe) -> bool:
-    """KD from teacher.cache (top-k log-probs captured once) instead of a live teacher."""
+    """KD from teacher.cache (top-k log-probs captured once) instead of a live teacher (on_policy never: a cache
+    cannot score new samples)."""
     return recipe.method.kind == "kd" and recipe.teacher.cache is not None
 
 
 def needs_teacher_weights(recipe: Recipe) -> bool:
     """Live KD needs the teacher's logits; a new student is built from the teacher's weights or vocab and positions."""
-    return (recipe.method.kind == "kd" and not uses_teacher_cache(recipe)) or recipe.student.built_from_teacher
+    live = recipe.method.learns_from_teacher_logits and not uses_teacher_cache(recipe)
+    return live or recipe.student.built_from_teacher
 
 
 def captures_at_generation(recipe: Recipe) -> bool:

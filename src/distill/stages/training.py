@@ -45,7 +45,9 @@ from distill.stages.facts import (
 )
 from distill.stages.student import initial_student
 from distill.training.checkpoint import STEP_PREFIX, list_checkpoints, load_checkpoint
+from distill.teachers.local import stop_ids
 from distill.training.loop import LoopSettings, MetricsLog, Training, check_finite, last_logged_loss, run_loop
+from distill.training.on_policy import ResponseSampler, SamplingSettings
 from distill.training.schedule import lr_multiplier
 from distill.training.step import BatchObjective
 
@@ -70,7 +72,7 @@ def train(
     `stop_after` ends this call after that many completed steps (checkpointing first), as a kill would;
     it returns None then and a later call resumes.
     """
-    _check_recipe(recipe)  # before any model is loaded
+    check_recipe(recipe)  # before any model is loaded
     files = run_files(recipe)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
@@ -131,8 +133,30 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
         pad_id=padding_id(tokenizer), trainable=trainable, optimizer=optimizer, scheduler=scheduler,
         checkpoint_dir=files.checkpoints,
         metrics=MetricsLog(files.metrics, start, files.tensorboard), settings=settings,
+        sampler=response_sampler(recipe, student, teacher, tokenizer),
     )
     return training, start
+
+
+def response_sampler(
+    recipe: Recipe, student: PreTrainedModel, teacher: Optional[PreTrainedModel], tokenizer: PreTrainedTokenizerBase
+) -> Optional[ResponseSampler]:
+    """method.kind on_policy's sampler of the student's (and with seq_kd the teacher's) responses; else None."""
+    m = recipe.method
+    if m.kind != "on_policy":
+        return None
+    s = m.sampling
+    if m.estimator == "sampled_token" and s.temperature != 1.0:
+        log.warning("method.estimator sampled_token estimates KL(student || teacher) only on samples at "
+                    "temperature 1; method.sampling.temperature is %g", s.temperature)
+    settings = SamplingSettings(lmbda=m.lmbda, seq_kd=m.seq_kd, max_new_tokens=s.max_new_tokens,
+                                temperature=s.temperature, top_p=s.top_p, stop=tuple(s.stop),
+                                max_length=recipe.data.max_length, seed=recipe.seed)
+    log.info("on-policy: the student answers %.0f%% of micro-batches (up to %d new tokens, temperature %g); "
+             "loss %s on its samples", 100 * m.lmbda, s.max_new_tokens, s.temperature,
+             m.divergence if m.estimator == "full" else "sampled-token reverse-KL estimate")
+    return ResponseSampler(settings, tokenizer, sorted(stop_ids(base_model(student), tokenizer)),
+                           padding_id(tokenizer), teacher=teacher, compute_dtype=compute_dtype(recipe))
 
 
 def _batch_items(recipe: Recipe, data: TrainingSet) -> tuple[list, object]:
@@ -150,7 +174,8 @@ def batch_objective(m: MethodSpec) -> BatchObjective:
     """The recipe's method section as the loss every micro-batch takes."""
     loss = LossSettings(divergence=m.divergence, temperature=m.temperature, alpha=m.alpha, beta=m.beta, skew=m.skew,
                         chunk_size=m.chunk_size)
-    return BatchObjective(loss, kd=m.kind == "kd", hidden_weight=m.hidden.weight if m.hidden is not None else None)
+    return BatchObjective(loss, kd=m.learns_from_teacher_logits, estimator=m.estimator,
+                          hidden_weight=m.hidden.weight if m.hidden is not None else None)
 
 
 def training_set_hash(data: TrainingSet) -> str:
@@ -195,7 +220,7 @@ def hidden_matcher(
     spec = recipe.method.hidden
     if spec is None:
         return None
-    _check_recipe(recipe)
+    check_recipe(recipe)
     student_config, teacher_config = _text_config(base_model(student)), _text_config(base_model(teacher))
     pruned_from = getattr(base_model(student).config, "distill_pruned_from", None) or {}
     n_student, n_teacher = len(decoder_layers(student)), len(decoder_layers(teacher))
@@ -211,13 +236,23 @@ def hidden_matcher(
     return matcher.to(next(student.parameters()).device)
 
 
-def _check_recipe(recipe: Recipe) -> None:
+def check_recipe(recipe: Recipe) -> None:
     """Combinations the trainer cannot run, refused before any model loads."""
-    if recipe.method.hidden is not None and recipe.method.kind != "kd":
+    m = recipe.method
+    if m.hidden is not None and not m.learns_from_teacher_logits:
         raise DistillError(
-            f"method.hidden: hidden-state KD needs the teacher's states (method.kind: kd), "
-            f"got method.kind: {recipe.method.kind}"
+            f"method.hidden: hidden-state KD needs the teacher's states (method.kind: kd or on_policy), "
+            f"got method.kind: {m.kind}"
         )
+    if m.kind == "on_policy" and recipe.teacher.cache is not None:
+        raise DistillError("teacher.cache: method.kind on_policy needs a teacher that scores the student's new "
+                           "samples, which a cache cannot; remove teacher.cache (or use method.kind: kd)")
+    if m.kind == "on_policy" and recipe.train.packing:
+        raise DistillError("train.packing: method.kind on_policy samples a response per example; set "
+                           "train.packing: false")
+    if m.estimator != "full" and m.kind != "on_policy":
+        raise DistillError(f"method.estimator: {m.estimator} applies to the student's own samples "
+                           f"(method.kind: on_policy), got method.kind: {m.kind}")
     if recipe.method.hidden is not None and uses_teacher_cache(recipe):
         raise DistillError(HIDDEN_WITH_CACHE)
     if recipe.train.packing and uses_teacher_cache(recipe):
@@ -256,12 +291,12 @@ def _models(recipe: Recipe) -> tuple[PreTrainedTokenizerBase, Optional[PreTraine
     student = initial_student(recipe, teacher, tokenizer)
     if recipe.student.model is not None:
         student_tok = load_tokenizer(*model_source(recipe, recipe.student))
-        if recipe.method.kind == "kd":
+        if recipe.method.learns_from_teacher_logits:
             check_tokenizers(tokenizer, student_tok, _teacher_vocab(recipe, teacher), student.config.vocab_size)
         else:
             tokenizer = student_tok
     _log_sizes(student, teacher)
-    if recipe.method.kind != "kd" or uses_teacher_cache(recipe):
+    if not recipe.method.learns_from_teacher_logits or uses_teacher_cache(recipe):
         teacher = None  # its weights only seeded the student's embeddings
     return tokenizer, teacher, student
 

@@ -42,7 +42,8 @@ def model_context(model: PreTrainedModel) -> int | None:
     return None
 
 
-def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+def stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The token ids that end an answer: the tokenizer's end-of-sequence and the model's generation_config eos."""
     ids = {tokenizer.eos_token_id}
     eos = getattr(model.generation_config, "eos_token_id", None)
     ids.update(eos if isinstance(eos, list) else [eos])
@@ -95,7 +96,7 @@ def generate_texts(
     pad_id = padding_id(tokenizer)
     prompts = [prompt_ids(tokenizer, m) for m in conversations]
     input_ids, attention = _left_padded(prompts, pad_id)
-    stop = _stop_ids(model, tokenizer)
+    stop = stop_ids(model, tokenizer)
     options: dict = {"do_sample": False}
     if params.temperature > 0:
         torch.manual_seed(params.seed)

@@ -18,6 +18,7 @@ from distill.losses.hidden import HiddenStateMatcher
 from distill.runtime import atomic_write_text
 from distill.signals.teacher_signal import TeacherSignal
 from distill.training.checkpoint import list_checkpoints, save_checkpoint
+from distill.training.on_policy import ResponseSampler
 from distill.training.step import BatchObjective, loss_on_batch
 
 log = logging.getLogger("distill")
@@ -59,6 +60,7 @@ class Training:
     checkpoint_dir: Path
     metrics: "MetricsLog"
     settings: LoopSettings
+    sampler: Optional[ResponseSampler] = None  # method.kind on_policy: samples responses for its micro-batches
 
 
 @dataclass
@@ -82,7 +84,11 @@ def accumulate_gradients(t: Training, step: int) -> StepResult:
     for micro in range(s.grad_accum):
         idx = batch_indices(len(t.items), s.batch_size, s.seed, step * s.grad_accum + micro)
         batch = {k: v.to(t.device) for k, v in t.to_batch([t.items[i] for i in idx], t.pad_id).items()}
-        out = loss_on_batch(t.student, t.signal, batch, t.objective, t.compute_dtype, t.matcher, indices=idx)
+        objective = t.objective
+        if t.sampler is not None:
+            batch, by_student = t.sampler.batch_for(t.student, batch, step, micro)
+            objective = objective.for_student_samples() if by_student else objective
+        out = loss_on_batch(t.student, t.signal, batch, objective, t.compute_dtype, t.matcher, indices=idx)
         (out.loss / s.grad_accum).backward()
         for key in totals:
             totals[key] += float(getattr(out, key).detach()) / s.grad_accum
@@ -114,6 +120,7 @@ def run_loop(t: Training, start: int, *, stop_after: Optional[int] = None, progr
             elapsed = time.perf_counter() - window_start
             record = {"step": done, **result.totals, "lr": t.scheduler.get_last_lr()[0],
                       "grad_norm": result.grad_norm, "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+            record.update(t.sampler.take_metrics() if t.sampler is not None else {})
             t.metrics.write(record)
             bar.set_postfix(loss=f"{last:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             window_tokens, window_start = 0, time.perf_counter()

@@ -1,7 +1,7 @@
 """The recipe's loss on one micro-batch: the student's chunked KD/SFT loss against a teacher signal, plus hidden KD."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
@@ -11,6 +11,7 @@ from distill.errors import DistillError
 from distill.losses.hidden import HiddenStateMatcher
 from distill.losses.kd import sft_loss_chunked
 from distill.losses.objective import LossOutput, LossSettings
+from distill.losses.on_policy import sampled_token_loss_chunked
 from distill.models import output_head
 from distill.models.heads import decoder_layer_outputs
 from distill.signals.teacher_signal import TeacherSignal, attention_inputs
@@ -28,8 +29,14 @@ class BatchObjective:
     """What a micro-batch's loss is, built once from the recipe's method section."""
 
     loss: LossSettings
-    kd: bool  # learn from the teacher signal (method.kind: kd); False trains on the labels alone
+    kd: bool  # learn from the teacher signal (method.kind: kd or on_policy); False trains on the labels alone
     hidden_weight: Optional[float] = None  # method.hidden.weight; None when hidden-state KD is off
+    estimator: str = "full"  # on the student's own samples: the full divergence, or "sampled_token"
+    on_samples: bool = False  # this batch's responses are the student's own samples
+
+    def for_student_samples(self) -> "BatchObjective":
+        """The loss on the student's own samples: the teacher signal alone (CE would reinforce its own tokens)."""
+        return replace(self, loss=replace(self.loss, alpha=0.0), on_samples=True)
 
 
 def loss_on_batch(
@@ -59,7 +66,10 @@ def loss_on_batch(
     teacher, teacher_states = None, {}
     if signal is not None and objective.kd:
         teacher, teacher_states = signal.for_batch(batch, indices, teacher_layers)
-    if teacher is not None:
+    if teacher is not None and objective.on_samples and objective.estimator == "sampled_token":
+        chunk = objective.loss.chunk_size
+        out = sampled_token_loss_chunked(hidden, head, labels, teacher.token_log_probs(labels, chunk), chunk)
+    elif teacher is not None:
         out = teacher.chunked_loss(hidden, head, labels, objective.loss)
     else:
         out = sft_loss_chunked(hidden, head, labels, objective.loss)
