@@ -65,8 +65,13 @@ def uses_teacher_cache(recipe: Recipe) -> bool:
 
 def needs_teacher_weights(recipe: Recipe) -> bool:
     """Live KD needs the teacher's logits; a new student is built from the teacher's weights or vocab and positions."""
-    live = recipe.method.learns_from_teacher_logits and not uses_teacher_cache(recipe)
+    live = recipe.method.learns_from_teacher_logits and not uses_teacher_cache(recipe) and not scores_on_server(recipe)
     return live or recipe.student.built_from_teacher
+
+
+def scores_on_server(recipe: Recipe) -> bool:
+    """On-policy distillation from teacher.endpoint: the server scores the student's samples (no local teacher)."""
+    return recipe.method.kind == "on_policy" and recipe.teacher.endpoint is not None
 
 
 def captures_at_generation(recipe: Recipe) -> bool:

@@ -27,6 +27,7 @@ from distill.signals.teacher_signal import (
     PACKING_WITH_CACHE,
     CachedTeacher,
     LiveTeacher,
+    ServedTeacher,
     TeacherSignal,
 )
 from distill.stages.data import TrainingSet, encode, recipe_examples
@@ -36,8 +37,11 @@ from distill.stages.facts import (
     device,
     load_teacher,
     model_source,
+    named_by,
     needs_teacher_weights,
     run_files,
+    scores_on_server,
+    teacher_backend,
     teacher_files,
     teacher_id,
     teacher_tokenizer,
@@ -52,6 +56,10 @@ from distill.training.schedule import lr_multiplier
 from distill.training.step import BatchObjective
 
 log = logging.getLogger("distill")
+
+# Tokenized by the served teacher and by teacher.model's tokenizer: the ids must be the same.
+SERVED_TOP_K = 20  # top log-probs asked of a served teacher per position (at most teacher.cache_k)
+SERVED_TOKENIZER_PROBE = "Distillation check: Hello, world! 123 + 4.5 = 127.5 — naïve café ☕."
 
 
 @dataclass
@@ -200,12 +208,31 @@ def _finished_student(recipe: Recipe, checkpoints: list[Path]) -> Optional[Train
 def teacher_signal(
     recipe: Recipe, teacher: Optional[PreTrainedModel], tokenizer: PreTrainedTokenizerBase, encoded: list
 ) -> Optional[TeacherSignal]:
-    """The recipe's teacher signal, built once: its teacher.cache, the live teacher, or None (SFT)."""
+    """The recipe's teacher signal, built once: its teacher.cache, the live or served teacher, or None (SFT)."""
+    if scores_on_server(recipe):
+        return served_teacher(recipe, tokenizer)
     if uses_teacher_cache(recipe):
         reader = open_recipe_cache(recipe, tokenizer, encoded)
         log.info("teacher: top-%d cache %s (the teacher is not run)", reader.cache.header.k, reader.cache.path)
         return CachedTeacher(reader)
     return LiveTeacher(teacher) if teacher is not None else None
+
+
+def served_teacher(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> ServedTeacher:
+    """teacher.endpoint as the scorer of the student's samples, refused unless it tokenizes text as we do."""
+    backend = teacher_backend(recipe, tokenizer_needed=True)
+    with named_by("teacher.endpoint"):
+        served = backend.echoed_ids(SERVED_TOKENIZER_PROBE)
+    ours = list(tokenizer(SERVED_TOKENIZER_PROBE)["input_ids"])
+    if served != ours:
+        raise DistillError(f"teacher.endpoint: the served teacher tokenizes text differently from teacher.model's "
+                           f"tokenizer, which the student uses ({len(served)} vs {len(ours)} tokens for a probe "
+                           "sentence); on-policy distillation needs the same tokenizer on both sides")
+    # OpenAI's and vLLM's default limit on logprobs is 20 (vLLM: raise it with --max-logprobs).
+    k = min(recipe.teacher.cache_k, SERVED_TOP_K) if recipe.method.estimator == "full" else 0
+    log.info("teacher: %s scores the student's samples (%s)", recipe.teacher.endpoint,
+             f"top-{k} log-probs" if k else "each sampled token's log-prob")
+    return ServedTeacher(backend, k, len(tokenizer))
 
 
 def open_recipe_cache(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, encoded: list) -> TeacherCacheReader:
@@ -250,6 +277,10 @@ def check_recipe(recipe: Recipe) -> None:
     if m.kind == "on_policy" and recipe.train.packing:
         raise DistillError("train.packing: method.kind on_policy samples a response per example; set "
                            "train.packing: false")
+    if scores_on_server(recipe) and (m.seq_kd or m.hidden is not None):
+        key = "method.seq_kd" if m.seq_kd else "method.hidden"
+        raise DistillError(f"{key}: needs a local teacher; a served teacher (teacher.endpoint) only scores the "
+                           "student's samples")
     if m.estimator != "full" and m.kind != "on_policy":
         raise DistillError(f"method.estimator: {m.estimator} applies to the student's own samples "
                            f"(method.kind: on_policy), got method.kind: {m.kind}")
@@ -296,7 +327,7 @@ def _models(recipe: Recipe) -> tuple[PreTrainedTokenizerBase, Optional[PreTraine
         else:
             tokenizer = student_tok
     _log_sizes(student, teacher)
-    if not recipe.method.learns_from_teacher_logits or uses_teacher_cache(recipe):
+    if not recipe.method.learns_from_teacher_logits or uses_teacher_cache(recipe) or scores_on_server(recipe):
         teacher = None  # its weights only seeded the student's embeddings
     return tokenizer, teacher, student
 
@@ -304,6 +335,8 @@ def _models(recipe: Recipe) -> tuple[PreTrainedTokenizerBase, Optional[PreTraine
 def _teacher_vocab(recipe: Recipe, teacher: Optional[PreTrainedModel]) -> int:
     if teacher is not None:
         return teacher.config.vocab_size
+    if scores_on_server(recipe):
+        return len(teacher_tokenizer(recipe))
     return read_header(cache_path(recipe)).vocab_size
 
 

@@ -36,6 +36,16 @@ class SamplingParams:
 
 
 @dataclass
+class TokenScores:
+    """A model's scores of a given token sequence: at position j, the log-prob of token j given the tokens before
+    it and the top-k (id, log-prob) there; position 0 has none (None)."""
+
+    token_ids: list[int]
+    token_log_probs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]] | None]
+
+
+@dataclass
 class Completion:
     """One answer from a teacher."""
 

@@ -7,7 +7,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.data.tokenize import cut_messages, padding_id
-from distill.teachers.backend import Completion, Failure, Messages, Result, SamplingParams
+from distill.teachers.backend import Completion, Failure, Messages, Result, SamplingParams, TokenScores
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> list[int]:
@@ -138,6 +138,25 @@ def generate_texts(
     return results
 
 
+@torch.inference_mode()
+def score_token_ids(model: PreTrainedModel, rows: list[list[int]], k: int, pad_id: int = 0) -> list[TokenScores]:
+    """Each row's per-token log-probs and top-k under the model (one right-padded forward; nothing generated)."""
+    model.eval()
+    device = next(model.parameters()).device
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    log_probs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+    out = []
+    for row, tokens in enumerate(rows):
+        scores = log_probs[row, :len(tokens) - 1]  # position i predicts token i + 1
+        picked = scores.gather(1, torch.tensor(tokens[1:], device=device)[:, None]).squeeze(1).tolist()
+        values, top_ids = scores.topk(min(k, scores.size(-1)), dim=-1) if k else (scores[:, :0], scores[:, :0])
+        tops = [list(zip(i, v)) for i, v in zip(top_ids.long().tolist(), values.tolist())]
+        out.append(TokenScores(list(tokens), [None, *picked], [None, *tops]))
+    return out
+
+
 @dataclass
 class LocalBackend:
     """An in-process transformers model: batched, left-padded, KV cache."""
@@ -155,6 +174,12 @@ class LocalBackend:
     def prompt_tokens(self, conversation: Messages, at_most: int | None = None) -> int:
         """Tokens of the conversation's prompt, counted up to at_most + 1 (a huge prompt is never tokenised whole)."""
         return count_prompt_tokens(self.tokenizer, conversation, at_most)
+
+    def score(self, rows: list[list[int]], k: int) -> list[TokenScores]:
+        """Each token sequence's per-token log-probs and top-k, batch_size rows per forward."""
+        pad = padding_id(self.tokenizer)
+        return [s for first in range(0, len(rows), self.batch_size)
+                for s in score_token_ids(self.model, rows[first:first + self.batch_size], k, pad)]
 
     def generate(self, conversations: list[Messages], params: SamplingParams) -> list[Result]:
         """Answer conversations in batches of batch_size; an out-of-memory batch fails its rows, not the run."""

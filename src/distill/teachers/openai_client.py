@@ -18,7 +18,7 @@ import urllib3
 
 from distill.errors import DistillError
 from distill.teachers.backend import read_api_key
-from distill.teachers.backend import Completion, Failure, Messages, Result, SamplingParams
+from distill.teachers.backend import Completion, Failure, Messages, Result, SamplingParams, TokenScores
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +91,67 @@ class OpenAIBackend:
             raise DistillError(outcomes[0][0].error)
         return [result for result, _ in outcomes]
 
+    def score(self, rows: list[list[int]], k: int) -> list[TokenScores]:
+        """The server's per-token log-probs and top-k of each token sequence (echo on /v1/completions, as vLLM and
+        `distill serve` answer it); raises DistillError when a row cannot be scored."""
+        url = f"{self.base_url}/completions"
+        body = {"model": self.model, "max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": k,
+                "return_tokens_as_token_ids": True, **self.extra_body}
+
+        def one(row: list[int]) -> tuple[Result, str | None]:
+            return self._answer_with({**body, "prompt": row}, lambda payload: self._scores(payload, row), url=url)
+
+        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="openai-score") as pool:
+            outcomes = list(pool.map(one, rows))
+        failed = next((r for r, kind in outcomes if kind is not None), None)
+        if failed is not None:
+            raise DistillError(f"the server cannot score text (on-policy distillation asks /v1/completions with "
+                               f"echo and logprobs, as vLLM and `distill serve` answer): {failed.error}")
+        return [r for r, _ in outcomes]
+
+    def echoed_ids(self, text: str) -> list[int]:
+        """The server's own token ids of `text` (echo): how it tokenizes, checked against ours before scoring."""
+        body = {"model": self.model, "prompt": text, "max_tokens": 1, "temperature": 0.0, "echo": True,
+                "logprobs": 0, "return_tokens_as_token_ids": True, **self.extra_body}
+
+        def parse(payload: object) -> list[int]:
+            try:
+                tokens = payload["choices"][0]["logprobs"]["tokens"][:int(payload["usage"]["prompt_tokens"])]
+                return [int(_TOKEN_ID.fullmatch(t)[1]) for t in tokens]
+            except (KeyError, IndexError, TypeError, ValueError) as err:
+                raise self._failed("malformed", f"no echoed token ids from {self.base_url}: {err!r}", False)
+
+        result, kind = self._answer_with(body, parse, url=f"{self.base_url}/completions")
+        if kind is not None:
+            raise DistillError(f"the server cannot score text (on-policy distillation asks /v1/completions with "
+                               f"echo and logprobs, as vLLM and `distill serve` answer): {result.error}")
+        return result
+
+    def _scores(self, payload: object, row: list[int]) -> TokenScores:
+        """A scored row from an echo response: the first len(row) entries (a server may add a generated token)."""
+        try:
+            logprobs = payload["choices"][0]["logprobs"]
+            values = logprobs["token_logprobs"][:len(row)]
+            tops = logprobs["top_logprobs"][:len(row)]
+        except (KeyError, IndexError, TypeError) as err:
+            raise self._failed("malformed", f"no echoed logprobs from {self.base_url}: {err!r}", False)
+        if len(values) < len(row):
+            raise self._failed("malformed", f"{self.base_url} echoed {len(values)} of {len(row)} tokens", False)
+        index = _bytes_index(self.tokenizer) if self.tokenizer is not None else {}
+        top_ids = [None if top is None else
+                   [(i, float(lp)) for t, lp in top.items() if (i := _token_id({"token": t}, index)) is not None]
+                   for top in tops]
+        return TokenScores(list(row), [None if v is None else float(v) for v in values], top_ids)
+
     def _answer(self, conversation: Messages, params: SamplingParams, probe: bool = False) -> tuple[Result, str | None]:
         """The conversation's completion, or its failure and the failure's kind, after retries."""
-        body = self._body(conversation, params)
+        return self._answer_with(self._body(conversation, params), lambda p: self._completion(p, params), probe)
+
+    def _answer_with(self, body: dict, parse, probe: bool = False, url: str | None = None) -> tuple[Result, str | None]:
+        """`parse` of the response to body, or its failure and the failure's kind, after retries."""
         for attempt in range(1, self.max_retries + 2):
             try:
-                return self._completion(self._post(body), params), None
+                return parse(self._post(body, url)), None
             except _AttemptFailed as failed:
                 last = failed
             out_of_tries = attempt > self.max_retries or (probe and last.kind == "unreachable")
@@ -125,12 +180,12 @@ class OpenAIBackend:
                 body["logprobs"] = params.top_logprobs
         return body
 
-    def _post(self, body: dict) -> object:
+    def _post(self, body: dict, url: str | None = None) -> object:
         """Send one request and return its parsed JSON; every way it can go wrong becomes an _AttemptFailed."""
         session = self._sessions.get()
         self._count("requests")
         try:
-            response = session.post(self._url, json=body, timeout=(min(10.0, self.timeout_s), self.timeout_s))
+            response = session.post(url or self._url, json=body, timeout=(min(10.0, self.timeout_s), self.timeout_s))
         except requests.Timeout:
             raise self._failed("timeout", f"no answer from {self.base_url} within {self.timeout_s:g} s", True)
         except requests.ConnectionError as err:

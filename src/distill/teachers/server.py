@@ -345,6 +345,8 @@ def _answer(server: OpenAIServer, route: str, request: dict) -> dict:
     if request.get("stream"):
         raise ApiError(400, "streaming is not supported", param="stream")
     logprobs = _logprobs_wanted(request, route)
+    if route == "text" and request.get("echo"):
+        return _scored(server, request, logprobs)
     params = _sampling_params(request, route, logprobs)
     prompts = _messages(request) if route == "chat" else _prompts(request)
     job = Job(route, prompts, _integer(request, "n", 1, 1, MAX_N), params)
@@ -361,6 +363,56 @@ def _answer(server: OpenAIServer, route: str, request: dict) -> dict:
             "model": server.model_name, "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}}
+
+
+def _scored(server: OpenAIServer, request: dict, logprobs: int | None) -> dict:
+    """echo on /v1/completions: the prompt scored token by token (how on-policy distillation asks a served teacher
+    for its log-probs of a student's sample); nothing is generated, so max_tokens must be 0 or 1."""
+    if _integer(request, "max_tokens", 0, 0, 1 << 20) > 1:
+        raise ApiError(400, "echo scores the prompt only: max_tokens must be 0 or 1", param="max_tokens")
+    rows = _scored_rows(server, request)
+    as_ids = bool(request.get("return_tokens_as_token_ids"))
+    scores = server.backend.score(rows, logprobs or 0)
+    choices = [{"index": i, "text": server.backend.tokenizer.decode(s.token_ids), "finish_reason": "length",
+                "logprobs": None if logprobs is None else _echo_logprobs(server, s, as_ids)}
+               for i, s in enumerate(scores)]
+    tokens = sum(len(r) for r in rows)
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": server.model_name, "choices": choices,
+            "usage": {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}}
+
+
+def _scored_rows(server: OpenAIServer, request: dict) -> list[list[int]]:
+    """The prompt(s) to score as token ids: a string, a list of strings, a list of ids or a list of id lists."""
+    prompt = request.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) or (isinstance(prompt, list) and prompt
+                                                       and all(isinstance(t, int) for t in prompt)) else prompt
+    if not isinstance(prompts, list) or not prompts:
+        raise ApiError(400, "prompt must be a string, a list of token ids, or a non-empty list of either",
+                       param="prompt")
+    vocab = len(server.token_bytes)
+    rows = []
+    for p in prompts:
+        ids = list(server.backend.tokenizer(p)["input_ids"]) if isinstance(p, str) else p
+        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise ApiError(400, f"prompt: each prompt must be text or a non-empty list of token ids below {vocab}",
+                           param="prompt")
+        rows.append(ids)
+    return rows
+
+
+def _echo_logprobs(server: OpenAIServer, scores, as_ids: bool) -> dict:
+    """The legacy logprobs layout over the prompt's own tokens (the first has no log-prob: None)."""
+    out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for token, logprob, top in zip(scores.token_ids, scores.token_log_probs, scores.top_logprobs):
+        text = server.token(token, as_ids)["token"]
+        out["tokens"].append(text)
+        out["token_logprobs"].append(logprob)
+        out["top_logprobs"].append(None if top is None else {server.token(i, as_ids)["token"]: lp for i, lp in top})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
 
 
 def _choice(server: OpenAIServer, route: str, index: int, result: Completion, logprobs: int | None,
@@ -459,8 +511,6 @@ def _prompts(request: dict) -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ApiError(400, "prompt must be a string or a non-empty list of strings", param="prompt")
-    if request.get("echo"):
-        raise ApiError(400, "echo is not supported", param="echo")
     return prompts
 
 
