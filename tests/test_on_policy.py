@@ -274,3 +274,14 @@ def test_bad_on_policy_recipes_exit_2_before_loading_models(tmp_path, tiny_teach
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_report_draws_the_on_policy_curves(tmp_path, tiny_teacher_dir, pairs_jsonl):
+    from distill.report.html import write_report
+
+    recipe = _on_policy(tmp_path, "r", tiny_teacher_dir, pairs_jsonl)
+    train(recipe, progress=False)
+    html = write_report(tmp_path / "r").read_text()
+    for title in ("on-policy: mean sample length", "on-policy: samples that end on their own",
+                  "on-policy: samples that loop", "on-policy: sampled tokens/s"):
+        assert title in html

@@ -220,6 +220,10 @@ def _training(recipe: Optional[dict]) -> str:
     method, train = recipe.get("method") or {}, recipe.get("train") or {}
     if method.get("kind") == "sft":
         objective = "SFT: cross-entropy on the teacher's answers"
+    elif method.get("kind") == "on_policy":
+        objective = (f"on-policy distillation: the student samples answers (for a share lmbda = "
+                     f"{method.get('lmbda')} of batches) and D = {method.get('divergence')} to the teacher on them "
+                     f"({method.get('estimator')} estimator)")
     else:
         objective = (f"KD: `alpha * CE + (1 - alpha) * T^2 * D(teacher || student)` with D = "
                      f"{method.get('divergence')}, alpha = {method.get('alpha')}, T = {method.get('temperature')}")

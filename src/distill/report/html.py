@@ -17,7 +17,10 @@ from distill.runtime import atomic_write_text
 MAX_SAMPLES = 20
 # Curves drawn first and named; any other numeric key of metrics.jsonl follows under its own name.
 CURVE_LABELS = {"loss": "total loss", "kd": "KD loss", "ce": "cross-entropy", "hidden": "hidden-state loss",
-                "lr": "learning rate", "grad_norm": "gradient norm", "tokens_per_s": "training tokens/s"}
+                "lr": "learning rate", "grad_norm": "gradient norm", "tokens_per_s": "training tokens/s",
+                "sample_length": "on-policy: mean sample length (tokens)",
+                "eos_share": "on-policy: samples that end on their own", "loop_share": "on-policy: samples that loop",
+                "sample_tokens_per_s": "on-policy: sampled tokens/s"}
 EVAL_PREFIXES = ("eval_", "eval/")  # metrics keys logged on held-out data: drawn beside their training curve
 SIDES = ("teacher", "student")
 # In report.md text, what Markdown would read as emphasis, code, a link or image, or a table cell's end.
@@ -118,6 +121,9 @@ def _method_text(recipe: dict) -> str:
     method, train, teacher = recipe.get("method") or {}, recipe.get("train") or {}, recipe.get("teacher") or {}
     if method.get("kind") == "sft":
         text = "SFT on the teacher's answers"
+    elif method.get("kind") == "on_policy":
+        text = (f"on-policy distillation ({method.get('divergence')} on the student's own samples, lmbda "
+                f"{method.get('lmbda')}, {method.get('estimator')} estimator)")
     else:
         text = f"KD ({method.get('divergence')}, alpha {method.get('alpha')}, T {method.get('temperature')})"
         if teacher.get("cache"):

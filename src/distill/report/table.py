@@ -35,6 +35,8 @@ ROWS = (
     Row("kl_to_teacher", "KL to teacher", _fixed(4), LOWER, False),
     Row("rougeL_ref", "ROUGE-L vs reference", _fixed(3), HIGHER, True),
     Row("rougeL_teacher", "ROUGE-L vs teacher", _fixed(3), HIGHER, False),
+    Row("loop_share", "answers that loop", _fixed(3), LOWER, False),
+    Row("distinct_2", "distinct word bigrams", _fixed(3), HIGHER, True),
     Row("ece", "calibration error (ECE)", _fixed(3), LOWER, True),
     Row("prefill_tokens_per_s", "prefill tok/s", _fixed(1), HIGHER, True),
     Row("decode_tokens_per_s", "decode tok/s", _fixed(1), HIGHER, True),
