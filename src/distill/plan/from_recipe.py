@@ -186,6 +186,10 @@ def _notes(recipe: Recipe, device: torch.device) -> list[str]:
     if not teacher_online(recipe) and recipe.method.kind == "kd":
         notes.append("teacher.cache: the loss math is timed as cross-entropy alone; reading the cached top-k "
                      "targets is not modelled")
+    if recipe.method.kind == "on_policy":
+        notes.append(f"method.kind on_policy: the student's sampling of up to {recipe.method.sampling.max_new_tokens} "
+                     f"tokens per example in {recipe.method.lmbda:.0%} of micro-batches is not modelled (it can "
+                     "take as long as the step itself)")
     if recipe.method.hidden is not None:
         notes.append("method.hidden (hidden-state KD) is not modelled: its projections add a little time and "
                      "memory")
