@@ -43,7 +43,7 @@ METHODS = {
     "sampled_token": {"kind": "on_policy", "lmbda": 1.0, "estimator": "sampled_token", "alpha": 0.0},
     "kd_then_on_policy": {"then": "on_policy"},  # half the budget KD, then half on-policy from that student
 }
-CALIBRATION_STEPS = 4
+CALIBRATION_STEPS = 3
 
 
 def method_recipe(base: dict, name: str, out: Path, steps: int, student: Path) -> Recipe:
@@ -133,7 +133,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_methods"))
     parser.add_argument("--budget-steps", type=int, default=120, help="the budget, in steps of live KD")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is a fair measure)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     run = args.from_run.resolve()
@@ -144,10 +144,16 @@ def main() -> int:
     init = args.out / "student_init"
 
     kd = method_recipe(base, "kd", args.out, args.budget_steps, init)
-    budget = seconds_per_step(kd) * args.budget_steps
+    budget_file = args.out / "budget.json"
+    if not budget_file.is_file():
+        budget_file.write_text(json.dumps({"cpu_s": seconds_per_step(kd) * args.budget_steps}))
+    budget = json.loads(budget_file.read_text())["cpu_s"]
     print(f"budget: {budget:.0f} CPU s ({args.budget_steps} KD steps)", file=sys.stderr)
-    results = {}
+    trained_file = args.out / "trained.json"  # per-method training results: a re-run skips what is done
+    results = json.loads(trained_file.read_text()) if trained_file.is_file() else {}
     for name in args.methods:
+        if name in results and Path(results[name]["student"], "config.json").is_file():
+            continue
         extra = {}
         if name == "kd_cache":  # the cache is written once and reused by every later run: timed on its own
             extra["capture_cpu_s"] = timed_capture(method_recipe(base, name, args.out, 1, init))
@@ -168,6 +174,7 @@ def main() -> int:
             timing = timed_train(recipe)
             student_dir = recipe.run_dir / "student"
         results[name] = {"steps": steps, "cpu_s_per_step": per_step, **timing, **extra, "student": str(student_dir)}
+        trained_file.write_text(json.dumps(results, indent=2))
         print(f"{name}: {steps} steps, {timing['cpu_s']:.0f} CPU s", file=sys.stderr)
 
     examples, held_out = recipe_examples(kd)

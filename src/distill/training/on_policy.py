@@ -64,6 +64,7 @@ class ResponseSampler:
     teacher: Optional[PreTrainedModel] = None  # seq_kd's sampler
     compute_dtype: torch.dtype = torch.float32
     window: SampleWindow = field(default_factory=SampleWindow)
+    collapse_logged: bool = False  # the no-EOS warning is given once per run, not every window
 
     def batch_for(
         self, student: PreTrainedModel, batch: dict[str, torch.Tensor], step: int, micro: int
@@ -83,9 +84,10 @@ class ResponseSampler:
     def take_metrics(self) -> dict[str, float]:
         """The student's sampling metrics since the last call (empty when it sampled nothing), then a new window."""
         metrics, self.window = self.window.metrics(), SampleWindow()
-        if metrics and metrics["eos_share"] == 0.0:
+        if metrics and metrics["eos_share"] == 0.0 and not self.collapse_logged:
+            self.collapse_logged = True
             log.warning("on-policy: no sample ended with an end-of-turn token in this window (length collapse?); "
-                        "raise method.sampling.max_new_tokens or lower train.lr")
+                        "watch eos_share in metrics.jsonl; raise method.sampling.max_new_tokens or lower train.lr")
         return metrics
 
     def sample(
