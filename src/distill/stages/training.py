@@ -232,15 +232,15 @@ def _finished_student(recipe: Recipe, checkpoints: list[Path]) -> Optional[Train
     files = run_files(recipe)
     if not checkpoints:
         return None
-    stopped_early = (read_best(checkpoints[-1]) or {}).get("stopped") is not None
-    if int(checkpoints[-1].name[len(STEP_PREFIX):]) != recipe.train.steps and not stopped_early:
+    stopped_early = (read_best(checkpoints[-1]) or {}).get("stopped") is not None  # train.patience ran out
+    steps = int(checkpoints[-1].name[len(STEP_PREFIX):])
+    if steps != recipe.train.steps and not stopped_early:
         return None
     saved = (files.student / "config.json").is_file()
     if not saved or files.student.stat().st_mtime < checkpoints[-1].stat().st_mtime:
         return None  # killed between the last checkpoint and saving the student: save it again
-    log.info("student already trained (%d steps): %s", recipe.train.steps, files.student)
-    return TrainResult(student_dir=files.student, steps=recipe.train.steps, final_loss=last_logged_loss(files.metrics),
-                       seconds=0.0)
+    log.info("student already trained (%d steps): %s", steps, files.student)
+    return TrainResult(student_dir=files.student, steps=steps, final_loss=last_logged_loss(files.metrics), seconds=0.0)
 
 
 def teacher_signal(
