@@ -202,3 +202,16 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, tiny_teacher_dir, pairs_json
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_keep_best_with_lora_saves_plain_models(tmp_path, tiny_teacher_dir, tiny_student_dir, pairs_jsonl):
+    from transformers import AutoModelForCausalLM
+
+    recipe = _recipe(tmp_path, tiny_teacher_dir, pairs_jsonl, student={"model": str(tiny_student_dir), "config": None},
+                     train={"lora": {"r": 4, "alpha": 8}, "steps": 3, "eval_every": 1, "keep_best": "eval_loss"})
+    train(recipe, progress=False)
+    loss = {r["step"]: r["eval_loss"] for r in logged_evals(recipe.run_dir)}
+    assert list(loss) == [1, 2, 3]
+    for name in ("student", "student_last"):
+        saved = AutoModelForCausalLM.from_pretrained(recipe.run_dir / name)
+        assert not any("lora" in n for n, _ in saved.named_parameters())

@@ -153,3 +153,31 @@ def test_bad_settings_are_one_line_naming_the_key(kwargs, key):
     hs, ws, ht, wt, labels = _case(seed=80)
     with pytest.raises(DistillError, match=key):
         kd_loss_chunked(hs, ws, ht, wt, labels, **kwargs)
+
+
+def _first_kd(run_dir) -> float:
+    from conftest import logged_steps
+
+    rows = logged_steps(run_dir)
+    assert rows and all(math.isfinite(r["loss"]) for r in rows)
+    return rows[0]["kd"]
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_run_trains_with_weighting_live_and_from_the_cache(tmp_path, tiny_teacher_dir, pairs_jsonl, cache):
+    from distill.recipe import recipe_from_dict
+    from distill.stages import capture, train
+    from conftest import tiny_recipe
+
+    teacher = {"cache": str(tmp_path / "cache"), "cache_k": 16} if cache else {}
+    runs = {}
+    for weighting in ("none", "teacher_confidence"):
+        # The random fixture teacher is nearly uniform: a floor under its confidences would make them all equal.
+        method = {"weighting": weighting, "weighting_floor": 1e-6}
+        recipe = recipe_from_dict(tiny_recipe(tmp_path / weighting, tiny_teacher_dir, pairs_jsonl, teacher=teacher,
+                                              method=method, train={"steps": 2}))
+        if cache and weighting == "none":
+            capture(recipe, progress=False)
+        train(recipe, progress=False)
+        runs[weighting] = _first_kd(recipe.run_dir)
+    assert runs["none"] != pytest.approx(runs["teacher_confidence"], rel=1e-4)
