@@ -98,7 +98,8 @@ def accumulate_gradients(t: Training, step: int) -> StepResult:
 
 
 def run_loop(t: Training, start: int, *, stop_after: Optional[int] = None, progress: bool = True) -> Optional[float]:
-    """Train from step `start` to settings.steps; return the last loss, or None when stopped at `stop_after`."""
+    """Train from step `start` to settings.steps, evaluating on the held-out batches every settings.eval_every steps
+    and stopping early when settings.patience runs out; return the last loss, or None when stopped at `stop_after`."""
     s = t.settings
     last, skipped = float("nan"), 0
     if t.best is not None and t.best.stopped is not None:
