@@ -155,3 +155,15 @@ def tiny_recipe(run_dir: Path, teacher_dir: Path, data: Path, **sections) -> dic
     for key, value in sections.items():
         recipe[key] = {**recipe.get(key, {}), **value}
     return recipe
+
+
+def logged_steps(run_dir: Path) -> list[dict]:
+    """The training-step rows of <run_dir>/metrics.jsonl (held-out evaluation rows, "split": "eval", left out)."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("split") != "eval"]
+
+
+def logged_evals(run_dir: Path) -> list[dict]:
+    """The held-out evaluation rows of <run_dir>/metrics.jsonl."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("split") == "eval"]

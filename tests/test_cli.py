@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from distill.cli import main
-from conftest import tiny_recipe
+from conftest import logged_steps, tiny_recipe
 
 REPORT_KEYS = {"params", "perplexity", "top1_agreement", "kl_to_teacher", "rougeL_ref", "rougeL_teacher",
                "decode_tokens_per_s", "peak_memory_mb"}
@@ -62,7 +62,7 @@ def test_run_end_to_end_writes_every_artifact(tmp_path, tiny_teacher_dir, capsys
                                                 run / "exports/gguf-f32/model-f32.gguf")}
     assert main(["run", str(path), "--no-progress", "--set", "train.steps=3"]) == 0
     assert {p: p.stat().st_mtime_ns for p in saved} == saved
-    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in logged_steps(run)]
     assert steps == [1, 2, 3]
     assert len((run / "teacher_data/shard-00000.jsonl").read_text().splitlines()) == 12
 
@@ -154,7 +154,7 @@ def test_killed_training_resumes_without_losing_or_repeating_steps(tmp_path, tin
     assert not (tmp_path / "run" / "student").exists()
 
     assert main(["train", str(path), "--no-progress"]) == 0
-    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in logged_steps(tmp_path / "run")]
     assert steps == list(range(1, 401))
     assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import safetensors.torch
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import tiny_recipe
+from conftest import logged_steps, tiny_recipe
 from distill.errors import DistillError
 from distill.losses import HiddenStateMatcher, check_layer_map, default_layer_map
 from distill.models import load_model
@@ -228,7 +227,7 @@ def _hidden_recipe(run_dir: Path, teacher_dir: Path, data: Path, hidden: dict | 
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return logged_steps(run_dir)
 
 
 def test_depth_pruned_student_starts_with_zero_hidden_loss(tmp_path, tiny_teacher_dir, pairs_jsonl):

@@ -22,7 +22,9 @@ DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_rever
 
 
 def _metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The training rows of metrics.jsonl (held-out evaluation rows left out)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("split") != "eval"]
 
 
 # ---------------------------------------------------------------- the sampled-token loss

@@ -1,7 +1,6 @@
 """Packing: no attention across packed examples, boundary labels, the same loss as unpacked, resume, refusals."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from distill.signals.teacher_signal import LiveTeacher
 from distill.stages.training import batch_objective
 from distill.training.step import loss_on_batch
 from distill.stages import train
-from conftest import tiny_recipe
+from conftest import logged_steps, tiny_recipe
 
 
 def _load(model_dir: Path, attn: str = "sdpa"):
@@ -174,7 +173,7 @@ def test_packed_loss_equals_the_token_weighted_unpacked_loss(tiny_teacher_dir, t
 
 
 def _losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in logged_steps(run_dir)]
 
 
 @pytest.mark.parametrize("kind", ["sft", "kd"])

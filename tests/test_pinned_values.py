@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from distill.cli import main
+from conftest import logged_steps
 
 STEPS = 4
 LOGGED = ("loss", "kd", "ce", "hidden")  # per step, where the method logs it
@@ -129,7 +130,7 @@ def _recipe_file(run_dir: Path, teacher: Path, data: Path, method: dict, teacher
 
 def _logged(run_dir: Path) -> list[dict[str, float]]:
     """The pinned quantities of every step in <run>/metrics.jsonl."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = logged_steps(run_dir)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     return [{k: r[k] for k in LOGGED if k in r} for r in rows]
 

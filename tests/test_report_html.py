@@ -360,3 +360,24 @@ def test_report_md_shows_hostile_names_as_text(tmp_path):
     outside = _outside_fences(summary)
     assert "<img" not in outside and "## Task suites" in outside and "student wins 50.0%" in outside
     assert format_table(report).rstrip("\n") in summary  # the table itself is kept verbatim inside the fence
+
+
+def test_held_out_rows_are_a_second_line_and_counted_apart(tmp_path):
+    """metrics.jsonl with train.eval_every rows ("split": "eval"): paired curves, the summary tells them apart."""
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "loss": 3.0 - 0.1 * s, "kd": 1.0, "ce": 2.0} for s in range(1, 5)]
+    rows.insert(2, {"step": 2, "split": "eval", "eval_loss": 3.1, "eval_kd": 1.1, "eval_ce": 2.2,
+                    "eval_agreement": 0.25})
+    rows.append({"step": 4, "split": "eval", "eval_loss": 2.9, "eval_kd": 1.0, "eval_ce": 2.1,
+                 "eval_agreement": 0.5})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curves = curve_series(rows)
+    assert curves["loss"] == {"train": [(1, 2.9), (2, 2.8), (3, 2.7), (4, 2.6)], "eval": [(2, 3.1), (4, 2.9)]}
+    assert curves["agreement"] == {"eval": [(2, 0.25), (4, 0.5)]}
+    page = write_report(run).read_text()
+    assert "<title>top-1 agreement with the teacher</title>" in page and "held-out" in page
+    assert "4 trained" in page
+    summary = (run / "report.md").read_text()
+    assert "4 logged steps; the last, step 4: loss 2.6" in summary
+    assert "2 held-out evaluations; the last, step 4: eval\\_loss 2.9" in summary

@@ -17,7 +17,7 @@ from distill.signals.cache import HEADER, TopKCache, shard_name
 from distill.stages import capture
 from distill.signals.encoding import LOG_FLOOR, Codec, TopKRows
 from distill.stages.training import open_recipe_cache
-from conftest import tiny_recipe
+from conftest import logged_steps, tiny_recipe
 
 TINY_VOCAB = 320
 
@@ -373,7 +373,7 @@ def test_training_from_the_cache_never_loads_the_teacher_and_resumes_exactly(
                                          train={"checkpoint_every": 100}))
     assert train(split, progress=False, stop_after=3) is None
     train(split, progress=False)
-    losses = lambda d: [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa
+    losses = lambda d: [r["loss"] for r in logged_steps(d)]  # noqa
     a, b = losses(tmp_path / "w"), losses(tmp_path / "s")
     assert len(a) == 6 and all(math.isfinite(x) for x in a)
     assert b == pytest.approx(a, rel=1e-5)
@@ -387,7 +387,7 @@ def test_bf16_compute_trains_from_the_cache(cached_recipe, tmp_path, tiny_teache
                                           teacher={"cache": str(tmp_path / "cache"), "cache_k": 16},
                                           train={"dtype": "bfloat16", "steps": 2}))
     train(recipe, progress=False)
-    rows = [json.loads(x) for x in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    rows = logged_steps(tmp_path / "bf16")
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) and r["kd"] > 0 for r in rows)
 
 

@@ -2,12 +2,11 @@
 to resume."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
-from conftest import tiny_recipe
+from conftest import logged_steps, tiny_recipe
 from distill.cli import main
 from distill.errors import DistillError
 from distill.recipe import recipe_from_dict
@@ -120,7 +119,7 @@ def test_nan_tolerance_skips_non_finite_steps_without_an_update(tmp_path, tiny_t
     monkeypatch.setattr(loop, "loss_on_batch", one_bad_step)
     recipe = _diverging(tmp_path, tiny_teacher_dir, pairs_jsonl, nan_tolerance=1)
     result = train(recipe, progress=False)
-    metrics = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = logged_steps(recipe.run_dir)
     assert [m["step"] for m in metrics] == list(range(1, 9))
     assert metrics[2]["loss"] != metrics[2]["loss"]  # the skipped step is logged as it was (NaN)
     assert all(m["loss"] == m["loss"] for i, m in enumerate(metrics) if i != 2)

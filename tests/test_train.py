@@ -1,7 +1,6 @@
 """The training loop: schedules, exact resume, LoRA, checkpoints, run-directory safety."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -14,11 +13,11 @@ from distill.recipe import recipe_from_dict
 from distill.training.checkpoint import list_checkpoints
 from distill.training.schedule import lr_multiplier
 from distill.stages import train
-from conftest import tiny_recipe
+from conftest import logged_steps, tiny_recipe
 
 
 def _losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in logged_steps(run_dir)]
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
@@ -55,7 +54,7 @@ def test_without_resume_starts_over(tmp_path, tiny_teacher_dir, pairs_jsonl):
     recipe = recipe_from_dict(tiny_recipe(tmp_path / "r", tiny_teacher_dir, pairs_jsonl))
     train(recipe, progress=False, stop_after=2)
     train(recipe, progress=False, resume=False)
-    assert [json.loads(x)["step"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == \
+    assert [r["step"] for r in logged_steps(tmp_path / "r")] == \
         [1, 2, 3, 4, 5, 6]
 
 
@@ -90,7 +89,7 @@ def test_sft_trains_without_teacher_logits(tmp_path, tiny_teacher_dir, pairs_jso
     recipe = recipe_from_dict(tiny_recipe(tmp_path / "r", tiny_teacher_dir, pairs_jsonl,
                                           method={"kind": "sft"}, train={"steps": 4}))
     train(recipe, progress=False)
-    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    rows = logged_steps(tmp_path / "r")
     assert all(r["kd"] == 0.0 and r["loss"] == pytest.approx(r["ce"]) for r in rows)
 
 

@@ -257,6 +257,17 @@ class MethodSpec(Section):
     # estimate log p_student - log p_teacher of each sampled token as a policy-gradient loss (needs only those).
     estimator: Literal["full", "sampled_token"] = "full"
     sampling: OnPolicySampling = Field(default_factory=OnPolicySampling)
+    # Weight each position's KD term by the teacher's confidence there (losses/weighting.py); weights average 1.
+    weighting: Literal["none", "teacher_confidence", "teacher_entropy"] = "none"
+    weighting_floor: Float = Field(default=0.1, gt=0.0, le=1.0)  # confidences below it count as it
+    weighting_temperature: Float = Field(default=1.0, gt=0.0)  # weights ~ confidence ** (1 / this)
+
+    @model_validator(mode="after")
+    def _weighting_needs_a_teacher(self) -> "MethodSpec":
+        if self.weighting != "none" and self.kind != "kd":
+            raise ValueError(f"method.weighting: {self.weighting} weighs the KD term, which method.kind: "
+                             f"{self.kind} does not have; set method.kind: kd or method.weighting: none")
+        return self
 
     @model_validator(mode="after")
     def _on_policy_defaults(self) -> "MethodSpec":
@@ -302,6 +313,21 @@ class TrainSpec(Section):
     device: str = "auto"
     threads: Optional[Int] = Field(default=None, gt=0)
     packing: bool = False  # pack several examples into rows of data.max_length tokens (no attention across them)
+    # Held-out loss while training (docs/training.md): every eval_every steps and at the last; default (null): the
+    # checkpoint interval when the data has a held-out split; 0: off.
+    eval_every: Optional[Int] = Field(default=None, ge=0)
+    eval_batches: Int = Field(default=8, gt=0)  # held-out batches of train.batch_size per evaluation, at most
+    keep_best: Optional[Literal["eval_loss", "eval_kd", "eval_ce", "eval_agreement"]] = None
+    patience: Optional[Int] = Field(default=None, gt=0)  # evals without a better keep_best before stopping early
+
+    @model_validator(mode="after")
+    def _best_needs_evals(self) -> "TrainSpec":
+        if self.keep_best is not None and self.eval_every == 0:
+            raise ValueError("train.keep_best: needs held-out evaluations; remove train.eval_every: 0")
+        if self.patience is not None and self.keep_best is None:
+            raise ValueError("train.patience: counts evaluations without a better train.keep_best metric; "
+                             "set train.keep_best")
+        return self
 
 
 class JudgeSpec(Endpoint):

@@ -65,6 +65,11 @@ class RunDir:
         return self.root / "student"
 
     @property
+    def student_last(self) -> Path:
+        """With train.keep_best: the student at the last step (student/ is then the best held-out step's)."""
+        return self.root / "student_last"
+
+    @property
     def exports(self) -> Path:
         """What the export stage shipped; eval measures each."""
         return self.root / "exports"

@@ -23,6 +23,7 @@ from distill.losses.objective import (
     tempered,
     write_chunk_grads,
 )
+from distill.losses.weighting import Weighting
 
 
 def _check_shapes(
@@ -55,20 +56,26 @@ def kd_loss(
     alpha: float = 0.5,
     beta: float = 0.5,
     skew: float = 0.1,
+    weighting: str = "none",
+    weighting_floor: float = 0.1,
+    weighting_temperature: float = 1.0,
 ) -> LossOutput:
     """The objective on full `[N, V]` logits (simple path; the reference for `kd_loss_chunked`)."""
     objective = build_objective(divergence, temperature, alpha, beta, skew)
+    weigh = Weighting(weighting, weighting_floor, weighting_temperature)
     check_labels(labels, student_logits.size(-1))
     valid = labels != IGNORE_INDEX
     n = int(valid.sum())
     if n == 0:
         return empty_output(student_logits)
     student = student_logits[valid]
-    teacher = None
+    teacher, weights = None, None
     if teacher_logits is not None:
         shared = min(student.size(1), teacher_logits.size(-1))
         teacher = objective.teacher_log_probs(teacher_logits.detach()[valid], shared)
-    loss, ce, kd = objective.sums(student, teacher, labels[valid])
+        if weigh.on:
+            weights = weigh.weights(weigh.confidence(log_probs(teacher_logits.detach()[valid][:, :shared])))
+    loss, ce, kd = objective.sums(student, teacher, labels[valid], weights)
     return LossOutput(loss=loss / n, kd=kd.detach() / n, ce=ce.detach() / n, n_tokens=n)
 
 
@@ -85,6 +92,9 @@ def kd_loss_chunked(
     beta: float = 0.5,
     skew: float = 0.1,
     chunk_size: int = 192,
+    weighting: str = "none",
+    weighting_floor: float = 0.1,
+    weighting_temperature: float = 1.0,
 ) -> LossOutput:
     """The same objective from hidden states and output heads, `chunk_size` positions at a time.
 
@@ -92,6 +102,7 @@ def kd_loss_chunked(
     and head are computed during the forward pass, so backward is a scale.
     """
     objective = build_objective(divergence, temperature, alpha, beta, skew)
+    weigh = Weighting(weighting, weighting_floor, weighting_temperature)
     if (teacher_hidden is None) != (teacher_head is None):
         raise DistillError("kd_loss_chunked: give both teacher_hidden and teacher_head, or neither (SFT)")
     if chunk_size <= 0:
@@ -113,6 +124,8 @@ def kd_loss_chunked(
         # Only the shared vocabulary enters the divergence, so the teacher's padded rows are never multiplied.
         shared = min(student_head.size(0), teacher_head.size(0))
         teacher = DenseTeacher(teacher_hidden, teacher_head.detach()[:shared])
+        if weigh.on:
+            teacher.weights = weigh.weights(teacher.confidence(weigh, chunk_size))
     loss, ce, kd = fused_chunked_loss(student_hidden, student_head, teacher, labels, objective, chunk_size,
                                       _process_chunk)
     return LossOutput(loss=loss, kd=kd, ce=ce, n_tokens=n)
@@ -124,9 +137,30 @@ class DenseTeacher:
 
     hidden: Tensor
     head: Tensor
+    weights: Optional[Tensor] = None  # [N] per-position weights of the KD term (method.weighting), or None
 
     def rows(self, index: slice) -> "DenseTeacher":
-        return DenseTeacher(self.hidden[index], self.head)
+        return DenseTeacher(self.hidden[index], self.head, None if self.weights is None else self.weights[index])
+
+    def confidence(self, weighting: Weighting, chunk_size: int) -> Tensor:
+        """[N] confidences of the teacher at T = 1, its logits formed `chunk_size` rows at a time."""
+        with torch.no_grad():
+            parts = [weighting.confidence(log_probs(self.hidden[start:start + chunk_size] @ self.head.t()))
+                     for start in range(0, self.hidden.size(0), chunk_size)]
+        return torch.cat(parts)
+
+    def top1_matches(self, hidden: Tensor, head: Tensor, labels: Tensor, chunk_size: int) -> int:
+        """How many trained positions' student top-1 token is the teacher's, over the vocabulary both share."""
+        valid = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        shared = min(head.size(0), self.head.size(0))
+        matches = 0
+        with torch.no_grad():
+            for start in range(0, valid.numel(), chunk_size):
+                rows = valid[start:start + chunk_size]
+                student = (hidden[rows].to(head.dtype) @ head[:shared].t()).argmax(dim=1)
+                teacher = (self.hidden[rows] @ self.head[:shared].t()).argmax(dim=1)
+                matches += int((student == teacher).sum())
+        return matches
 
     def chunked_loss(self, hidden: Tensor, head: Tensor, labels: Tensor, settings: LossSettings) -> LossOutput:
         """The objective against this live teacher, `settings.chunk_size` positions at a time."""
@@ -168,14 +202,15 @@ def _process_chunk(
         # Dividing the chunk's [rows, Dt] hidden states (not the logits or the head) by T is the cheapest way
         # to get teacher logits at temperature T.
         teacher_log_probs = log_probs(tempered(teacher.hidden, objective.temperature) @ teacher.head.t())
+    weights = None if teacher is None else teacher.weights
     if grad_hidden_out is None and grad_head_acc is None:
         with torch.no_grad():
-            return torch.stack(objective.sums(student_logits, teacher_log_probs, labels)).double()
+            return torch.stack(objective.sums(student_logits, teacher_log_probs, labels, weights)).double()
     # Autograd only through the loss math, down to the logits; the two head matmuls are done by hand so the
     # hidden grad lands in its slot and the head grad accumulates with addmm_ (no [V, D] temporary per chunk).
     student_logits.requires_grad_(True)
     with torch.enable_grad():
-        loss, ce, kd = objective.sums(student_logits, teacher_log_probs, labels)
+        loss, ce, kd = objective.sums(student_logits, teacher_log_probs, labels, weights)
         del teacher_log_probs  # the graph keeps what backward needs; drop the rest before backward's peak
         (grad_logits,) = torch.autograd.grad(loss * scale, student_logits)
     sums = torch.stack([loss.detach(), ce.detach(), kd.detach()]).double()

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from distill.errors import DistillError
 from distill.losses.divergences import Divergence, divergence_on_log_probs, log_probs
+from distill.losses.weighting import weighted_sum
 
 IGNORE_INDEX = -100
 
@@ -38,6 +39,9 @@ class LossSettings:
     beta: float = 0.5  # JSD's mixture weight
     skew: float = 0.1  # skew KL's mixture weight
     chunk_size: int = 192  # positions per chunk of the fused loss
+    weighting: str = "none"  # the KD term per position: none, teacher_confidence, teacher_entropy (losses.weighting)
+    weighting_floor: float = 0.1
+    weighting_temperature: float = 1.0
 
     def keywords(self) -> dict:
         """The settings as the keyword arguments of the chunked losses."""
@@ -57,9 +61,10 @@ class Objective:
         return log_probs(tempered(teacher_logits.detach()[:, :shared_vocab], self.temperature))
 
     def sums(
-        self, student_logits: Tensor, teacher_log_probs: Optional[Tensor], labels: Tensor
+        self, student_logits: Tensor, teacher_log_probs: Optional[Tensor], labels: Tensor,
+        weights: Optional[Tensor] = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """(loss, ce, kd) summed over rows; kd already carries the T^2 factor."""
+        """(loss, ce, kd) summed over rows; kd already carries the T^2 factor and each row's weight when given."""
         student, t = wide(student_logits), self.temperature
         if teacher_log_probs is None:
             ce = cross_entropy_sum(student, labels)
@@ -72,7 +77,7 @@ class Objective:
             ce = -student_log_probs.gather(1, labels[:, None]).sum()
         else:
             ce = cross_entropy_sum(student, labels)
-        kd = t * t * self.divergence(student_log_probs, teacher_log_probs).sum()
+        kd = t * t * weighted_sum(self.divergence(student_log_probs, teacher_log_probs), weights)
         return self.alpha * ce + (1.0 - self.alpha) * kd, ce, kd
 
 

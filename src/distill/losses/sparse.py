@@ -39,6 +39,7 @@ from distill.losses.objective import (
     tempered,
     wide,
 )
+from distill.losses.weighting import Weighting, weighted_sum
 
 # A log-prob whose exp() is exactly 0 in float32/float64, but finite (0 * -inf would be NaN in the KL sums).
 FLOOR = -1.0e4
@@ -52,6 +53,7 @@ class SparseTargets:
     log_probs: Tensor  # [n, k] float, log-softmax over the teacher's full vocabulary at T = 1
     tail: Tensor  # [n] float, log of the mass outside the top-k
     vocab_size: int  # the teacher's vocabulary (rows of its head)
+    weights: Optional[Tensor] = None  # [n] per-position weights of the KD term (method.weighting), or None
 
     def __post_init__(self) -> None:
         n, k = self.ids.shape
@@ -63,10 +65,32 @@ class SparseTargets:
         return self.ids.size(0)
 
     def to(self, device: torch.device | str) -> "SparseTargets":
-        return SparseTargets(self.ids.to(device), self.log_probs.to(device), self.tail.to(device), self.vocab_size)
+        weights = None if self.weights is None else self.weights.to(device)
+        return SparseTargets(self.ids.to(device), self.log_probs.to(device), self.tail.to(device), self.vocab_size,
+                             weights)
 
     def rows(self, index: slice | Tensor) -> "SparseTargets":
-        return SparseTargets(self.ids[index], self.log_probs[index], self.tail[index], self.vocab_size)
+        weights = None if self.weights is None else self.weights[index]
+        return SparseTargets(self.ids[index], self.log_probs[index], self.tail[index], self.vocab_size, weights)
+
+    def weighted(self, weighting: Weighting) -> "SparseTargets":
+        """These rows with the KD weights of `weighting` (averaging 1 over them); unchanged when it is off."""
+        if not weighting.on or len(self) == 0:
+            return self
+        confidence = weighting.sparse_confidence(self.ids, self.log_probs, self.tail, self.vocab_size)
+        return SparseTargets(self.ids, self.log_probs, self.tail, self.vocab_size, weighting.weights(confidence))
+
+    def top1_matches(self, hidden: Tensor, head: Tensor, labels: Tensor, chunk_size: int) -> int:
+        """How many trained positions' student top-1 token is the teacher's top-1 (from the kept log-probs)."""
+        valid = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        teacher = self.ids.gather(1, self.log_probs.argmax(dim=1, keepdim=True)).squeeze(1).to(hidden.device)
+        shared, matches = min(head.size(0), self.vocab_size), 0
+        with torch.no_grad():
+            for start in range(0, valid.numel(), chunk_size):
+                rows = valid[start:start + chunk_size]
+                student = (hidden[rows].to(head.dtype) @ head[:shared].t()).argmax(dim=1)
+                matches += int((student == teacher[start:start + chunk_size]).sum())
+        return matches
 
     def chunked_loss(self, hidden: Tensor, head: Tensor, labels: Tensor, settings: "LossSettings") -> LossOutput:
         """The objective against these cached top-k targets, `settings.chunk_size` positions at a time."""
@@ -114,7 +138,8 @@ def _sparse_sums(
     else:
         ce = cross_entropy_sum(student, labels)
     teacher = teacher_buckets(targets, shared, t, student_log_probs.dtype)
-    kd = t * t * objective.divergence(student_buckets(student_log_probs, targets.ids), teacher).sum()
+    kd = t * t * weighted_sum(objective.divergence(student_buckets(student_log_probs, targets.ids), teacher),
+                              targets.weights)
     return objective.alpha * ce + (1.0 - objective.alpha) * kd, ce, kd
 
 
@@ -135,9 +160,11 @@ def _check_k(targets: SparseTargets) -> None:
 def kd_loss_sparse(
     student_logits: Tensor, targets: SparseTargets, labels: Tensor, *, divergence: str = "forward_kl",
     temperature: float = 1.0, alpha: float = 0.5, beta: float = 0.5, skew: float = 0.1,
+    weighting: str = "none", weighting_floor: float = 0.1, weighting_temperature: float = 1.0,
 ) -> LossOutput:
     """The objective on full `[N, V]` student logits against sparse targets (the reference for the chunked one)."""
     objective = build_objective(divergence, temperature, alpha, beta, skew)
+    targets = targets.weighted(Weighting(weighting, weighting_floor, weighting_temperature))
     _check_k(targets)
     check_labels(labels, student_logits.size(-1))
     valid = _valid_rows(labels, targets)
@@ -151,7 +178,8 @@ def kd_loss_sparse(
 def kd_loss_sparse_chunked(
     student_hidden: Tensor, student_head: Tensor, targets: SparseTargets, labels: Tensor, *,
     divergence: str = "forward_kl", temperature: float = 1.0, alpha: float = 0.5, beta: float = 0.5,
-    skew: float = 0.1, chunk_size: int = 192,
+    skew: float = 0.1, chunk_size: int = 192, weighting: str = "none", weighting_floor: float = 0.1,
+    weighting_temperature: float = 1.0,
 ) -> LossOutput:
     """`kd_loss_sparse` from hidden states and the student head, `chunk_size` positions at a time.
 
@@ -173,7 +201,7 @@ def kd_loss_sparse_chunked(
         return empty_output(student_hidden, student_head)
     if n < labels.numel():
         student_hidden, labels = student_hidden[valid], labels[valid]
-    targets = targets.to(student_hidden.device)
+    targets = targets.to(student_hidden.device).weighted(Weighting(weighting, weighting_floor, weighting_temperature))
     loss, ce, kd = fused_chunked_loss(student_hidden, student_head, targets, labels, objective, chunk_size,
                                       _sparse_chunk)
     return LossOutput(loss=loss, kd=kd, ce=ce, n_tokens=n)
@@ -210,7 +238,7 @@ def _sparse_chunk(
     buckets = torch.cat([support, tail_mass.log().clamp(min=FLOOR)[:, None]], dim=1).requires_grad_(want_grad)
     teacher = teacher_buckets(targets, shared, t, buckets.dtype)
     with torch.enable_grad():
-        kd = t * t * objective.divergence(buckets, teacher).sum()
+        kd = t * t * weighted_sum(objective.divergence(buckets, teacher), targets.weights)
     if t == 1.0 and shared == logits.size(1):
         ce_norm = log_norm
     else:

@@ -20,8 +20,11 @@ CURVE_LABELS = {"loss": "total loss", "kd": "KD loss", "ce": "cross-entropy", "h
                 "lr": "learning rate", "grad_norm": "gradient norm", "tokens_per_s": "training tokens/s",
                 "sample_length": "on-policy: mean sample length (tokens)",
                 "eos_share": "on-policy: samples that end on their own", "loop_share": "on-policy: samples that loop",
-                "sample_tokens_per_s": "on-policy: sampled tokens/s"}
+                "sample_tokens_per_s": "on-policy: sampled tokens/s",
+                "agreement": "top-1 agreement with the teacher"}
 EVAL_PREFIXES = ("eval_", "eval/")  # metrics keys logged on held-out data: drawn beside their training curve
+SERIES_NAMES = {"eval": "held-out"}  # a curve's lines, as its legend names them
+EVAL_SPLIT = "eval"  # metrics.jsonl rows of held-out evaluations (train.eval_every) carry "split": "eval"
 SIDES = ("teacher", "student")
 # In report.md text, what Markdown would read as emphasis, code, a link or image, or a table cell's end.
 MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|])")
@@ -253,7 +256,7 @@ def curve_series(metrics: Sequence[dict]) -> dict[str, dict[str, list[tuple[floa
 def _curves(run: RunFiles) -> str:
     if not run.metrics:
         return _missing(run, "metrics.jsonl")
-    charts = [plots.line_chart([plots.Series(split, pts) for split, pts in splits.items()],
+    charts = [plots.line_chart([plots.Series(SERIES_NAMES.get(split, split), pts) for split, pts in splits.items()],
                                title=CURVE_LABELS.get(name, name), x_label="step", y_label=name)
               for name, splits in curve_series(run.metrics).items()]
     if not charts:
@@ -479,17 +482,25 @@ def render_markdown(run: RunFiles, html_name: str = "report.html") -> str:
         fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", table)), default=0))  # none closes it early
         lines += ["## Teacher vs student", "", fence, table, fence, ""]
         lines += _markdown_extras(run.report)
-    if run.metrics:
-        last = run.metrics[-1]
-        values = ", ".join(f"{_md(k)} {v:.4g}" for k, v in last.items() if k != "step" and _finite(v))
-        lines += ["## Training", "",
-                  f"{len(run.metrics)} logged steps; the last, step {_md(last.get('step'))}: {values}.", ""]
+    steps = [r for r in run.metrics if r.get("split") != EVAL_SPLIT]
+    evals = [r for r in run.metrics if r.get("split") == EVAL_SPLIT]
+    if steps:
+        lines += ["## Training", "", f"{len(steps)} logged steps; the last, step {_md(steps[-1].get('step'))}: "
+                                     f"{_values_text(steps[-1])}.", ""]
+    if evals:
+        lines += [f"{len(evals)} held-out evaluations; the last, step {_md(evals[-1].get('step'))}: "
+                  f"{_values_text(evals[-1])}.", ""]
     missing = [f"- {name}: {_md(run.problems.get(name, 'absent'))}; {HOW_TO[name]}." for name in HOW_TO
                if _absent(run, name)]
     if missing:
         lines += ["## Missing", ""] + missing + [""]
     lines.append(f"Plots and sample answers: {_md(html_name)} beside this file.")
     return "\n".join(lines) + "\n"
+
+
+def _values_text(record: dict) -> str:
+    """A metrics.jsonl row's numbers as Markdown text: "loss 2.5, kd 1.2"."""
+    return ", ".join(f"{_md(k)} {v:.4g}" for k, v in record.items() if k != "step" and _finite(v))
 
 
 def _absent(run: RunFiles, name: str) -> bool:

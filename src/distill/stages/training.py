@@ -48,8 +48,9 @@ from distill.stages.facts import (
     uses_teacher_cache,
 )
 from distill.stages.student import initial_student
-from distill.training.checkpoint import STEP_PREFIX, list_checkpoints, load_checkpoint
 from distill.teachers.local import stop_ids
+from distill.training.checkpoint import STEP_PREFIX, list_checkpoints, load_checkpoint, read_best, read_best_weights
+from distill.training.held_out import BestSoFar, HeldOut
 from distill.training.loop import LoopSettings, MetricsLog, Training, check_finite, last_logged_loss, run_loop
 from distill.training.on_policy import ResponseSampler, SamplingSettings
 from distill.training.schedule import lr_multiplier
@@ -94,20 +95,36 @@ def train(
     last = run_loop(training, start, stop_after=stop_after, progress=progress)
     if last is None:
         return None
-    if start == recipe.train.steps:  # nothing left to train: the loss is the one logged last
-        last = last_logged_loss(files.metrics)
+    stopped = training.best.stopped if training.best is not None else None
+    if start == recipe.train.steps or (stopped is not None and stopped <= start):
+        last = last_logged_loss(files.metrics)  # nothing left to train: the loss is the one logged last
     check_finite(training.student)
+    steps = stopped or recipe.train.steps
+    if training.best is not None:
+        _keep_best(training, files)
     save_model(training.student, training.tokenizer, files.student)  # the matcher's projections stay behind
     seconds = time.perf_counter() - began
-    log.info("student saved to %s (%d steps, final loss %.4f, %.0f s)", files.student, recipe.train.steps, last,
-             seconds)
-    return TrainResult(student_dir=files.student, steps=recipe.train.steps, final_loss=last, seconds=seconds)
+    log.info("student saved to %s (%d steps, final loss %.4f, %.0f s)", files.student, steps, last, seconds)
+    return TrainResult(student_dir=files.student, steps=steps, final_loss=last, seconds=seconds)
+
+
+def _keep_best(training: Training, files) -> None:
+    """train.keep_best: the last step's student goes to student_last/, the best step's weights into the student."""
+    best = training.best
+    save_model(training.student, training.tokenizer, files.student_last)
+    if best.weights is None:
+        log.warning("train.keep_best: no finite %s was measured; %s is the last step's", best.metric, files.student)
+        return
+    training.student.load_state_dict(best.weights)
+    log.info("train.keep_best: %s is step %d (%s %.4f); the last step's student is in %s", files.student,
+             best.step, best.metric, best.value, files.student_last)
 
 
 def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
     """Everything the loop needs, from the recipe, resumed from `checkpoint` when given; and the step to start at."""
     t, files = recipe.train, run_files(recipe)
     examples, held_out = recipe_examples(recipe)  # a malformed data file fails before any model is built
+    _check_held_out(recipe, held_out)
     tokenizer, teacher, student = _models(recipe)
     if t.packing:
         for model, name in ((student, "student"), (teacher, "teacher")):
@@ -134,7 +151,7 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
     settings = LoopSettings(steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum, seed=recipe.seed,
                             max_grad_norm=t.max_grad_norm, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
                             keep_checkpoints=t.keep_checkpoints, nan_tolerance=t.nan_tolerance,
-                            training_set=data_hash)
+                            training_set=data_hash, eval_every=eval_interval(recipe, held_out), patience=t.patience)
     training = Training(
         student=student, tokenizer=tokenizer, signal=signal, matcher=matcher, objective=batch_objective(recipe.method),
         compute_dtype=compute_dtype(recipe), device=device(recipe), items=items, to_batch=to_batch,
@@ -142,6 +159,8 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
         checkpoint_dir=files.checkpoints,
         metrics=MetricsLog(files.metrics, start, files.tensorboard), settings=settings,
         sampler=response_sampler(recipe, student, teacher, tokenizer),
+        held_out=held_out_batches(recipe, tokenizer, held_out, signal) if settings.eval_every else None,
+        best=best_so_far(recipe, checkpoint, start, student),
     )
     return training, start
 
@@ -167,6 +186,54 @@ def response_sampler(
                            padding_id(tokenizer), teacher=teacher, compute_dtype=compute_dtype(recipe))
 
 
+def eval_interval(recipe: Recipe, held_out: list) -> int:
+    """Steps between held-out evaluations: train.eval_every, by default the checkpoint interval (0: none)."""
+    every = recipe.train.eval_every
+    if every is None:
+        return recipe.train.checkpoint_every if held_out else 0
+    return every
+
+
+def held_out_batches(
+    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, held_out: list, signal: Optional[TeacherSignal]
+) -> HeldOut:
+    """The first train.eval_batches batches of the held-out examples `distill eval` measures, as training encodes
+    them; the live teacher scores them (a teacher cache holds rows for the training examples only)."""
+    t = recipe.train
+    encoded = encode(recipe, held_out[: t.eval_batches * t.batch_size], tokenizer)
+    pad_id = padding_id(tokenizer)
+    batches = [collate(encoded[i:i + t.batch_size], pad_id) for i in range(0, len(encoded), t.batch_size)]
+    live = signal if isinstance(signal, LiveTeacher) else None
+    if live is None and recipe.method.kind == "kd":
+        log.info("held-out evaluation: cross-entropy only (the teacher cache has no rows for held-out examples)")
+    return HeldOut(batches=batches, signal=live)
+
+
+def best_so_far(recipe: Recipe, checkpoint: Optional[Path], start: int, student: torch.nn.Module
+                ) -> Optional[BestSoFar]:
+    """train.keep_best's best-so-far: fresh, or as the resumed checkpoint kept it (with its weights)."""
+    metric = recipe.train.keep_best
+    if metric is None:
+        return None
+    state = read_best(checkpoint) if checkpoint is not None else None
+    if state is None or state["metric"] != metric:
+        return BestSoFar(metric)
+    weights = read_best_weights(checkpoint)
+    if weights is None and state.get("step") == start:  # the best is the checkpoint's own step
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
+    return BestSoFar.from_state(state, weights)
+
+
+def _check_held_out(recipe: Recipe, held_out: list) -> None:
+    """Held-out evaluation asked for with no held-out example: one line, before any model loads."""
+    t = recipe.train
+    if held_out or not (t.eval_every or t.keep_best):
+        return
+    key = "train.keep_best" if t.keep_best else "train.eval_every"
+    raise DistillError(f"{key}: the recipe's data has no held-out examples to evaluate on; set data.eval or "
+                       "data.eval_fraction > 0 (with at least 2 examples)")
+
+
 def _batch_items(recipe: Recipe, data: TrainingSet) -> tuple[list, object]:
     """What batches draw from: encoded examples, or with train.packing rows of several examples."""
     if not recipe.train.packing:
@@ -181,7 +248,8 @@ def _batch_items(recipe: Recipe, data: TrainingSet) -> tuple[list, object]:
 def batch_objective(m: MethodSpec) -> BatchObjective:
     """The recipe's method section as the loss every micro-batch takes."""
     loss = LossSettings(divergence=m.divergence, temperature=m.temperature, alpha=m.alpha, beta=m.beta, skew=m.skew,
-                        chunk_size=m.chunk_size)
+                        chunk_size=m.chunk_size, weighting=m.weighting, weighting_floor=m.weighting_floor,
+                        weighting_temperature=m.weighting_temperature)
     return BatchObjective(loss, kd=m.learns_from_teacher_logits, estimator=m.estimator,
                           hidden_weight=m.hidden.weight if m.hidden is not None else None)
 
@@ -195,14 +263,17 @@ def _finished_student(recipe: Recipe, checkpoints: list[Path]) -> Optional[Train
     """The saved student when its last step is already trained: a re-run neither loads models nor re-saves it
     (re-saving would make every export look older than the student)."""
     files = run_files(recipe)
-    if not checkpoints or int(checkpoints[-1].name[len(STEP_PREFIX):]) != recipe.train.steps:
+    if not checkpoints:
+        return None
+    stopped_early = (read_best(checkpoints[-1]) or {}).get("stopped") is not None  # train.patience ran out
+    steps = int(checkpoints[-1].name[len(STEP_PREFIX):])
+    if steps != recipe.train.steps and not stopped_early:
         return None
     saved = (files.student / "config.json").is_file()
     if not saved or files.student.stat().st_mtime < checkpoints[-1].stat().st_mtime:
         return None  # killed between the last checkpoint and saving the student: save it again
-    log.info("student already trained (%d steps): %s", recipe.train.steps, files.student)
-    return TrainResult(student_dir=files.student, steps=recipe.train.steps, final_loss=last_logged_loss(files.metrics),
-                       seconds=0.0)
+    log.info("student already trained (%d steps): %s", steps, files.student)
+    return TrainResult(student_dir=files.student, steps=steps, final_loss=last_logged_loss(files.metrics), seconds=0.0)
 
 
 def teacher_signal(
@@ -288,6 +359,25 @@ def check_recipe(recipe: Recipe) -> None:
         raise DistillError(HIDDEN_WITH_CACHE)
     if recipe.train.packing and uses_teacher_cache(recipe):
         raise DistillError(PACKING_WITH_CACHE)
+    _check_keep_best(recipe)
+
+
+def _check_keep_best(recipe: Recipe) -> None:
+    """train.keep_best naming a held-out metric this run cannot measure; and evaluations with no held-out split."""
+    t, d = recipe.train, recipe.data
+    if (t.eval_every or t.keep_best) and d.eval is None and d.eval_fraction == 0:
+        key = "train.keep_best" if t.keep_best else "train.eval_every"
+        raise DistillError(f"{key}: the recipe has no held-out split to evaluate on; set data.eval or "
+                           "data.eval_fraction > 0")
+    if t.keep_best is None:
+        return
+    if recipe.method.kind != "kd" and t.keep_best not in ("eval_loss", "eval_ce"):
+        raise DistillError(f"train.keep_best: {t.keep_best} needs a teacher, which method.kind: "
+                           f"{recipe.method.kind} does not use; choose eval_loss or eval_ce")
+    if recipe.method.kind == "kd" and uses_teacher_cache(recipe) and t.keep_best != "eval_ce":
+        raise DistillError(f"train.keep_best: {t.keep_best} needs the teacher on the held-out examples, and "
+                           "teacher.cache holds rows for the training examples only; choose eval_ce, or train "
+                           "from the live teacher")
 
 
 def _text_config(model: torch.nn.Module):

@@ -1,6 +1,7 @@
 """Checkpoints that let a killed run continue exactly: weights, optimizer, schedule, RNG and step."""
 from __future__ import annotations
 
+import json
 import pickle
 import random
 import shutil
@@ -17,6 +18,8 @@ from distill.runtime import atomic_directory, remove_stale_temporaries
 STEP_PREFIX = "step_"
 MATCHER_FILE = "matcher.safetensors"
 TRAINER_STATE = "trainer_state.pt"
+BEST_STATE = "best.json"  # train.keep_best: the best held-out value so far, its step, evals since, early stop
+BEST_WEIGHTS = "best.safetensors"  # the student at that step, when it is not this checkpoint's own step
 
 
 def _rng_state() -> dict[str, Any]:
@@ -47,12 +50,14 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(
     checkpoint_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     scheduler: Any, keep: int, matcher: torch.nn.Module | None = None, training_set: str = "",
+    best: dict | None = None, best_weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoints/step_N atomically, then drop all but the newest `keep`.
 
     `matcher` is a training-only module the optimizer also steps (hidden-state projections); it is saved
     beside the student as matcher.safetensors. `training_set` (a hash of the data) is kept so that a resume on
-    other data is refused.
+    other data is refused. `best` (JSON values) and `best_weights` (the student at the best step, when that is an
+    earlier step) keep train.keep_best's best-so-far.
     """
     final = checkpoint_dir / f"{STEP_PREFIX}{step}"
     remove_stale_temporaries(checkpoint_dir)  # a killed save's half-written step_N (only this run writes here)
@@ -61,6 +66,10 @@ def save_checkpoint(
         safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
         if matcher is not None:
             safetensors.torch.save_model(matcher, str(tmp / MATCHER_FILE))
+        if best is not None:
+            (tmp / BEST_STATE).write_text(json.dumps(best))
+        if best_weights is not None:
+            safetensors.torch.save_file({k: v.contiguous() for k, v in best_weights.items()}, str(tmp / BEST_WEIGHTS))
         torch.save(
             {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "rng": _rng_state(), "training_set": training_set},
@@ -104,6 +113,26 @@ def load_checkpoint(
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     return int(state["step"])
+
+
+def read_best(path: Path) -> dict | None:
+    """The best-so-far state a checkpoint keeps (train.keep_best), or None when it keeps none."""
+    file = path / BEST_STATE
+    if not file.is_file():
+        return None
+    try:
+        state = json.loads(file.read_text())
+    except (ValueError, OSError) as err:
+        raise DistillError(f"{file}: unreadable ({err.__class__.__name__}); re-run with --restart") from None
+    if not isinstance(state, dict) or not isinstance(state.get("metric"), str):
+        raise DistillError(f"{file}: not a best-so-far state; re-run with --restart")
+    return state
+
+
+def read_best_weights(path: Path) -> dict[str, torch.Tensor] | None:
+    """The student at the best step, when the checkpoint keeps it apart from its own weights; else None."""
+    file = path / BEST_WEIGHTS
+    return safetensors.torch.load_file(str(file)) if file.is_file() else None
 
 
 def _trainer_state(file: Path) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from distill.losses.hidden import HiddenStateMatcher
 from distill.runtime import atomic_write_text
 from distill.signals.teacher_signal import TeacherSignal
 from distill.training.checkpoint import list_checkpoints, save_checkpoint
+from distill.training.held_out import EVAL_SPLIT, BestSoFar, HeldOut, evaluate_held_out, is_eval_row
 from distill.training.on_policy import ResponseSampler
 from distill.training.step import BatchObjective, loss_on_batch
 
@@ -38,6 +39,8 @@ class LoopSettings:
     keep_checkpoints: int
     nan_tolerance: int = 0  # non-finite steps skipped (no update) before the run stops
     training_set: str = ""  # the data's hash, kept in every checkpoint
+    eval_every: int = 0  # held-out evaluation every this many steps and at the last (0: never)
+    patience: Optional[int] = None  # evaluations without a better best-so-far before stopping early
 
 
 @dataclass
@@ -61,6 +64,8 @@ class Training:
     metrics: "MetricsLog"
     settings: LoopSettings
     sampler: Optional[ResponseSampler] = None  # method.kind on_policy: samples responses for its micro-batches
+    held_out: Optional[HeldOut] = None  # what train.eval_every evaluates on
+    best: Optional[BestSoFar] = None  # train.keep_best's best-so-far
 
 
 @dataclass
@@ -99,12 +104,16 @@ def accumulate_gradients(t: Training, step: int) -> StepResult:
 
 
 def run_loop(t: Training, start: int, *, stop_after: Optional[int] = None, progress: bool = True) -> Optional[float]:
-    """Train from step `start` to settings.steps; return the last loss, or None when stopped at `stop_after`."""
+    """Train from step `start` to settings.steps, evaluating on the held-out batches every settings.eval_every steps
+    and stopping early when settings.patience runs out; return the last loss, or None when stopped at `stop_after`."""
     s = t.settings
     last, skipped = float("nan"), 0
+    if t.best is not None and t.best.stopped is not None:
+        return last  # train.patience already ran out before this resume
     window_tokens, window_start = 0, time.perf_counter()
     bar = tqdm(range(start, s.steps), initial=start, total=s.steps, desc="train", disable=not progress,
                dynamic_ncols=True)
+    postfix: dict[str, str] = {}
     for step in bar:
         result = accumulate_gradients(t, step)
         if result.finite:
@@ -122,17 +131,43 @@ def run_loop(t: Training, start: int, *, stop_after: Optional[int] = None, progr
                       "grad_norm": result.grad_norm, "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
             record.update(t.sampler.take_metrics() if t.sampler is not None else {})
             t.metrics.write(record)
-            bar.set_postfix(loss=f"{last:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            postfix.update(loss=f"{last:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(postfix)
             window_tokens, window_start = 0, time.perf_counter()
-        if done % s.checkpoint_every == 0 or done == s.steps or done == stop_after:
+        stop_early = False
+        if t.held_out is not None and s.eval_every and (done % s.eval_every == 0 or done == s.steps):
+            stop_early = _evaluate(t, done, postfix)
+            bar.set_postfix(postfix)
+        if done % s.checkpoint_every == 0 or done == s.steps or done == stop_after or stop_early:
             _refuse_non_finite_weights(t, done)
+            best = t.best
             save_checkpoint(t.checkpoint_dir, done, t.student, t.optimizer, t.scheduler, s.keep_checkpoints,
-                            t.matcher, s.training_set)
-        if done == stop_after:
+                            t.matcher, s.training_set, best=None if best is None else best.state(),
+                            best_weights=None if best is None or best.step == done else best.weights)
+        if done == stop_after or stop_early:
             bar.close()
-            return None
+            return None if done == stop_after else last
     bar.close()
     return last
+
+
+def _evaluate(t: Training, step: int, postfix: dict[str, str]) -> bool:
+    """Evaluate on the held-out batches, log the row, update the best so far; True when patience runs out."""
+    metrics = evaluate_held_out(t.student, t.held_out, t.objective, t.compute_dtype, t.device, t.matcher)
+    t.metrics.write({"step": step, "split": EVAL_SPLIT, **metrics})
+    shown = metrics.get("eval_loss", metrics.get("eval_ce"))
+    if shown is not None:
+        postfix["eval"] = f"{shown:.4f}"
+    if t.best is None:
+        return False
+    t.best.update(metrics, step, t.student)
+    patience = t.settings.patience
+    if patience is None or t.best.evals_since < patience:
+        return False
+    t.best.stopped = step
+    log.info("train: no better %s in %d evaluations (best %.4f at step %d); stopping early at step %d",
+             t.best.metric, patience, t.best.value if t.best.value is not None else math.nan, t.best.step or 0, step)
+    return True
 
 
 def _refuse_divergence(t: Training, step: int, result: StepResult, skipped: int) -> None:
@@ -182,7 +217,8 @@ def _step_of(line: str) -> float:
 
 
 class MetricsLog:
-    """metrics.jsonl, one object per logged step; on resume, entries past the checkpoint are dropped."""
+    """metrics.jsonl, one object per logged step and per held-out evaluation ("split": "eval"); on resume, entries
+    past the checkpoint are dropped."""
 
     def __init__(self, path: Path, resume_step: int, tensorboard_dir: Optional[Path] = None):
         self.path = path
@@ -196,15 +232,23 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tensorboard is not None:
+            split = EVAL_SPLIT if is_eval_row(record) else "train"
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
+                    self.tensorboard.add_scalar(f"{split}/{key.removeprefix('eval_')}", value, record["step"])
 
 
 def last_logged_loss(path: Path) -> float:
-    """The loss of the last step logged in a metrics.jsonl (nan when nothing is logged)."""
+    """The loss of the last training step logged in a metrics.jsonl (nan when nothing is logged)."""
     lines = path.read_text().splitlines() if path.is_file() else []
-    return float(json.loads(lines[-1]).get("loss", float("nan"))) if lines else float("nan")
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if isinstance(record, dict) and not is_eval_row(record):
+            return float(record.get("loss", float("nan")))
+    return float("nan")
 
 
 def _tensorboard(log_dir: Path):

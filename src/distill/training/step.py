@@ -22,6 +22,7 @@ class BatchLoss(LossOutput):
     """LossOutput plus the hidden-state term: detached and unweighted, None when method.hidden is off."""
 
     hidden: Optional[torch.Tensor] = None
+    top1_matches: Optional[int] = None  # trained positions where the student's top-1 is the teacher's (when asked)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ def loss_on_batch(
     student: PreTrainedModel, signal: Optional[TeacherSignal], batch: dict[str, torch.Tensor],
     objective: BatchObjective, compute_dtype: torch.dtype = torch.float32,
     matcher: Optional[HiddenStateMatcher] = None, *, indices: Optional[Sequence[int]] = None,
+    count_agreement: bool = False,
 ) -> BatchLoss:
     """The recipe's loss on one micro-batch, without ever holding [batch, seq, vocab] logits.
 
@@ -50,7 +52,8 @@ def loss_on_batch(
     rows of the batch's examples, `indices`: the rows of the training examples the batch was drawn from);
     None, or an objective without KD, trains on the labels alone. Either signal's rows bring their own chunked
     loss. With a matcher, `hidden_weight` times its loss on the block outputs of every real token (prompt
-    included, padding not) is added to the logit loss.
+    included, padding not) is added to the logit loss. `count_agreement` also counts the trained positions where
+    the student's top-1 token is the teacher's (held-out evaluation; needs a teacher signal).
     """
     if matcher is not None and (signal is None or not objective.kd or objective.hidden_weight is None):
         raise DistillError("method.hidden: hidden-state KD needs method.hidden set, method.kind: kd and a teacher")
@@ -73,8 +76,11 @@ def loss_on_batch(
         out = teacher.chunked_loss(hidden, head, labels, objective.loss)
     else:
         out = sft_loss_chunked(hidden, head, labels, objective.loss)
+    matches = None
+    if count_agreement and teacher is not None:
+        matches = teacher.top1_matches(hidden.detach(), head.detach(), labels, objective.loss.chunk_size)
     if matcher is None:
-        return BatchLoss(**vars(out))
+        return BatchLoss(**vars(out), top1_matches=matches)
     hidden_loss = matcher(student_states, teacher_states, real)
     return BatchLoss(loss=out.loss + objective.hidden_weight * hidden_loss, kd=out.kd, ce=out.ce,
-                     n_tokens=out.n_tokens, hidden=hidden_loss.detach())
+                     n_tokens=out.n_tokens, hidden=hidden_loss.detach(), top1_matches=matches)
