@@ -16,7 +16,6 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from distill.errors import DistillError
