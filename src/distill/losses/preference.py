@@ -83,7 +83,8 @@ def pair_loss(
     reference (simpo: b * its mean token log-prob). sft_weight adds the chosen tokens' mean NLL (RPO).
     """
     if settings.loss not in PAIR_LOSSES:
-        raise DistillError(f"method.loss: unknown preference loss {settings.loss!r} (expected {', '.join(PAIR_LOSSES)})")
+        raise DistillError(f"method.loss: unknown preference loss {settings.loss!r} "
+                           f"(expected {', '.join(PAIR_LOSSES)})")
     beta, ls = settings.beta, settings.label_smoothing
     n_chosen, n_rejected = chosen_tokens.clamp(min=1).to(chosen.dtype), rejected_tokens.clamp(min=1).to(chosen.dtype)
     if settings.loss in LENGTH_NORMALISED:

@@ -16,6 +16,7 @@ from distill.data.tokenize import collate, padding_id
 from distill.errors import DistillError
 from distill.losses.hidden import HiddenStateMatcher, check_layer_map, default_layer_map
 from distill.losses.objective import LossSettings
+from distill.losses.preference import PreferenceSettings
 from distill.models import check_tokenizers, count_params, load_tokenizer, save_model
 from distill.models.heads import base_model, decoder_layers
 from distill.recipe import MethodSpec, Recipe
@@ -43,9 +44,11 @@ from distill.stages.facts import (
     teacher_tokenizer,
     uses_teacher_cache,
 )
+from distill.stages.pairs import check_pairs, pair_training_items
 from distill.stages.student import initial_student
 from distill.training.checkpoint import STEP_PREFIX, list_checkpoints, load_checkpoint
 from distill.training.loop import LoopSettings, MetricsLog, Training, check_finite, last_logged_loss, run_loop
+from distill.training.preference import PairItem, PairObjective, collate_pairs
 from distill.training.schedule import lr_multiplier
 from distill.training.step import BatchObjective
 
@@ -103,9 +106,15 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
         for model, name in ((student, "student"), (teacher, "teacher")):
             if model is not None:
                 check_packing_support(model, name)
-    data = TrainingSet(examples, held_out, encode(recipe, examples, tokenizer))
-    signal = teacher_signal(recipe, teacher, tokenizer, data.encoded)
-    items, to_batch = _batch_items(recipe, data)
+    pair_objective = preference_objective(recipe.method)
+    if pair_objective is not None:  # method.kind: dpo trains on pairs built by the pairs stage
+        signal, items, to_batch = None, pair_training_items(recipe, student, tokenizer), collate_pairs
+        data_hash = pairs_hash(items)
+    else:
+        data = TrainingSet(examples, held_out, encode(recipe, examples, tokenizer))
+        signal = teacher_signal(recipe, teacher, tokenizer, data.encoded)
+        items, to_batch = _batch_items(recipe, data)
+        data_hash = training_set_hash(data)
     if t.lora is not None:
         student = _apply_lora(student, recipe)
     student.train()
@@ -117,7 +126,7 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
     factor = lr_multiplier(t.schedule, total_steps=t.steps, warmup_steps=t.warmup_steps,
                            min_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    start, data_hash = 0, training_set_hash(data)
+    start = 0
     if checkpoint is not None:
         start = load_checkpoint(checkpoint, student, optimizer, scheduler, matcher, data_hash)
         log.info("resumed from %s (step %d of %d)", checkpoint, start, t.steps)
@@ -130,7 +139,7 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
         compute_dtype=compute_dtype(recipe), device=device(recipe), items=items, to_batch=to_batch,
         pad_id=padding_id(tokenizer), trainable=trainable, optimizer=optimizer, scheduler=scheduler,
         checkpoint_dir=files.checkpoints,
-        metrics=MetricsLog(files.metrics, start, files.tensorboard), settings=settings,
+        metrics=MetricsLog(files.metrics, start, files.tensorboard), settings=settings, pair_objective=pair_objective,
     )
     return training, start
 
@@ -151,6 +160,21 @@ def batch_objective(m: MethodSpec) -> BatchObjective:
     loss = LossSettings(divergence=m.divergence, temperature=m.temperature, alpha=m.alpha, beta=m.beta, skew=m.skew,
                         chunk_size=m.chunk_size)
     return BatchObjective(loss, kd=m.kind == "kd", hidden_weight=m.hidden.weight if m.hidden is not None else None)
+
+
+def preference_objective(m: MethodSpec) -> Optional[PairObjective]:
+    """method.kind: dpo's pair loss from the method section; None for the other kinds."""
+    if m.kind != "dpo":
+        return None
+    return PairObjective(PreferenceSettings(loss=m.loss, beta=m.beta, label_smoothing=m.label_smoothing,
+                                            simpo_gamma=m.simpo_gamma, sft_weight=m.sft_weight,
+                                            chunk_size=m.chunk_size))
+
+
+def pairs_hash(items: list[PairItem]) -> str:
+    """One hash of every pair's tokens and reference log-probs (kept in checkpoints, like training_set_hash)."""
+    return dataset_hash([example_hash(i.chosen.input_ids + i.rejected.input_ids, i.chosen.labels + i.rejected.labels)
+                         + f":{i.ref_chosen!r}:{i.ref_rejected!r}" for i in items])
 
 
 def training_set_hash(data: TrainingSet) -> str:
@@ -213,6 +237,7 @@ def hidden_matcher(
 
 def _check_recipe(recipe: Recipe) -> None:
     """Combinations the trainer cannot run, refused before any model loads."""
+    check_pairs(recipe)
     if recipe.method.hidden is not None and recipe.method.kind != "kd":
         raise DistillError(
             f"method.hidden: hidden-state KD needs the teacher's states (method.kind: kd), "

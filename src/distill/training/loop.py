@@ -18,6 +18,7 @@ from distill.losses.hidden import HiddenStateMatcher
 from distill.runtime import atomic_write_text
 from distill.signals.teacher_signal import TeacherSignal
 from distill.training.checkpoint import list_checkpoints, save_checkpoint
+from distill.training.preference import PAIR_TERMS, PairObjective
 from distill.training.step import BatchObjective, loss_on_batch
 
 log = logging.getLogger("distill")
@@ -59,6 +60,7 @@ class Training:
     checkpoint_dir: Path
     metrics: "MetricsLog"
     settings: LoopSettings
+    pair_objective: Optional[PairObjective] = None  # method.kind: dpo: items are pairs, and this is their loss
 
 
 @dataclass
@@ -78,11 +80,16 @@ def accumulate_gradients(t: Training, step: int) -> StepResult:
     """Forward and backward over the step's micro-batches; gradients are left for the update."""
     s = t.settings
     totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, **({"hidden": 0.0} if t.matcher is not None else {})}
+    if t.pair_objective is not None:
+        totals = dict.fromkeys(PAIR_TERMS, 0.0)
     tokens = 0
     for micro in range(s.grad_accum):
         idx = batch_indices(len(t.items), s.batch_size, s.seed, step * s.grad_accum + micro)
         batch = {k: v.to(t.device) for k, v in t.to_batch([t.items[i] for i in idx], t.pad_id).items()}
-        out = loss_on_batch(t.student, t.signal, batch, t.objective, t.compute_dtype, t.matcher, indices=idx)
+        if t.pair_objective is not None:
+            out = t.pair_objective(t.student, batch, t.compute_dtype)
+        else:
+            out = loss_on_batch(t.student, t.signal, batch, t.objective, t.compute_dtype, t.matcher, indices=idx)
         (out.loss / s.grad_accum).backward()
         for key in totals:
             totals[key] += float(getattr(out, key).detach()) / s.grad_accum
