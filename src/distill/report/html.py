@@ -17,6 +17,9 @@ from distill.runtime import atomic_write_text
 MAX_SAMPLES = 20
 # Curves drawn first and named; any other numeric key of metrics.jsonl follows under its own name.
 CURVE_LABELS = {"loss": "total loss", "kd": "KD loss", "ce": "cross-entropy", "hidden": "hidden-state loss",
+                "margin": "DPO reward margin (chosen - rejected)", "accuracy": "DPO reward accuracy (chosen > rejected)",
+                "chosen_logp": "log-prob of chosen answers", "rejected_logp": "log-prob of rejected answers",
+                "sft": "NLL of chosen answers",
                 "lr": "learning rate", "grad_norm": "gradient norm", "tokens_per_s": "training tokens/s"}
 EVAL_PREFIXES = ("eval_", "eval/")  # metrics keys logged on held-out data: drawn beside their training curve
 SIDES = ("teacher", "student")
