@@ -236,7 +236,7 @@ def test_every_command_has_a_handler_and_help():
     from distill.cli import COMMANDS, _parser
 
     names = [c.name for c in COMMANDS]
-    assert names == ["run", "generate", "train", "eval", "filter", "capture", "student", "plan", "convert",
+    assert names == ["run", "generate", "train", "eval", "filter", "pairs", "capture", "student", "plan", "convert",
                      "export", "serve", "report", "compare"]
     help_text = _parser().format_help()
     for command in COMMANDS:

@@ -260,6 +260,15 @@ def _capture(args: argparse.Namespace) -> None:
     print(f"teacher cache: {stats.path} ({stats.examples} examples, {stats.bytes / 1e6:.1f} MB){hint}")
 
 
+def _pairs(args: argparse.Namespace) -> None:
+    recipe = _recipe(args)
+    _prepare_run(recipe, args)
+    stats = _stages().build_pairs(recipe, progress=not args.no_progress)
+    dropped = ", ".join(f"{n} {reason}" for reason, n in stats.dropped.items()) or "none"
+    print(f"pairs ({stats.source}): {stats.planned} planned, {stats.existing} already built, {stats.built} built "
+          f"now; dropped: {dropped} -> {recipe.run_dir / 'pairs'}")
+
+
 def _student(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     setup_logging()
@@ -325,6 +334,8 @@ COMMANDS: tuple[Command, ...] = (
     _stage("eval", "measure teacher and student; write report.json and print the table", _eval_arguments, _eval),
     _stage("filter", "keep the teacher answers that pass the recipe's filter section (writes a report)",
            _filter_arguments, _filter),
+    _stage("pairs", "build the preference pairs of method.kind: dpo with their reference log-probs (resumable)",
+           _stage_arguments, _pairs),
     _stage("capture", "cache the teacher's top-k log-probs on the training data (teacher.cache; resumable)",
            _stage_arguments, _capture),
     Command("student", "build the recipe's student (cut from the teacher, or new) without training",

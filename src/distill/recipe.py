@@ -160,6 +160,7 @@ class DataSpec(Section):
     prompts_split: str = "train"  # for hf:// prompts: the dataset split
     prompts_config: Optional[str] = None  # for hf:// prompts: the dataset configuration (e.g. "main" for gsm8k)
     train: Optional[str] = None  # JSONL of prompt/response, messages, or text; or a .txt file
+    pairs: Optional[str] = None  # preference pairs (chosen/rejected) for method.kind: dpo
     eval: Optional[str] = None  # held-out examples; default: a split of the training data
     eval_fraction: Float = Field(default=0.1, ge=0.0, lt=1.0)
     max_eval_examples: Int = Field(default=64, gt=0)
@@ -172,8 +173,8 @@ class DataSpec(Section):
 
     @model_validator(mode="after")
     def _some_data(self) -> "DataSpec":
-        if self.prompts is None and self.train is None:
-            raise ValueError("give data.prompts (for the teacher to answer) or data.train")
+        if self.prompts is None and self.train is None and self.pairs is None:
+            raise ValueError("give data.prompts (for the teacher to answer), data.train or data.pairs")
         return self
 
 
@@ -238,15 +239,20 @@ class OnPolicySampling(Section):
     stop: list[str] = Field(default_factory=list)  # stop strings, besides the tokenizer's end-of-turn tokens
 
 
+PreferenceLoss = Literal["sigmoid", "ipo", "hinge", "simpo"]  # distill.losses.preference.PAIR_LOSSES
+DEFAULT_JSD_BETA, DEFAULT_DPO_BETA = 0.5, 0.1
+
+
 class MethodSpec(Section):
     """What the student learns from: teacher logits on the teacher's text (kd) or on its own samples (on_policy),
-    or only teacher text (sft)."""
+    only teacher text (sft), or preference pairs (dpo)."""
 
-    kind: Literal["kd", "on_policy", "sft"] = "kd"
+    kind: Literal["kd", "on_policy", "sft", "dpo"] = "kd"
     divergence: Divergence = "forward_kl"  # on_policy: reverse_kl unless set
     temperature: Float = Field(default=1.0, gt=0.0)
     alpha: Float = Field(default=0.5, ge=0.0, le=1.0)  # weight of cross-entropy on labels; 1-alpha on KD
-    beta: Float = Field(default=0.5, gt=0.0, lt=1.0)  # JSD mixing weight
+    # JSD mixing weight (kd, below 1; default 0.5), or DPO's beta (dpo; default 0.1)
+    beta: Optional[Float] = Field(default=None, gt=0.0)
     skew: Float = Field(default=0.1, ge=0.0, lt=1.0)  # skew KL mixing weight
     chunk_size: Int = Field(default=192, gt=0)  # positions per chunk in the memory-safe loss (see docs/benchmarks.md)
     hidden: Optional[HiddenStateSpec] = None  # also match intermediate hidden states
@@ -261,6 +267,23 @@ class MethodSpec(Section):
     weighting: Literal["none", "teacher_confidence", "teacher_entropy"] = "none"
     weighting_floor: Float = Field(default=0.1, gt=0.0, le=1.0)  # confidences below it count as it
     weighting_temperature: Float = Field(default=1.0, gt=0.0)  # weights ~ confidence ** (1 / this)
+    # method.kind: dpo (docs/preference.md)
+    loss: PreferenceLoss = "sigmoid"
+    label_smoothing: Float = Field(default=0.0, ge=0.0, lt=0.5)  # sigmoid and simpo: the share of flipped labels
+    sft_weight: Float = Field(default=0.0, ge=0.0)  # RPO: weight of an NLL term on the chosen responses
+    simpo_gamma: Float = Field(default=0.5, ge=0.0)  # SimPO's target reward margin
+
+    @model_validator(mode="after")
+    def _beta_for_kind(self) -> "MethodSpec":
+        if self.beta is None:
+            self.beta = DEFAULT_DPO_BETA if self.kind == "dpo" else DEFAULT_JSD_BETA
+        elif self.kind != "dpo" and self.beta >= 1.0:
+            raise ValueError(f"method.beta: the JSD mixing weight must be below 1, got {self.beta:g}")
+        if self.kind == "dpo" and self.label_smoothing and self.loss not in ("sigmoid", "simpo"):
+            raise ValueError(f"method.label_smoothing applies to method.loss sigmoid or simpo, not {self.loss}")
+        if self.kind == "dpo" and self.hidden is not None:
+            raise ValueError("method.hidden: hidden-state KD needs method.kind: kd, not dpo")
+        return self
 
     @model_validator(mode="after")
     def _weighting_needs_a_teacher(self) -> "MethodSpec":
@@ -279,6 +302,16 @@ class MethodSpec(Section):
     def learns_from_teacher_logits(self) -> bool:
         """Whether the loss needs the teacher's distribution (kd, on_policy), not only its text (sft)."""
         return self.kind in ("kd", "on_policy")
+
+
+class PairsSpec(Section):
+    """Where method.kind: dpo gets its preference pairs (`distill pairs` builds them; docs/preference.md)."""
+
+    # file: the ready pairs of data.pairs; teacher_vs_student: chosen = the teacher's answer to each of
+    # data.prompts (its teacher data), rejected = the starting student's greedy answer to the same prompt
+    source: Literal["file", "teacher_vs_student"] = "file"
+    max_new_tokens: Optional[Int] = Field(default=None, gt=0)  # the student's answers; default generate's
+    batch_size: Int = Field(default=8, gt=0)  # pairs per batch of student generation and reference log-probs
 
 
 class LoraSpec(Section):
@@ -508,6 +541,7 @@ class Recipe(Section):
     generate: GenerateSpec = Field(default_factory=GenerateSpec)
     filter: Optional[FilterSpec] = None  # when given, training uses only the teacher answers that pass it
     method: MethodSpec = Field(default_factory=MethodSpec)
+    pairs: Optional[PairsSpec] = None  # how method.kind: dpo gets its pairs (default: the ready pairs of data.pairs)
     train: TrainSpec = Field(default_factory=TrainSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
@@ -614,7 +648,7 @@ def recipe_from_dict(data: dict, source: str = "<recipe>", base_dir: Path | None
 def _check_files(recipe: Recipe, source: str) -> None:
     """Report missing local files now, before any model is loaded."""
     d = recipe.data
-    named = {"data.prompts": d.prompts, "data.train": d.train, "data.eval": d.eval}
+    named = {"data.prompts": d.prompts, "data.train": d.train, "data.eval": d.eval, "data.pairs": d.pairs}
     for i, f in enumerate(d.text_files):
         named[f"data.text_files.{i}"] = f
     for key, value in named.items():

@@ -35,6 +35,11 @@ class RunDir:
         return self.root / "teacher_data.filtered.jsonl"
 
     @property
+    def pairs(self) -> Path:
+        """Preference pairs with their reference log-probs (`distill pairs`): resumable shards like teacher_data."""
+        return self.root / "pairs"
+
+    @property
     def student_init(self) -> Path:
         """The student as built before training (cut from the teacher, or new)."""
         return self.root / "student_init"

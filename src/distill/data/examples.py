@@ -9,10 +9,12 @@ from typing import Any, Callable
 from distill.data.layouts import (
     EmptyAnswer,
     Example,
+    PreferencePair,
     Prompt,
     RecordError,
     example_from_record,
     map_fields,
+    pair_from_record,
     prompt_from_record,
 )
 from distill.data.readers import (
@@ -97,6 +99,18 @@ def read_examples(path: str | Path) -> list[Example]:
         for where, record in json_records(path):
             collector.add(where, record, example_from_record)
     return collector.finish("examples")
+
+
+def read_pairs(path: str | Path) -> list[PreferencePair]:
+    """Preference pairs from .jsonl/.json (layouts: distill.data.layouts.PAIR_LAYOUTS); a bad record is file:line."""
+    path = Path(path)
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        raise DistillError(f"{path}: unsupported file type {path.suffix!r} for preference pairs "
+                           "(expected .jsonl or .json)")
+    collector = _Collector(path)
+    for where, record in json_records(path):
+        collector.add(where, record, pair_from_record)
+    return collector.finish("preference pairs")
 
 
 def read_prompts(

@@ -242,3 +242,83 @@ def map_fields(record: Any, fields: dict[str, str]) -> Any:
 
 def _record_id(record: dict, content: Any) -> str:
     return str(record["id"]) if record.get("id") is not None else _content_id(content)
+
+
+# ---------------------------------------------------------------- preference pairs
+
+PAIR_LAYOUTS = (
+    "prompt/chosen/rejected (strings, or message lists)",
+    "instruction/input/chosen/rejected (Alpaca)",
+    "messages or conversations (ShareGPT) + chosen + rejected",
+    "chosen/rejected as whole conversations sharing their prompt",
+)
+
+
+@dataclass
+class PreferencePair:
+    """A prompt (`messages`, ending with a user turn) and two answers to it, the preferred one first."""
+
+    id: str
+    messages: Messages
+    chosen: str
+    rejected: str
+
+
+def _side_turns(value: Any, key: str) -> Messages:
+    """A chosen/rejected value as turns: a string is one assistant turn; a dict one turn; a list several."""
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    turns = [value] if isinstance(value, dict) else value
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
+        raise RecordError(f"{key!r} must be a string, a message or a list of messages")
+    sharegpt = all("from" in t for t in turns)
+    messages, _ = _turns({key: turns}, key, *(("from", "value", SHAREGPT_ROLES) if sharegpt
+                                               else ("role", "content", {r: r for r in ROLES})))
+    return messages
+
+
+def _pair_prompt(record: dict) -> Messages | None:
+    """The prompt of a pair record given apart from its answers (None when the answers carry it)."""
+    conversation = _conversation(record)
+    if conversation is None and isinstance(record.get("prompt"), list):
+        conversation = _turns(record, "prompt", "role", "content", {r: r for r in ROLES})
+    if conversation is not None:
+        messages, names = conversation
+        _check_contents(messages, names)
+        return messages
+    question = _question(record)
+    return None if question is None else [{"role": "user", "content": question}]
+
+
+def _answer_of(turns: Messages, key: str) -> str:
+    if turns[-1]["role"] != "assistant":
+        raise RecordError(f"{key!r} does not end with an assistant answer")
+    answer = turns[-1]["content"]
+    if not answer.strip():
+        raise RecordError(f"empty {key!r}")
+    return answer
+
+
+def pair_from_record(record: Any) -> PreferencePair:
+    """One preference pair from a parsed record of any PAIR_LAYOUTS; raises RecordError naming what is wrong."""
+    record = _as_dict(record)
+    for key in ("chosen", "rejected"):
+        if record.get(key) is None:
+            raise RecordError(f"missing {key!r} (a preference pair needs chosen and rejected)")
+    chosen, rejected = _side_turns(record["chosen"], "chosen"), _side_turns(record["rejected"], "rejected")
+    prompt = _pair_prompt(record)
+    if prompt is None:  # implicit prompt: both answers are whole conversations that share it
+        prompt, rest = chosen[:-1], rejected[:-1]
+        if not prompt or prompt != rest:
+            raise _unknown_layout(record, PAIR_LAYOUTS) if not prompt else \
+                RecordError("chosen and rejected conversations do not share their prompt")
+    while prompt and prompt[-1]["role"] == "assistant":
+        prompt = prompt[:-1]  # an answer left in the prompt is not part of the question
+    if not prompt or prompt[-1]["role"] != "user":
+        raise RecordError("the prompt does not end with a user turn")
+    better, worse = _answer_of(chosen, "chosen"), _answer_of(rejected, "rejected")
+    if better.strip() == worse.strip():
+        raise RecordError("chosen equals rejected (a pair needs two different answers)")
+    messages = _with_system(record, prompt)
+    return PreferencePair(id=_record_id(record, [messages, better, worse]), messages=messages, chosen=better,
+                          rejected=worse)

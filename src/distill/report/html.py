@@ -21,7 +21,10 @@ CURVE_LABELS = {"loss": "total loss", "kd": "KD loss", "ce": "cross-entropy", "h
                 "sample_length": "on-policy: mean sample length (tokens)",
                 "eos_share": "on-policy: samples that end on their own", "loop_share": "on-policy: samples that loop",
                 "sample_tokens_per_s": "on-policy: sampled tokens/s",
-                "agreement": "top-1 agreement with the teacher"}
+                "agreement": "top-1 agreement with the teacher",
+                "margin": "DPO reward margin (chosen - rejected)", "accuracy": "DPO reward accuracy (chosen > rejected)",
+                "chosen_logp": "log-prob of chosen answers", "rejected_logp": "log-prob of rejected answers",
+                "sft": "NLL of chosen answers"}
 EVAL_PREFIXES = ("eval_", "eval/")  # metrics keys logged on held-out data: drawn beside their training curve
 SERIES_NAMES = {"eval": "held-out"}  # a curve's lines, as its legend names them
 EVAL_SPLIT = "eval"  # metrics.jsonl rows of held-out evaluations (train.eval_every) carry "split": "eval"

@@ -1,4 +1,4 @@
-"""The stages of a run: generate -> filter -> capture -> student -> train -> export -> eval -> report.
+"""The stages of a run: generate -> filter -> capture -> student -> pairs (dpo) -> train -> export -> eval -> report.
 
 Below the CLI, only these (and `distill plan`) read a Recipe. Each stage is callable on its own; `run` calls them
 in order.
@@ -19,13 +19,14 @@ from distill.stages.data import recipe_examples
 from distill.stages.evaluation import evaluate
 from distill.stages.exports import export, export_targets
 from distill.stages.facts import run_files, uses_teacher_cache
+from distill.stages.pairs import build_pairs, check_pairs
 from distill.stages.reporting import report
 from distill.stages.student import build_student
 from distill.stages.teacher_data import filter_data, generate
 from distill.stages.training import check_recipe, train
 
-__all__ = ["prepare_run_dir", "generate", "filter_data", "capture", "build_student", "train", "export_targets",
-           "export", "evaluate", "report", "run"]
+__all__ = ["prepare_run_dir", "generate", "filter_data", "capture", "build_student", "check_pairs", "build_pairs",
+           "train", "export_targets", "export", "evaluate", "report", "run"]
 
 log = logging.getLogger("distill")
 
@@ -45,6 +46,7 @@ def _first_difference(old: object, new: object, prefix: str = "") -> str | None:
 
 def prepare_run_dir(recipe: Recipe, *, restart: bool = False) -> Path:
     """Create the run directory and keep the resolved recipe in it; refuse to mix two recipes' checkpoints."""
+    check_pairs(recipe)  # method.kind: dpo without pairs: refused before anything is written
     files = run_files(recipe)
     files.root.mkdir(parents=True, exist_ok=True)
     current = recipe.model_dump(mode="json")
@@ -76,6 +78,8 @@ def run(recipe: Recipe, *, restart: bool = False, progress: bool = True) -> dict
         capture(recipe, progress=progress)
     if recipe.student.model is None:
         build_student(recipe)
+    if recipe.method.kind == "dpo":  # resumable: built pairs are kept
+        build_pairs(recipe, progress=progress)
     train(recipe, progress=progress)
     export(recipe)
     result = evaluate(recipe, progress=progress)

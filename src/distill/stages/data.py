@@ -6,8 +6,8 @@ from typing import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from distill.data.examples import load_teacher_data, read_examples, read_prompts, split_train_eval
-from distill.data.layouts import Example, Prompt
+from distill.data.examples import load_teacher_data, read_examples, read_pairs, read_prompts, split_train_eval
+from distill.data.layouts import Example, PreferencePair, Prompt
 from distill.data.tokenize import EncodedExample, encode_all
 from distill.errors import DistillError
 from distill.recipe import Recipe
@@ -72,12 +72,19 @@ def recipe_examples(recipe: Recipe) -> tuple[list[Example], list[Example]]:
         examples += load_teacher_data(path, ids=planned_ids(recipe))
     if recipe.data.train is not None:
         examples += read_examples(recipe.path(recipe.data.train))
+    if recipe.data.pairs is not None and recipe.method.kind == "dpo":  # the preferred answers: eval text
+        examples += [chosen_example(p) for p in read_pairs(recipe.path(recipe.data.pairs))]
     if not examples:
         raise DistillError("recipe data: no training examples")
     if recipe.data.eval is not None:
         held_out = read_examples(recipe.path(recipe.data.eval))[: recipe.data.max_eval_examples]
         return examples, held_out
     return split_train_eval(examples, recipe.data.eval_fraction, recipe.seed, recipe.data.max_eval_examples)
+
+
+def chosen_example(pair: PreferencePair) -> Example:
+    """A pair's prompt with its chosen answer, under the pair's id (what eval measures; dpo trains the rest)."""
+    return Example(id=pair.id, messages=pair.messages + [{"role": "assistant", "content": pair.chosen}])
 
 
 def encode(recipe: Recipe, examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase) -> list[EncodedExample]:

@@ -16,6 +16,7 @@ from distill.data.tokenize import collate, padding_id
 from distill.errors import DistillError
 from distill.losses.hidden import HiddenStateMatcher, check_layer_map, default_layer_map
 from distill.losses.objective import LossSettings
+from distill.losses.preference import PreferenceSettings
 from distill.models import check_tokenizers, count_params, load_tokenizer, save_model
 from distill.models.heads import base_model, decoder_layers
 from distill.recipe import MethodSpec, Recipe
@@ -47,12 +48,14 @@ from distill.stages.facts import (
     teacher_tokenizer,
     uses_teacher_cache,
 )
+from distill.stages.pairs import check_pairs, pair_training_items
 from distill.stages.student import initial_student
 from distill.teachers.local import stop_ids
 from distill.training.checkpoint import STEP_PREFIX, list_checkpoints, load_checkpoint, read_best, read_best_weights
 from distill.training.held_out import BestSoFar, HeldOut
 from distill.training.loop import LoopSettings, MetricsLog, Training, check_finite, last_logged_loss, run_loop
 from distill.training.on_policy import ResponseSampler, SamplingSettings
+from distill.training.preference import PairItem, PairObjective, collate_pairs
 from distill.training.schedule import lr_multiplier
 from distill.training.step import BatchObjective
 
@@ -130,9 +133,15 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
         for model, name in ((student, "student"), (teacher, "teacher")):
             if model is not None:
                 check_packing_support(model, name)
-    data = TrainingSet(examples, held_out, encode(recipe, examples, tokenizer))
-    signal = teacher_signal(recipe, teacher, tokenizer, data.encoded)
-    items, to_batch = _batch_items(recipe, data)
+    pair_objective = preference_objective(recipe.method)
+    if pair_objective is not None:  # method.kind: dpo trains on pairs built by the pairs stage
+        signal, items, to_batch = None, pair_training_items(recipe, student, tokenizer), collate_pairs
+        data_hash = pairs_hash(items)
+    else:
+        data = TrainingSet(examples, held_out, encode(recipe, examples, tokenizer))
+        signal = teacher_signal(recipe, teacher, tokenizer, data.encoded)
+        items, to_batch = _batch_items(recipe, data)
+        data_hash = training_set_hash(data)
     if t.lora is not None:
         student = _apply_lora(student, recipe)
     student.train()
@@ -144,7 +153,7 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
     factor = lr_multiplier(t.schedule, total_steps=t.steps, warmup_steps=t.warmup_steps,
                            min_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    start, data_hash = 0, training_set_hash(data)
+    start = 0
     if checkpoint is not None:
         start = load_checkpoint(checkpoint, student, optimizer, scheduler, matcher, data_hash)
         log.info("resumed from %s (step %d of %d)", checkpoint, start, t.steps)
@@ -157,7 +166,7 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
         compute_dtype=compute_dtype(recipe), device=device(recipe), items=items, to_batch=to_batch,
         pad_id=padding_id(tokenizer), trainable=trainable, optimizer=optimizer, scheduler=scheduler,
         checkpoint_dir=files.checkpoints,
-        metrics=MetricsLog(files.metrics, start, files.tensorboard), settings=settings,
+        metrics=MetricsLog(files.metrics, start, files.tensorboard), settings=settings, pair_objective=pair_objective,
         sampler=response_sampler(recipe, student, teacher, tokenizer),
         held_out=held_out_batches(recipe, tokenizer, held_out, signal) if settings.eval_every else None,
         best=best_so_far(recipe, checkpoint, start, student),
@@ -254,6 +263,21 @@ def batch_objective(m: MethodSpec) -> BatchObjective:
                           hidden_weight=m.hidden.weight if m.hidden is not None else None)
 
 
+def preference_objective(m: MethodSpec) -> Optional[PairObjective]:
+    """method.kind: dpo's pair loss from the method section; None for the other kinds."""
+    if m.kind != "dpo":
+        return None
+    return PairObjective(PreferenceSettings(loss=m.loss, beta=m.beta, label_smoothing=m.label_smoothing,
+                                            simpo_gamma=m.simpo_gamma, sft_weight=m.sft_weight,
+                                            chunk_size=m.chunk_size))
+
+
+def pairs_hash(items: list[PairItem]) -> str:
+    """One hash of every pair's tokens and reference log-probs (kept in checkpoints, like training_set_hash)."""
+    return dataset_hash([example_hash(i.chosen.input_ids + i.rejected.input_ids, i.chosen.labels + i.rejected.labels)
+                         + f":{i.ref_chosen!r}:{i.ref_rejected!r}" for i in items])
+
+
 def training_set_hash(data: TrainingSet) -> str:
     """One hash of every encoded training example: checkpoints keep it, so a resume on other data is refused."""
     return dataset_hash([example_hash(e.input_ids, e.labels) for e in data.encoded])
@@ -336,6 +360,7 @@ def hidden_matcher(
 
 def check_recipe(recipe: Recipe) -> None:
     """Combinations the trainer cannot run, refused before any model loads."""
+    check_pairs(recipe)
     m = recipe.method
     if m.hidden is not None and not m.learns_from_teacher_logits:
         raise DistillError(

@@ -20,6 +20,7 @@ from distill.signals.teacher_signal import TeacherSignal
 from distill.training.checkpoint import list_checkpoints, save_checkpoint
 from distill.training.held_out import EVAL_SPLIT, BestSoFar, HeldOut, evaluate_held_out, is_eval_row
 from distill.training.on_policy import ResponseSampler
+from distill.training.preference import PAIR_TERMS, PairObjective
 from distill.training.step import BatchObjective, loss_on_batch
 
 log = logging.getLogger("distill")
@@ -66,6 +67,7 @@ class Training:
     sampler: Optional[ResponseSampler] = None  # method.kind on_policy: samples responses for its micro-batches
     held_out: Optional[HeldOut] = None  # what train.eval_every evaluates on
     best: Optional[BestSoFar] = None  # train.keep_best's best-so-far
+    pair_objective: Optional[PairObjective] = None  # method.kind: dpo: items are pairs, and this is their loss
 
 
 @dataclass
@@ -85,15 +87,20 @@ def accumulate_gradients(t: Training, step: int) -> StepResult:
     """Forward and backward over the step's micro-batches; gradients are left for the update."""
     s = t.settings
     totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, **({"hidden": 0.0} if t.matcher is not None else {})}
+    if t.pair_objective is not None:
+        totals = dict.fromkeys(PAIR_TERMS, 0.0)
     tokens = 0
     for micro in range(s.grad_accum):
         idx = batch_indices(len(t.items), s.batch_size, s.seed, step * s.grad_accum + micro)
         batch = {k: v.to(t.device) for k, v in t.to_batch([t.items[i] for i in idx], t.pad_id).items()}
-        objective = t.objective
-        if t.sampler is not None:
-            batch, by_student = t.sampler.batch_for(t.student, batch, step, micro)
-            objective = objective.for_student_samples() if by_student else objective
-        out = loss_on_batch(t.student, t.signal, batch, objective, t.compute_dtype, t.matcher, indices=idx)
+        if t.pair_objective is not None:
+            out = t.pair_objective(t.student, batch, t.compute_dtype)
+        else:
+            objective = t.objective
+            if t.sampler is not None:
+                batch, by_student = t.sampler.batch_for(t.student, batch, step, micro)
+                objective = objective.for_student_samples() if by_student else objective
+            out = loss_on_batch(t.student, t.signal, batch, objective, t.compute_dtype, t.matcher, indices=idx)
         (out.loss / s.grad_accum).backward()
         for key in totals:
             totals[key] += float(getattr(out, key).detach()) / s.grad_accum
