@@ -294,11 +294,11 @@ def test_failure_midway_keeps_the_old_file_and_leaves_no_temp(tmp_path, padded_t
     out.write_bytes(b"old")
     calls = []
 
-    def failing_encode(data, qtype):
+    def failing_encode(data, qtype, importance=None):
         calls.append(qtype)
         if len(calls) == 3:
             raise RuntimeError("disk full")
-        return real_encode(data, qtype)
+        return real_encode(data, qtype, importance)
 
     real_encode = gguf_export._encode
     monkeypatch.setattr(gguf_export, "_encode", failing_encode)

@@ -125,7 +125,13 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", dest="fmt", default="hf", help="output format: hf (default) or gguf")
     p.add_argument("--quant", default=None,
                    help="hf: int8 or int4 (weight-only; pip install distill[quantize]); "
-                        "gguf: f32, f16 (default), bf16, q8_0, q5_1, q5_0, q4_1 or q4_0")
+                        "gguf: f32, f16 (default), bf16, q8_0, q5_1, q5_0, q4_1, q4_0, or a K-quant mix as "
+                        "llama.cpp's: q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k")
+    p.add_argument("--imatrix", default=None,
+                   help="gguf: importance matrix: auto (a run's export.imatrix; for a run, by default computed "
+                        "for K-quants over its training data), none, or an imatrix GGUF file")
+    p.add_argument("--imatrix-tokens", type=int, default=None,
+                   help="gguf: calibration tokens for --imatrix auto (default: the recipe's export.imatrix_tokens)")
     p.add_argument("--no-verify", action="store_true", help="gguf: skip loading the file back to compare logits")
     _debug_flag(p)
 
@@ -293,10 +299,23 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from distill.export import export_model
+    from distill.export import export_model, load_imatrix, parse_target
 
     setup_logging()
-    out = export_model(args.source, args.out, args.fmt, args.quant, verify=not args.no_verify)
+    if args.fmt == "gguf":
+        parse_target(f"gguf:{args.quant}" if args.quant else "gguf")  # an unknown type fails before any work
+    imatrix = None
+    if args.fmt == "gguf" and args.imatrix not in ("none",):
+        recipe_file = Path(args.source) / "recipe.yaml"
+        if args.imatrix not in (None, "auto"):
+            imatrix = load_imatrix(Path(args.imatrix))
+        elif recipe_file.is_file():
+            from distill.stages.exports import gguf_imatrix
+
+            imatrix = gguf_imatrix(load_recipe(recipe_file), args.quant, args.imatrix, args.imatrix_tokens)
+    elif args.imatrix not in (None, "none"):
+        raise DistillError("--imatrix: only for --format gguf")
+    out = export_model(args.source, args.out, args.fmt, args.quant, verify=not args.no_verify, imatrix=imatrix)
     print(f"exported {args.source} -> {out}")
 
 

@@ -398,8 +398,12 @@ class EvalSpec(Section):
 class ExportSpec(Section):
     """What `distill run` ships after training, into <run>/exports/ (where `distill eval` measures each one)."""
 
-    # "FORMAT[:QUANT]": hf, hf:int8, hf:int4 (pip install distill[quantize]), gguf (f16), gguf:q8_0, gguf:q4_0, ...
+    # "FORMAT[:QUANT]": hf, hf:int8, hf:int4 (pip install distill[quantize]), gguf (f16), gguf:q8_0, gguf:q4_k_m, ...
     formats: list[str] = Field(default_factory=list)
+    # Importance matrix for GGUF K-quants (docs/export.md): auto = from the run's training data when it has some,
+    # none = uniform weights, or the path of an imatrix GGUF file (llama-imatrix's or distill's).
+    imatrix: str = "auto"
+    imatrix_tokens: Int = Field(default=32768, gt=0)  # calibration tokens for auto
 
 
 # ---------------------------------------------------------------- the filter section (distill.data.filters)

@@ -4,9 +4,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from distill.errors import DistillError
-from distill.export.gguf import export_gguf, parse_qtype, verify_gguf
+from distill.export.gguf import export_gguf, is_k_quant, llama_arch, parse_qtype, verify_gguf
 from distill.export.hf import export_hf, model_card, model_dir_of
+from distill.export.imatrix import Imatrix, collect_imatrix, read_imatrix, write_imatrix
+from distill.export.modelfile import write_modelfile
 from distill.export.quantize import quantize_model
 from distill.runtime import atomic_write_json
 
@@ -49,17 +53,20 @@ def parse_target(target: str) -> tuple[str, str | None]:
 
 
 def export_model(source: Path, out: Path | None = None, fmt: str = "hf", quant: str | None = None, *,
-                 verify: bool = True) -> Path:
+                 verify: bool = True, imatrix: Imatrix | None = None) -> Path:
     """Export source (a run directory or an HF model directory) to out in the given format and quantization.
 
     Without `out`, a run directory's export goes to `default_export_dir`; a model directory needs `out`.
+    `imatrix` (gguf only) weights the quantization error per input column; see distill.export.imatrix.
     """
     if fmt not in FORMATS:
         raise DistillError(f"--format {fmt}: not supported (supported: {', '.join(FORMATS)})")
     quant = quant or DEFAULT_QUANT[fmt]
     out = Path(out) if out is not None else _default_out(Path(source), fmt, quant)
     if fmt == "gguf":
-        return _export_gguf(Path(source), Path(out), quant, verify)
+        return _export_gguf(Path(source), Path(out), quant, verify, imatrix)
+    if imatrix is not None:
+        raise DistillError("--imatrix: only for --format gguf")
     if quant is None:
         return export_hf(Path(source), Path(out))
     if quant not in HF_QUANTS:
@@ -83,9 +90,37 @@ def _export_quantized(source: Path, out: Path, bits: int) -> Path:
     return out
 
 
-def _export_gguf(source: Path, out: Path, quant: str, verify: bool) -> Path:
+def imatrix_from_tokens(source: Path, sequences: list[list[int]], max_tokens: int, dataset: str = "") -> Imatrix:
+    """The importance matrix of source's model (fp32, CPU) over up to max_tokens of the token sequences."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = model_dir_of(Path(source))
+    arch = llama_arch(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    result = collect_imatrix(model, arch, sequences, max_tokens, dataset)
+    log.info("imatrix: %d calibration tokens in %d chunks over %d weight matrices", result.tokens, result.chunks,
+             len(result.sums))
+    return result
+
+
+def load_imatrix(path: Path) -> Imatrix:
+    """An imatrix GGUF file (written by distill or llama-imatrix)."""
+    if not Path(path).is_file():
+        raise DistillError(f"--imatrix {path}: no such file")
+    return read_imatrix(Path(path))
+
+
+def _export_gguf(source: Path, out: Path, quant: str, verify: bool, imatrix: Imatrix | None = None) -> Path:
     parse_qtype(quant)  # an unknown type fails before anything is read
-    written = export_gguf(model_dir_of(source), out, quant)
+    if imatrix is not None and quant.lower() in ("f32", "f16", "bf16"):
+        log.info("imatrix: not used for %s (nothing is quantized)", quant)
+        imatrix = None
+    written = export_gguf(model_dir_of(source), out, quant, None if imatrix is None else imatrix.weights())
+    if imatrix is not None:
+        saved = write_imatrix(imatrix, written.with_name(written.stem + ".imatrix"))
+        log.info("imatrix of %d calibration tokens used and saved to %s (llama-quantize --imatrix reads it)",
+                 imatrix.tokens, saved.name)
+    write_modelfile(model_dir_of(source), written)
     if verify:
         check = verify_gguf(model_dir_of(source), written)
         atomic_write_json(written.with_name(written.name + ".verify.json"), check)
@@ -100,5 +135,5 @@ def _export_gguf(source: Path, out: Path, quant: str, verify: bool) -> Path:
     return written
 
 
-__all__ = ["EXPORTS_DIR", "FORMATS", "default_export_dir", "export_hf", "export_model", "model_card", "older_than",
-           "parse_target"]
+__all__ = ["EXPORTS_DIR", "FORMATS", "Imatrix", "default_export_dir", "export_hf", "export_model", "imatrix_from_tokens",
+           "is_k_quant", "load_imatrix", "model_card", "older_than", "parse_target"]

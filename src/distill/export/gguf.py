@@ -17,13 +17,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 from gguf import (
-    GGML_QUANT_SIZES,
     GGML_QUANT_VERSION,
     MODEL_ARCH,
     MODEL_ARCH_NAMES,
     GGMLQuantizationType,
     GGUFWriter,
-    LlamaFileType,
     TokenType,
     get_tensor_name_map,
     quants,
@@ -31,6 +29,8 @@ from gguf import (
 
 from distill.errors import DistillError
 from distill.export.hf import model_dir_of
+from distill.export.kquants import quantize as quantize_tensor
+from distill.export.quant_mix import SCHEMES, UNQUANTIZED, ModelShape, tensor_type
 from distill.runtime import atomic_file, remove_stale_temporaries
 from distill.teachers.backend import SamplingParams
 from distill.teachers.local import generate_texts
@@ -38,16 +38,8 @@ from distill.teachers.local import generate_texts
 log = logging.getLogger("distill")
 
 Q = GGMLQuantizationType
-QTYPES: dict[str, GGMLQuantizationType] = {
-    "f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q5_1": Q.Q5_1, "q5_0": Q.Q5_0,
-    "q4_1": Q.Q4_1, "q4_0": Q.Q4_0,
-}
-_FILE_TYPES = {
-    Q.F32: LlamaFileType.ALL_F32, Q.F16: LlamaFileType.MOSTLY_F16, Q.BF16: LlamaFileType.MOSTLY_BF16,
-    Q.Q8_0: LlamaFileType.MOSTLY_Q8_0, Q.Q5_1: LlamaFileType.MOSTLY_Q5_1, Q.Q5_0: LlamaFileType.MOSTLY_Q5_0,
-    Q.Q4_1: LlamaFileType.MOSTLY_Q4_1, Q.Q4_0: LlamaFileType.MOSTLY_Q4_0,
-}
-_LOW_BIT = {Q.Q5_1, Q.Q5_0, Q.Q4_1, Q.Q4_0}
+# --quant name -> its default GGML type; K-quant schemes (q4_k_m, ...) mix types per tensor as llama.cpp does
+QTYPES: dict[str, GGMLQuantizationType] = {name: ggml_type for name, (ggml_type, _) in SCHEMES.items()}
 # HF class -> (llama.cpp architecture, Q/K need the interleaved-rope permutation). Mistral is llama to llama.cpp.
 ARCHITECTURES = {
     "LlamaForCausalLM": (MODEL_ARCH.LLAMA, True),
@@ -66,28 +58,34 @@ DEFAULT_TEXTS = (
 # ---------------------------------------------------------------------------------------------- export
 
 
-def export_gguf(model_dir: Path, out_path: Path, qtype: str = "f16") -> Path:
+def export_gguf(model_dir: Path, out_path: Path, qtype: str = "f16",
+                imatrix: Optional[dict[str, np.ndarray]] = None) -> Path:
     """Write model_dir (an HF directory or a run directory) as a GGUF file; returns the file written.
 
     out_path ending in `.gguf` is the file; anything else is a directory that receives `model-<qtype>.gguf`.
+    `imatrix` (GGUF tensor name -> one importance per input column, see export.imatrix) weights the
+    quantization error of the tensors it names, as `llama-quantize --imatrix` does.
     """
-    ggml_type = parse_qtype(qtype)
+    scheme = qtype.lower()
+    parse_qtype(scheme)  # an unknown type is refused before any work
     model_dir = model_dir_of(Path(model_dir))
-    out_file = _out_file(Path(out_path), qtype.lower())
+    out_file = _out_file(Path(out_path), scheme)
     config = _read_config(model_dir)
     arch, permute_qk = _architecture(model_dir, config)
-    plans = _plan_tensors(model_dir, config, arch, ggml_type)
+    plans = _plan_tensors(model_dir, config, arch, scheme, has_imatrix=imatrix is not None)
+    if imatrix is not None:
+        check_imatrix(imatrix, plans)
     vocab = read_vocab(model_dir, config.vocab_size)
     remove_stale_temporaries(out_file.parent, out_file.name)  # what a killed export of this file left
     with atomic_file(out_file) as tmp:
         writer = GGUFWriter(tmp, MODEL_ARCH_NAMES[arch])
         try:
-            _add_hparams(writer, config, _model_name(model_dir), ggml_type)
+            _add_hparams(writer, config, _model_name(model_dir), scheme)
             _add_vocab(writer, vocab)
-            _write_tensors(writer, plans, config, permute_qk)
+            _write_tensors(writer, plans, config, permute_qk, imatrix or {})
         finally:
             writer.close()
-    _log_fallbacks(plans, ggml_type)
+    _log_fallbacks(plans, scheme)
     return out_file
 
 
@@ -97,6 +95,21 @@ def parse_qtype(qtype: str) -> GGMLQuantizationType:
         return QTYPES[qtype.lower()]
     except KeyError:
         raise DistillError(f"--quant {qtype}: unknown GGUF type (supported: {', '.join(QTYPES)})") from None
+
+
+def check_imatrix(imatrix: dict[str, np.ndarray], plans: list["TensorPlan"]) -> None:
+    """Refuse an importance matrix whose tensor names or column counts are not this model's."""
+    rows = {plan.gguf_name: plan.shape[-1] for plan in plans if len(plan.shape) == 2}
+    foreign = sorted(set(imatrix) - set(rows))
+    if foreign:
+        raise DistillError(f"imatrix: tensor {foreign[0]} is not in this model ({len(foreign)} foreign tensors); "
+                           "was it computed for another model?")
+    for name, values in imatrix.items():
+        if np.asarray(values).shape != (rows[name],):
+            raise DistillError(f"imatrix: {name} has {np.asarray(values).size} values but the model's rows have "
+                               f"{rows[name]} columns; was it computed for another model?")
+    if not imatrix:
+        raise DistillError("imatrix: holds no tensors")
 
 
 def _out_file(out_path: Path, qtype: str) -> Path:
@@ -150,6 +163,17 @@ def _architecture(model_dir: Path, config: Any) -> tuple[MODEL_ARCH, bool]:
     return ARCHITECTURES[supported[0]]
 
 
+def llama_arch(model_dir: Path) -> MODEL_ARCH:
+    """The llama.cpp architecture model_dir is written as, or a DistillError saying why it cannot be."""
+    model_dir = model_dir_of(Path(model_dir))
+    return _architecture(model_dir, _read_config(model_dir))[0]
+
+
+def is_k_quant(qtype: str) -> bool:
+    """Is the --quant name one of llama.cpp's K-quant schemes (q4_k_m, q6_k, ...)?"""
+    return "_k" in qtype.lower() and qtype.lower() in QTYPES
+
+
 def _rope_parameters(config: Any) -> dict:
     params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
@@ -166,7 +190,7 @@ def _model_name(model_dir: Path) -> str:
     return re.sub("mistral", "model", model_dir.resolve().name, flags=re.IGNORECASE)
 
 
-def _add_hparams(writer: GGUFWriter, config: Any, name: str, ggml_type: GGMLQuantizationType) -> None:
+def _add_hparams(writer: GGUFWriter, config: Any, name: str, scheme: str) -> None:
     head_dim = _head_dim(config)
     writer.add_type("model")
     writer.add_name(name)
@@ -183,8 +207,9 @@ def _add_hparams(writer: GGUFWriter, config: Any, name: str, ggml_type: GGMLQuan
     if head_dim != config.hidden_size // config.num_attention_heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    writer.add_file_type(_FILE_TYPES[ggml_type])
-    if ggml_type not in (Q.F32, Q.F16, Q.BF16):
+    ggml_type, file_type = SCHEMES[scheme]
+    writer.add_file_type(file_type)
+    if ggml_type not in UNQUANTIZED:
         writer.add_quantization_version(GGML_QUANT_VERSION)
 
 
@@ -211,12 +236,15 @@ class TensorPlan:
         return math.prod(self.byte_shape)
 
 
-def _plan_tensors(model_dir: Path, config: Any, arch: MODEL_ARCH, qtype: GGMLQuantizationType) -> list[TensorPlan]:
+def _plan_tensors(model_dir: Path, config: Any, arch: MODEL_ARCH, scheme: str,
+                  has_imatrix: bool = False) -> list[TensorPlan]:
     """The GGUF name and type of every tensor of model_dir's safetensors, read from the headers only."""
     from safetensors import safe_open
 
     names = get_tensor_name_map(arch, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    shape_info = ModelShape(config.num_hidden_layers, config.num_attention_heads // kv_heads, tied)
     plans = []
     for name, file in _weight_files(model_dir).items():
         if name.endswith(_SKIPPED_TENSORS) or (tied and name == "lm_head.weight"):
@@ -226,24 +254,9 @@ def _plan_tensors(model_dir: Path, config: Any, arch: MODEL_ARCH, qtype: GGMLQua
             raise DistillError(f"{file}: tensor {name} has no llama.cpp name for {MODEL_ARCH_NAMES[arch]}")
         with safe_open(file, framework="pt") as f:
             shape = tuple(f.get_slice(name).get_shape())
-        plans.append(TensorPlan(name, file, gguf_name, shape, *_tensor_type(gguf_name, shape, qtype, tied)))
+        kind = (Q.F32, None) if len(shape) <= 1 else tensor_type(gguf_name, shape[-1], scheme, shape_info, has_imatrix)
+        plans.append(TensorPlan(name, file, gguf_name, shape, *kind))
     return plans
-
-
-def _tensor_type(gguf_name: str, shape: tuple[int, ...], qtype: GGMLQuantizationType,
-                 tied: bool) -> tuple[GGMLQuantizationType, Optional[str]]:
-    """llama.cpp's choice: 1-D tensors f32; the head kept at q8_0 under 4/5-bit types; f16 when rows do not fit."""
-    if len(shape) <= 1:
-        return Q.F32, None
-    note = None
-    is_head = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
-    if qtype in _LOW_BIT and is_head:
-        # llama-quantize keeps the output head at q6_k; q8_0 is the nearest type gguf can quantize in Python.
-        qtype, note = Q.Q8_0, "output head kept wider"
-    block = GGML_QUANT_SIZES[qtype][0]
-    if shape[-1] % block:
-        return Q.F16, f"row of {shape[-1]} is not a multiple of the {qtype.name} block size {block}"
-    return qtype, note
 
 
 def _weight_files(model_dir: Path) -> dict[str, Path]:
@@ -264,7 +277,8 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
-def _write_tensors(writer: GGUFWriter, plans: list[TensorPlan], config: Any, permute_qk: bool) -> None:
+def _write_tensors(writer: GGUFWriter, plans: list[TensorPlan], config: Any, permute_qk: bool,
+                   imatrix: dict[str, np.ndarray]) -> None:
     """Header, metadata and tensor table first, then the data one tensor at a time (never all in memory)."""
     for plan in plans:
         writer.add_tensor_info(plan.gguf_name, plan.byte_shape, np.dtype(np.uint8), plan.nbytes, raw_dtype=plan.qtype)
@@ -272,7 +286,8 @@ def _write_tensors(writer: GGUFWriter, plans: list[TensorPlan], config: Any, per
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for plan in plans:
-        writer.write_tensor_data(_encode(_load_tensor(plan, config, permute_qk), plan.qtype))
+        data = _load_tensor(plan, config, permute_qk)
+        writer.write_tensor_data(_encode(data, plan.qtype, imatrix.get(plan.gguf_name)))
 
 
 def _load_tensor(plan: TensorPlan, config: Any, permute_qk: bool) -> np.ndarray:
@@ -292,20 +307,23 @@ def _interleave_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _encode(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """The tensor's bytes in qtype, as a uint8 array of quants' byte shape."""
+def _encode(data: np.ndarray, qtype: GGMLQuantizationType, importance: Optional[np.ndarray] = None) -> np.ndarray:
+    """The tensor's bytes in qtype, as a uint8 array of quants' byte shape (importance: one weight per column)."""
     if qtype == Q.F32:
         return np.ascontiguousarray(data, dtype=np.float32).view(np.uint8)
     if qtype == Q.F16:
         return np.ascontiguousarray(data, dtype=np.float16).view(np.uint8)
-    return quants.quantize(data, qtype)
+    return quantize_tensor(data, qtype, importance)
 
 
-def _log_fallbacks(plans: list[TensorPlan], qtype: GGMLQuantizationType) -> None:
+def _log_fallbacks(plans: list[TensorPlan], scheme: str) -> None:
     for plan in plans:
         if plan.note:
-            log.info("gguf %s: %s stored as %s (%s)", qtype.name.lower(), plan.gguf_name, plan.qtype.name.lower(),
-                     plan.note)
+            log.info("gguf %s: %s stored as %s (%s)", scheme, plan.gguf_name, plan.qtype.name.lower(), plan.note)
+    counts: dict[str, int] = {}
+    for plan in plans:
+        counts[plan.qtype.name.lower()] = counts.get(plan.qtype.name.lower(), 0) + 1
+    log.info("gguf %s: tensor types %s", scheme, ", ".join(f"{n} {name}" for name, n in sorted(counts.items())))
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
