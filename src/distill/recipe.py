@@ -240,6 +240,10 @@ class MethodSpec(Section):
     skew: Float = Field(default=0.1, ge=0.0, lt=1.0)  # skew KL mixing weight
     chunk_size: Int = Field(default=192, gt=0)  # positions per chunk in the memory-safe loss (see docs/benchmarks.md)
     hidden: Optional[HiddenStateSpec] = None  # also match intermediate hidden states
+    # Teacher and student tokenizers differ: text (CE on the teacher's text, the default), uld or align (logit KD
+    # across vocabularies; docs/cross_tokenizer.md). A same-tokenizer pair ignores it (ordinary logit KD).
+    cross_tokenizer: Optional[Literal["text", "uld", "align"]] = None
+    uld_top_k: Optional[Int] = Field(default=None, gt=0)  # ULD compares the top-k sorted probabilities (None: all)
 
 
 

@@ -29,6 +29,7 @@ from distill.signals.teacher_signal import (
     LiveTeacher,
     TeacherSignal,
 )
+from distill.stages.cross_tokenizer import Crossing, crossing, crossing_signal
 from distill.stages.data import TrainingSet, encode, recipe_examples
 from distill.stages.facts import (
     cache_path,
@@ -98,13 +99,16 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
     """Everything the loop needs, from the recipe, resumed from `checkpoint` when given; and the step to start at."""
     t, files = recipe.train, run_files(recipe)
     examples, held_out = recipe_examples(recipe)  # a malformed data file fails before any model is built
-    tokenizer, teacher, student = _models(recipe)
+    tokenizer, teacher, student, cross = _models(recipe)
     if t.packing:
         for model, name in ((student, "student"), (teacher, "teacher")):
             if model is not None:
                 check_packing_support(model, name)
     data = TrainingSet(examples, held_out, encode(recipe, examples, tokenizer))
-    signal = teacher_signal(recipe, teacher, tokenizer, data.encoded)
+    if cross is None:
+        signal = teacher_signal(recipe, teacher, tokenizer, data.encoded)
+    else:
+        signal = crossing_signal(recipe, cross, teacher, student.config.vocab_size, data)
     items, to_batch = _batch_items(recipe, data)
     if t.lora is not None:
         student = _apply_lora(student, recipe)
@@ -249,21 +253,27 @@ def _apply_lora(model: PreTrainedModel, recipe: Recipe) -> PreTrainedModel:
     return get_peft_model(model, config)
 
 
-def _models(recipe: Recipe) -> tuple[PreTrainedTokenizerBase, Optional[PreTrainedModel], PreTrainedModel]:
-    """(tokenizer, frozen teacher or None when the loss needs none, fp32 student) as the recipe describes them."""
-    tokenizer = teacher_tokenizer(recipe)
-    teacher = load_teacher(recipe) if needs_teacher_weights(recipe) else None
+def _models(
+    recipe: Recipe,
+) -> tuple[PreTrainedTokenizerBase, Optional[PreTrainedModel], PreTrainedModel, Optional[Crossing]]:
+    """(the student's tokenizer, frozen teacher or None when the loss needs none, fp32 student, the crossing when
+    the two tokenizers differ) as the recipe describes them."""
+    tokenizer, cross = teacher_tokenizer(recipe), None
+    student_tok = load_tokenizer(*model_source(recipe, recipe.student)) if recipe.student.model is not None else None
+    if student_tok is not None:
+        cross = crossing(recipe, tokenizer, student_tok)  # refuses a method that cannot apply, before models load
+    text_only = cross is not None and not cross.logits
+    teacher = load_teacher(recipe) if needs_teacher_weights(recipe) and not text_only else None
     student = initial_student(recipe, teacher, tokenizer)
-    if recipe.student.model is not None:
-        student_tok = load_tokenizer(*model_source(recipe, recipe.student))
-        if recipe.method.kind == "kd":
+    if student_tok is not None:
+        if recipe.method.kind == "kd" and cross is None:
             check_tokenizers(tokenizer, student_tok, _teacher_vocab(recipe, teacher), student.config.vocab_size)
         else:
             tokenizer = student_tok
     _log_sizes(student, teacher)
     if recipe.method.kind != "kd" or uses_teacher_cache(recipe):
         teacher = None  # its weights only seeded the student's embeddings
-    return tokenizer, teacher, student
+    return tokenizer, teacher, student, cross
 
 
 def _teacher_vocab(recipe: Recipe, teacher: Optional[PreTrainedModel]) -> int:
