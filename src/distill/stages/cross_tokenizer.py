@@ -1,5 +1,5 @@
 """What training does when the teacher's and the student's tokenizers differ (method.cross_tokenizer), decided
-before any model loads: `text` trains on the teacher's text alone, `uld` and `align` distil logits across the two
+before the teacher loads: `text` trains on the teacher's text alone, `uld` and `align` distil logits across the two
 vocabularies through a live teacher that reads each example with its own tokenizer (docs/cross_tokenizer.md)."""
 from __future__ import annotations
 

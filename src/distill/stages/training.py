@@ -258,13 +258,15 @@ def _models(
 ) -> tuple[PreTrainedTokenizerBase, Optional[PreTrainedModel], PreTrainedModel, Optional[Crossing]]:
     """(the student's tokenizer, frozen teacher or None when the loss needs none, fp32 student, the crossing when
     the two tokenizers differ) as the recipe describes them."""
-    tokenizer, cross = teacher_tokenizer(recipe), None
-    student_tok = load_tokenizer(*model_source(recipe, recipe.student)) if recipe.student.model is not None else None
-    if student_tok is not None:
-        cross = crossing(recipe, tokenizer, student_tok)  # refuses a method that cannot apply, before models load
+    tokenizer, cross, student, student_tok = teacher_tokenizer(recipe), None, None, None
+    if recipe.student.model is not None:  # an existing student (it needs no teacher) and its own tokenizer
+        student = initial_student(recipe, None, tokenizer)
+        student_tok = load_tokenizer(*model_source(recipe, recipe.student))
+        cross = crossing(recipe, tokenizer, student_tok)  # refuses a method that cannot apply, before the teacher
     text_only = cross is not None and not cross.logits
     teacher = load_teacher(recipe) if needs_teacher_weights(recipe) and not text_only else None
-    student = initial_student(recipe, teacher, tokenizer)
+    if student is None:
+        student = initial_student(recipe, teacher, tokenizer)
     if student_tok is not None:
         if recipe.method.kind == "kd" and cross is None:
             check_tokenizers(tokenizer, student_tok, _teacher_vocab(recipe, teacher), student.config.vocab_size)
