@@ -110,15 +110,18 @@ def test_empty_dataset_exit_2(tmp_path, tiny_teacher_dir):
     assert result.returncode == 2 and "empty.jsonl" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_incompatible_tokenizers_refused(tmp_path, tiny_teacher_dir, pairs_jsonl):
+def test_cross_tokenizer_method_that_cannot_apply_refused(tmp_path, tiny_teacher_dir, pairs_jsonl):
+    """Differing tokenizers train (method.cross_tokenizer, docs/cross_tokenizer.md), but logit KD across them needs
+    a live teacher: with teacher.cache it is one line and exit 2, before anything is written."""
     from conftest import STORIES260K, require_shared
 
     other = require_shared(STORIES260K)
     recipe = tiny_recipe(tmp_path / "run", tiny_teacher_dir, pairs_jsonl, student={"model": str(other),
-                                                                                    "config": None})
+                                                                                    "config": None},
+                         method={"cross_tokenizer": "uld"}, teacher={"cache": str(tmp_path / "cache")})
     result = _cli("train", str(_recipe_file(tmp_path, recipe)), "--no-progress")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "differ" in result.stderr
+    assert "needs a live teacher" in result.stderr
     assert not (tmp_path / "run" / "student").exists()
 
 

@@ -272,6 +272,10 @@ class MethodSpec(Section):
     label_smoothing: Float = Field(default=0.0, ge=0.0, lt=0.5)  # sigmoid and simpo: the share of flipped labels
     sft_weight: Float = Field(default=0.0, ge=0.0)  # RPO: weight of an NLL term on the chosen responses
     simpo_gamma: Float = Field(default=0.5, ge=0.0)  # SimPO's target reward margin
+    # Teacher and student tokenizers differ: text (CE on the teacher's text, the default), uld or align (logit KD
+    # across vocabularies; docs/cross_tokenizer.md). A same-tokenizer pair ignores it (ordinary logit KD).
+    cross_tokenizer: Optional[Literal["text", "uld", "align"]] = None
+    uld_top_k: Optional[Int] = Field(default=None, gt=0)  # ULD compares the top-k sorted probabilities (None: all)
 
     @model_validator(mode="after")
     def _beta_for_kind(self) -> "MethodSpec":

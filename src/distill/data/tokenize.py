@@ -220,6 +220,19 @@ def encode_example(
     return EncodedExample(input_ids=ids, labels=labels, id=example.id)
 
 
+def example_text(
+    example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int, system_prompt: str | None = None
+) -> str:
+    """The text `encode_example` tokenizes (the rendered conversation, or the plain text), as one string:
+    another tokenizer can read the same characters (cross-tokenizer distillation)."""
+    if example.messages is None:
+        return cut_text(example.text or "", max_length)
+    messages = example.messages
+    if system_prompt and messages and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    return _render(tokenizer, cut_messages(messages, max_length), generation_prompt=False)
+
+
 def example_token_ids(
     example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int, system_prompt: str | None = None
 ) -> list[int]:

@@ -47,6 +47,10 @@ class LossSettings:
         """The settings as the keyword arguments of the chunked losses."""
         return asdict(self)
 
+    def divergence_keywords(self) -> dict:
+        """The divergence, temperature, CE weight and chunk size alone (for losses without confidence weighting)."""
+        return {k: v for k, v in asdict(self).items() if not k.startswith("weighting")}
+
 
 @dataclass(frozen=True)
 class Objective:

@@ -1,6 +1,8 @@
 """Tokenizer compatibility: logit KD compares distributions id by id, so both sides must mean the same ids."""
 from __future__ import annotations
 
+from typing import Optional
+
 from transformers import PreTrainedTokenizerBase
 
 from distill.errors import DistillError
@@ -32,6 +34,19 @@ def check_tokenizers(
             raise DistillError(f"the {who}'s output head has {rows} rows but the tokenizer has {size} tokens")
     # Extra rows beyond the tokenizer are padding (e.g. 49152 vs 49216): the losses slice both heads to this.
     return min(teacher_vocab, student_vocab)
+
+
+def tokenizer_difference(
+    teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase
+) -> Optional[str]:
+    """The first way the tokenizers map ids differently, in words; None when they are the same."""
+    try:
+        _compare_vocabs(teacher_tok, student_tok)
+        _compare_special_tokens(teacher_tok, student_tok)
+        _compare_probe(teacher_tok, student_tok)
+    except DistillError as err:
+        return str(err)
+    return None
 
 
 def _compare_vocabs(teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase) -> None:

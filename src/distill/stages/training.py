@@ -31,6 +31,7 @@ from distill.signals.teacher_signal import (
     ServedTeacher,
     TeacherSignal,
 )
+from distill.stages.cross_tokenizer import Crossing, crossing, crossing_signal
 from distill.stages.data import TrainingSet, encode, recipe_examples
 from distill.stages.facts import (
     cache_path,
@@ -128,7 +129,7 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
     t, files = recipe.train, run_files(recipe)
     examples, held_out = recipe_examples(recipe)  # a malformed data file fails before any model is built
     _check_held_out(recipe, held_out)
-    tokenizer, teacher, student = _models(recipe)
+    tokenizer, teacher, student, cross = _models(recipe)
     if t.packing:
         for model, name in ((student, "student"), (teacher, "teacher")):
             if model is not None:
@@ -139,7 +140,10 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
         data_hash = pairs_hash(items)
     else:
         data = TrainingSet(examples, held_out, encode(recipe, examples, tokenizer))
-        signal = teacher_signal(recipe, teacher, tokenizer, data.encoded)
+        if cross is None:
+            signal = teacher_signal(recipe, teacher, tokenizer, data.encoded)
+        else:
+            signal = crossing_signal(recipe, cross, teacher, student.config.vocab_size, data)
         items, to_batch = _batch_items(recipe, data)
         data_hash = training_set_hash(data)
     if t.lora is not None:
@@ -430,21 +434,29 @@ def _apply_lora(model: PreTrainedModel, recipe: Recipe) -> PreTrainedModel:
     return get_peft_model(model, config)
 
 
-def _models(recipe: Recipe) -> tuple[PreTrainedTokenizerBase, Optional[PreTrainedModel], PreTrainedModel]:
-    """(tokenizer, frozen teacher or None when the loss needs none, fp32 student) as the recipe describes them."""
-    tokenizer = teacher_tokenizer(recipe)
-    teacher = load_teacher(recipe) if needs_teacher_weights(recipe) else None
-    student = initial_student(recipe, teacher, tokenizer)
-    if recipe.student.model is not None:
+def _models(
+    recipe: Recipe,
+) -> tuple[PreTrainedTokenizerBase, Optional[PreTrainedModel], PreTrainedModel, Optional[Crossing]]:
+    """(the student's tokenizer, frozen teacher or None when the loss needs none, fp32 student, the crossing when
+    the two tokenizers differ) as the recipe describes them."""
+    tokenizer, cross, student, student_tok = teacher_tokenizer(recipe), None, None, None
+    if recipe.student.model is not None:  # an existing student (it needs no teacher) and its own tokenizer
+        student = initial_student(recipe, None, tokenizer)
         student_tok = load_tokenizer(*model_source(recipe, recipe.student))
-        if recipe.method.learns_from_teacher_logits:
+        cross = crossing(recipe, tokenizer, student_tok)  # refuses a method that cannot apply, before the teacher
+    text_only = cross is not None and not cross.logits
+    teacher = load_teacher(recipe) if needs_teacher_weights(recipe) and not text_only else None
+    if student is None:
+        student = initial_student(recipe, teacher, tokenizer)
+    if student_tok is not None:
+        if recipe.method.learns_from_teacher_logits and cross is None:
             check_tokenizers(tokenizer, student_tok, _teacher_vocab(recipe, teacher), student.config.vocab_size)
         else:
             tokenizer = student_tok
     _log_sizes(student, teacher)
     if not recipe.method.learns_from_teacher_logits or uses_teacher_cache(recipe) or scores_on_server(recipe):
         teacher = None  # its weights only seeded the student's embeddings
-    return tokenizer, teacher, student
+    return tokenizer, teacher, student, cross
 
 
 def _teacher_vocab(recipe: Recipe, teacher: Optional[PreTrainedModel]) -> int:

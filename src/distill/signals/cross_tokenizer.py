@@ -1,0 +1,131 @@
+"""A live teacher whose tokenizer differs from the student's: it reads each training example's text through its
+own tokenizer, runs on its own ids, and gives the groups of tokens both tokenizations share (by characters).
+
+Views are built once per training set: for each encoded student example, the teacher's ids of the same text (cut
+where the student's tokens end) and the aligned groups whose student tokens are all trained.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from distill.data.tokenize import IGNORE, EncodedExample
+from distill.errors import DistillError
+from distill.losses.cross_tokenizer import AlignedGroups, CrossTokenizerTargets, VocabSplit
+from distill.models import output_head
+from distill.models.alignment import Group, align_spans, spans_of_ids
+from distill.models.heads import decoder_layer_outputs
+
+log = logging.getLogger(__name__)
+
+HIDDEN_ACROSS_TOKENIZERS = ("method.hidden: hidden-state KD matches positions one to one, which tokenizers that "
+                            "differ do not have; remove method.hidden or use one tokenizer")
+PACKING_ACROSS_TOKENIZERS = ("train.packing does not work across tokenizers yet (the teacher reads each example on "
+                             "its own); set train.packing: false")
+
+
+@dataclass(frozen=True)
+class TeacherView:
+    """One training example as the teacher reads it: its ids, and the aligned groups (student token indices,
+    teacher token indices) where the student is trained."""
+
+    ids: list[int]
+    groups: list[Group]
+
+
+def teacher_views(
+    student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase, texts: Sequence[str],
+    encoded: Sequence[EncodedExample],
+) -> list[TeacherView]:
+    """The teacher's view of each encoded example, whose text (as rendered for the student) is `texts[i]`."""
+    views = [_view(student_tok, teacher_tok, text, example) for text, example in zip(texts, encoded)]
+    trained = sum(sum(label != IGNORE for label in e.labels[1:]) for e in encoded)
+    aligned = sum(len(g.student) for v in views for g in v.groups)
+    log.info("cross-tokenizer alignment: %d of %d trained student tokens in %d aligned groups (%.0f%%)", aligned,
+             trained, sum(len(v.groups) for v in views), 100 * aligned / max(trained, 1))
+    return views
+
+
+def _view(
+    student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase, text: str, example: EncodedExample
+) -> TeacherView:
+    student_spans = spans_of_ids(student_tok, text, example.input_ids)
+    covered = max((span[1] for span in student_spans if span is not None), default=0)
+    encoded = teacher_tok(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids, spans = [], []
+    for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
+        if end > covered or (end == start and ids and spans[-1] is not None):
+            break  # past the student's text, or special tokens after the text (an added eos)
+        ids.append(token)
+        spans.append((start, end) if end > start else None)
+    groups = [g for g in align_spans(student_spans, spans) if _trained(g, example.labels)]
+    return TeacherView(ids, groups)
+
+
+def _trained(group: Group, labels: list[int]) -> bool:
+    """Every student token of the group is predicted and trained, and the teacher predicts all of its tokens."""
+    return (bool(group.student) and bool(group.teacher) and group.student[0] >= 1 and group.teacher[0] >= 1
+            and all(labels[j] != IGNORE for j in group.student))
+
+
+@dataclass
+class CrossTokenizerTeacher:
+    """A frozen teacher model on its own tokenization of each example (dense logits, chunk by chunk)."""
+
+    model: torch.nn.Module
+    views: list[TeacherView]
+    pad_id: int
+    vocab: int  # teacher tokenizer's size: the head's rows beyond it are padding
+    split: VocabSplit
+    top_k: Optional[int] = None
+
+    def for_batch(
+        self, batch: dict[str, Tensor], indices: Optional[Sequence[int]] = None, layers: Sequence[int] = ()
+    ) -> tuple[CrossTokenizerTargets, dict[int, Tensor]]:
+        """The teacher's forward on its own ids of the batch's examples `indices`, and the aligned groups."""
+        if layers:
+            raise DistillError(HIDDEN_ACROSS_TOKENIZERS)
+        if "position_ids" in batch:
+            raise DistillError(PACKING_ACROSS_TOKENIZERS)
+        if indices is None:
+            raise DistillError("cross-tokenizer teacher: needs the batch's example indices")
+        where = batch["input_ids"].device
+        views = [self.views[i] for i in indices]
+        width = max(len(v.ids) for v in views)
+        ids = torch.full((len(views), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(views), width), dtype=torch.long)
+        for row, view in enumerate(views):
+            ids[row, :len(view.ids)] = torch.tensor(view.ids, dtype=torch.long)
+            mask[row, :len(view.ids)] = 1
+        with torch.no_grad():
+            final, _ = decoder_layer_outputs(self.model, ids.to(where), mask.to(where), [], None)
+            final = final[:, :-1]  # position i predicts token i + 1
+        groups = _batch_groups(views, batch["input_ids"].size(1) - 1, width - 1)
+        head = output_head(self.model).detach()[: self.vocab]
+        return CrossTokenizerTargets(final.reshape(-1, final.shape[-1]), head, groups.to(where), self.split.to(where),
+                                     self.top_k), {}
+
+
+def _batch_groups(views: Sequence[TeacherView], student_width: int, teacher_width: int) -> AlignedGroups:
+    """The views' groups as flat rows of the batch: student token j of row b is predicted at b * width + j - 1."""
+    s_rows, t_rows, t_tokens = [], [], []
+    for b, view in enumerate(views):
+        for group in view.groups:
+            s_rows.append([b * student_width + j - 1 for j in group.student])
+            t_rows.append([b * teacher_width + k - 1 for k in group.teacher])
+            t_tokens.append([view.ids[k] for k in group.teacher])
+    return AlignedGroups(_padded(s_rows), _padded(t_rows), _padded(t_tokens))
+
+
+def _padded(rows: list[list[int]]) -> Tensor:
+    width = max((len(r) for r in rows), default=1)
+    out = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
