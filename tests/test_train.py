@@ -116,3 +116,22 @@ def test_bf16_compute_keeps_fp32_master_weights(tmp_path, tiny_teacher_dir, pair
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "student")
     assert next(saved.parameters()).dtype == torch.float32
+
+
+def test_a_run_dir_from_an_older_distill_still_resumes(tmp_path, tiny_teacher_dir, pairs_jsonl):
+    """Keys a newer distill added (absent from the saved recipe.yaml) are not recipe differences."""
+    import yaml
+
+    recipe = recipe_from_dict(tiny_recipe(tmp_path / "r", tiny_teacher_dir, pairs_jsonl))
+    stages.prepare_run_dir(recipe)
+    train(recipe, progress=False, stop_after=2)
+    saved_path = tmp_path / "r" / "recipe.yaml"
+    saved = yaml.safe_load(saved_path.read_text())
+    for key in ("lmbda", "sampling", "weighting"):
+        del saved["method"][key]
+    del saved["train"]["eval_every"]
+    saved_path.write_text(yaml.safe_dump(saved))
+    stages.prepare_run_dir(recipe)  # no error: the missing keys take their defaults
+    changed = recipe_from_dict(tiny_recipe(tmp_path / "r", tiny_teacher_dir, pairs_jsonl, train={"lr": 1e-2}))
+    with pytest.raises(DistillError, match=r"train\.lr differs"):
+        stages.prepare_run_dir(changed)

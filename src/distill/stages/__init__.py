@@ -35,8 +35,10 @@ _TRAINING_KEYS = ("seed", "teacher", "student", "data", "method", "train")
 
 
 def _first_difference(old: object, new: object, prefix: str = "") -> str | None:
+    """The first key path whose value differs; keys the saved recipe lacks (added by a newer distill, at their
+    defaults) are not differences, so an older run directory still resumes."""
     if isinstance(old, dict) and isinstance(new, dict):
-        for key in list(old) + [k for k in new if k not in old]:
+        for key in old:
             found = _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
             if found:
                 return found
