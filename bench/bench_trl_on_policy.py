@@ -207,7 +207,9 @@ def run_trl(args: argparse.Namespace, out: Path) -> dict:
     tokenizer = teacher_tokenizer(recipe)
     teacher = load_teacher(recipe)
     student = load_model(str(recipe.student.model), None, dtype=torch.float32, device="cpu").train()
-    same_prompts = prompts_as_distill_encodes(recipe, examples, tokenizer, encode)
+    same_prompts = None  # GKDTrainer's collator (DataCollatorForChatML) tokenizes on its own: not checked
+    if args.trl_trainer == "distillation":
+        same_prompts = prompts_as_distill_encodes(recipe, examples, tokenizer, encode)
     clock = StepClock(args.warmup)
     trainer_ref: dict[str, Any] = {}
     logged_losses: list[float] = []
