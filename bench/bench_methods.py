@@ -46,6 +46,9 @@ METHODS = {
 CALIBRATION_STEPS = 3
 
 
+ON_POLICY_LR: dict = {}  # --on-policy-lr: train.lr for the on-policy methods (default: the recipe's)
+
+
 def method_recipe(base: dict, name: str, out: Path, steps: int, student: Path) -> Recipe:
     """The quickstart recipe trained as `name` from `student` for `steps` steps, in out/name."""
     spec = dict(METHODS.get(name, {}))
@@ -57,6 +60,8 @@ def method_recipe(base: dict, name: str, out: Path, steps: int, student: Path) -
     data["method"] = {**{k: v for k, v in base["method"].items() if k != "divergence" or "kind" not in spec},
                       **spec, "sampling": {"max_new_tokens": base["generate"]["max_new_tokens"], "temperature": 1.0}}
     data["train"] = {**base["train"], "steps": steps, "checkpoint_every": max(steps, 1)}
+    if spec.get("kind") == "on_policy":
+        data["train"].update(ON_POLICY_LR)
     data["teacher"] = {**base["teacher"], **({"cache": str(out / "teacher_cache")} if cache else {})}
     data.pop("filter", None)
     return recipe_from_dict(data, base_dir=ROOT / "recipes")
@@ -134,7 +139,10 @@ def main() -> int:
     parser.add_argument("--budget-steps", type=int, default=120, help="the budget, in steps of live KD")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is a fair measure)")
+    parser.add_argument("--on-policy-lr", type=float, help="train.lr of the on-policy methods (default: the recipe's)")
     args = parser.parse_args()
+    if args.on_policy_lr:
+        ON_POLICY_LR["lr"] = args.on_policy_lr
     torch.set_num_threads(args.threads)
     run = args.from_run.resolve()
     base = yaml_dict(args.recipe)
