@@ -73,14 +73,18 @@ def _sum(v: np.ndarray) -> np.ndarray:
     return v.sum(axis=-1, dtype=np.float32)
 
 
-def _make_qx_quants(x: np.ndarray, nmax: int, qw: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric scale per row of x (levels -nmax..nmax-1) by weighted least squares over 19 trial scales."""
+def _signed_peak(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's value of largest magnitude (1 for an all-but-zero row, so dividing by it is safe) and whether
+    the row is all but zero (llama.cpp's GROUP_MAX_EPS)."""
     ax = np.abs(x)
     pick = ax.argmax(axis=-1)[:, None]
-    amax = np.take_along_axis(ax, pick, -1)[:, 0]
-    top = np.take_along_axis(x, pick, -1)[:, 0]
-    zero = amax < GROUP_MAX_EPS
-    top = np.where(zero, f32(1), top)
+    zero = np.take_along_axis(ax, pick, -1)[:, 0] < GROUP_MAX_EPS
+    return np.where(zero, f32(1), np.take_along_axis(x, pick, -1)[:, 0]), zero
+
+
+def _make_qx_quants(x: np.ndarray, nmax: int, qw: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric scale per row of x (levels -nmax..nmax-1) by weighted least squares over 19 trial scales."""
+    top, zero = _signed_peak(x)
     w = x * x if qw is None else qw
 
     def trial(iscale):
@@ -104,12 +108,7 @@ def _make_qx_quants(x: np.ndarray, nmax: int, qw: Optional[np.ndarray]) -> tuple
 
 def _make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """Q3_K's symmetric scale per row of x: rounding, then five passes moving single levels (weights x^2)."""
-    ax = np.abs(x)
-    pick = ax.argmax(axis=-1)[:, None]
-    amax = np.take_along_axis(ax, pick, -1)[:, 0]
-    top = np.take_along_axis(x, pick, -1)[:, 0]
-    zero = amax < GROUP_MAX_EPS
-    top = np.where(zero, f32(1), top)
+    top, zero = _signed_peak(x)
     levels = np.clip(_rint((f32(-nmax) / top)[:, None] * x), -nmax, nmax - 1)
     w = x * x
     sumlx, suml2 = _sum(w * x * levels), _sum(w * levels * levels)
