@@ -135,17 +135,8 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
             if model is not None:
                 check_packing_support(model, name)
     pair_objective = preference_objective(recipe.method)
-    if pair_objective is not None:  # method.kind: dpo trains on pairs built by the pairs stage
-        signal, items, to_batch = None, pair_training_items(recipe, student, tokenizer), collate_pairs
-        data_hash = pairs_hash(items)
-    else:
-        data = TrainingSet(examples, held_out, encode(recipe, examples, tokenizer))
-        if cross is None:
-            signal = teacher_signal(recipe, teacher, tokenizer, data.encoded)
-        else:
-            signal = crossing_signal(recipe, cross, teacher, student.config.vocab_size, data)
-        items, to_batch = _batch_items(recipe, data)
-        data_hash = training_set_hash(data)
+    signal, items, to_batch, data_hash = _what_batches_draw(recipe, examples, held_out, tokenizer, teacher, student,
+                                                           cross, pair_objective is not None)
     if t.lora is not None:
         student = _apply_lora(student, recipe)
     student.train()
@@ -245,6 +236,24 @@ def _check_held_out(recipe: Recipe, held_out: list) -> None:
     key = "train.keep_best" if t.keep_best else "train.eval_every"
     raise DistillError(f"{key}: the recipe's data has no held-out examples to evaluate on; set data.eval or "
                        "data.eval_fraction > 0 (with at least 2 examples)")
+
+
+def _what_batches_draw(
+    recipe: Recipe, examples: list, held_out: list, tokenizer: PreTrainedTokenizerBase,
+    teacher: Optional[PreTrainedModel], student: PreTrainedModel, cross: Optional[Crossing], pairs: bool,
+) -> tuple[Optional[TeacherSignal], list, object, str]:
+    """(teacher signal, batch items, collate function, training-set hash): preference pairs for method.kind dpo
+    (built by the pairs stage), else the encoded examples with the teacher signal of their tokenizers."""
+    if pairs:
+        items = pair_training_items(recipe, student, tokenizer)
+        return None, items, collate_pairs, pairs_hash(items)
+    data = TrainingSet(examples, held_out, encode(recipe, examples, tokenizer))
+    if cross is None:
+        signal = teacher_signal(recipe, teacher, tokenizer, data.encoded)
+    else:
+        signal = crossing_signal(recipe, cross, teacher, student.config.vocab_size, data)
+    items, to_batch = _batch_items(recipe, data)
+    return signal, items, to_batch, training_set_hash(data)
 
 
 def _batch_items(recipe: Recipe, data: TrainingSet) -> tuple[list, object]:
