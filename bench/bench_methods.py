@@ -57,8 +57,9 @@ def method_recipe(base: dict, name: str, out: Path, steps: int, student: Path) -
     data = dict(base)
     data["output_dir"] = str(out / name)
     data["student"] = {"model": str(student)}
-    data["method"] = {**{k: v for k, v in base["method"].items() if k != "divergence" or "kind" not in spec},
-                      **spec, "sampling": {"max_new_tokens": base["generate"]["max_new_tokens"], "temperature": 1.0}}
+    # A method that names its kind leaves the divergence to that kind's default unless it names one too.
+    inherited = {k: v for k, v in base["method"].items() if not (k == "divergence" and "kind" in spec)}
+    data["method"] = {**inherited, **spec, "sampling": {"max_new_tokens": base["generate"]["max_new_tokens"], "temperature": 1.0}}
     data["train"] = {**base["train"], "steps": steps, "checkpoint_every": max(steps, 1)}
     if spec.get("kind") == "on_policy":
         data["train"].update(ON_POLICY_LR)
@@ -106,10 +107,11 @@ def held_out_scores(student_dir: Path, teacher, tokenizer, held_out: list[Exampl
     prompts = [e.messages[:-1] for e in held_out]
     answers = generate_texts(student, tokenizer, prompts, max_new_tokens=recipe.generate.max_new_tokens)
     pad = padding_id(tokenizer)
-    on_teacher = agreement(student, teacher, _batches(recipe, held_out, tokenizer, pad), tokenizer_vocab(student))
+    vocab = student.config.vocab_size
+    on_teacher = agreement(student, teacher, _batches(recipe, held_out, tokenizer, pad), vocab)
     own = [Example(id=f"own-{i}", messages=[*p, {"role": "assistant", "content": a.text}])
            for i, (p, a) in enumerate(zip(prompts, answers))]
-    on_own = agreement(student, teacher, _batches(recipe, own, tokenizer, pad), tokenizer_vocab(student))
+    on_own = agreement(student, teacher, _batches(recipe, own, tokenizer, pad), vocab)
     texts = [a.text for a in answers]
     return {
         "top1_agreement": on_teacher["top1_agreement"], "kl_to_teacher": on_teacher["kl_to_teacher"],
@@ -119,10 +121,6 @@ def held_out_scores(student_dir: Path, teacher, tokenizer, held_out: list[Exampl
         "eos_share": sum(a.finish_reason == "stop" for a in answers) / len(answers),
         "sample": texts[0],
     }
-
-
-def tokenizer_vocab(model) -> int:
-    return model.config.vocab_size
 
 
 def _batches(recipe: Recipe, examples: list[Example], tokenizer, pad: int, size: int = 8):
@@ -145,7 +143,7 @@ def main() -> int:
         ON_POLICY_LR["lr"] = args.on_policy_lr
     torch.set_num_threads(args.threads)
     run = args.from_run.resolve()
-    base = yaml_dict(args.recipe)
+    base = load_recipe(args.recipe).model_dump(mode="json")
     base["data"] = {**base["data"], "prompts": None, "train": str(run / "teacher_data.filtered.jsonl")}
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copytree(run / "student_init", args.out / "student_init", dirs_exist_ok=True)
@@ -200,10 +198,6 @@ def main() -> int:
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(table(results, args.methods))
     return 0
-
-
-def yaml_dict(path: Path) -> dict:
-    return load_recipe(path).model_dump(mode="json")
 
 
 def table(results: dict, methods: list[str]) -> str:

@@ -385,8 +385,8 @@ def _scored(server: OpenAIServer, request: dict, logprobs: int | None) -> dict:
 def _scored_rows(server: OpenAIServer, request: dict) -> list[list[int]]:
     """The prompt(s) to score as token ids: a string, a list of strings, a list of ids or a list of id lists."""
     prompt = request.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) or (isinstance(prompt, list) and prompt
-                                                       and all(isinstance(t, int) for t in prompt)) else prompt
+    one_id_list = isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) for t in prompt)
+    prompts = [prompt] if isinstance(prompt, str) or one_id_list else prompt
     if not isinstance(prompts, list) or not prompts:
         raise ApiError(400, "prompt must be a string, a list of token ids, or a non-empty list of either",
                        param="prompt")

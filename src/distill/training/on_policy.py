@@ -135,9 +135,10 @@ class ResponseSampler:
         end = next((i for i, t in enumerate(generated) if t in stops), None)
         if end is not None:
             return Sample(generated[:end + 1], ended=True)
-        for k in range(1, len(generated) + 1) if self.settings.stop else ():
-            if any(stop in self.tokenizer.decode(generated[:k]) for stop in self.settings.stop):
-                return Sample(generated[:k], ended=True)
+        if self.settings.stop:  # the shortest prefix whose text holds a stop string
+            for k in range(1, len(generated) + 1):
+                if any(stop in self.tokenizer.decode(generated[:k]) for stop in self.settings.stop):
+                    return Sample(generated[:k], ended=True)
         return Sample(generated, ended=False)
 
     def _count(self, samples: list["Sample"], seconds: float) -> None:
