@@ -42,6 +42,16 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec]
 
 
+def process_rank() -> tuple[int, int]:
+    """(this process's rank, the number of processes) as torchrun and accelerate launch set them; (0, 1) alone."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process() -> bool:
+    """True in the process that writes a run's shared files (rank 0), and when running alone."""
+    return process_rank()[0] == 0
+
+
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)
