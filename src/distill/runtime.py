@@ -52,6 +52,14 @@ def is_main_process() -> bool:
     return process_rank()[0] == 0
 
 
+def wait_for_other_processes() -> None:
+    """Every process torchrun or accelerate launch started waits here for the others; nothing when running alone."""
+    if process_rank()[1] > 1:
+        from accelerate import PartialState  # the process group is accelerate's, only when there are several
+
+        PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
+
+
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)

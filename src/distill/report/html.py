@@ -18,6 +18,7 @@ MAX_SAMPLES = 20
 # Curves drawn first and named; any other numeric key of metrics.jsonl follows under its own name.
 CURVE_LABELS = {"loss": "total loss", "kd": "KD loss", "ce": "cross-entropy", "hidden": "hidden-state loss",
                 "lr": "learning rate", "grad_norm": "gradient norm", "tokens_per_s": "training tokens/s",
+                "tokens": "tokens trained since the last logged step",
                 "sample_length": "on-policy: mean sample length (tokens)",
                 "eos_share": "on-policy: samples that end on their own", "loop_share": "on-policy: samples that loop",
                 "sample_tokens_per_s": "on-policy: sampled tokens/s",

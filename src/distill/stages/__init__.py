@@ -13,7 +13,7 @@ import yaml
 
 from distill.errors import DistillError
 from distill.recipe import Recipe
-from distill.runtime import atomic_write_text
+from distill.runtime import atomic_write_text, is_main_process, wait_for_other_processes
 from distill.stages.cache import capture
 from distill.stages.data import recipe_examples
 from distill.stages.evaluation import evaluate
@@ -50,11 +50,8 @@ def prepare_run_dir(recipe: Recipe, *, restart: bool = False) -> Path:
     """Create the run directory and keep the resolved recipe in it; refuse to mix two recipes' checkpoints."""
     check_pairs(recipe)  # method.kind: dpo without pairs: refused before anything is written
     files = run_files(recipe)
-    files.root.mkdir(parents=True, exist_ok=True)
     current = recipe.model_dump(mode="json")
-    if restart:
-        shutil.rmtree(files.checkpoints, ignore_errors=True)
-    elif files.recipe.is_file() and files.checkpoints.is_dir():
+    if not restart and files.recipe.is_file() and files.checkpoints.is_dir():
         saved = yaml.safe_load(files.recipe.read_text()) or {}
         for key in _TRAINING_KEYS:
             diff = _first_difference(saved.get(key), current.get(key), f"{key}.")
@@ -64,7 +61,12 @@ def prepare_run_dir(recipe: Recipe, *, restart: bool = False) -> Path:
                     f"{files.recipe}: this run directory was made by a different recipe ({diff} differs); "
                     "choose a new output_dir, or pass --restart to discard its checkpoints"
                 )
-    atomic_write_text(files.recipe, recipe.dump())
+    if is_main_process():  # under torchrun every process checks the recipe above, rank 0 alone writes
+        files.root.mkdir(parents=True, exist_ok=True)
+        if restart:
+            shutil.rmtree(files.checkpoints, ignore_errors=True)
+        atomic_write_text(files.recipe, recipe.dump())
+    wait_for_other_processes()
     return files.root
 
 
@@ -74,15 +76,21 @@ def run(recipe: Recipe, *, restart: bool = False, progress: bool = True) -> dict
     prepare_run_dir(recipe, restart=restart)
     export_targets(recipe)
     generate(recipe, progress=progress)
-    filter_data(recipe)
+    if is_main_process():  # under torchrun, rank 0 writes what every process then reads
+        filter_data(recipe)
+    wait_for_other_processes()
     recipe_examples(recipe)  # a malformed data file fails here, before any model is built or trained
     if uses_teacher_cache(recipe):  # resumable: done shards are kept
         capture(recipe, progress=progress)
-    if recipe.student.model is None:
-        build_student(recipe)
-    if recipe.method.kind == "dpo":  # resumable: built pairs are kept
-        build_pairs(recipe, progress=progress)
+    if is_main_process():
+        if recipe.student.model is None:
+            build_student(recipe)
+        if recipe.method.kind == "dpo":  # resumable: built pairs are kept
+            build_pairs(recipe, progress=progress)
+    wait_for_other_processes()
     train(recipe, progress=progress)
+    if not is_main_process():
+        return {}  # under torchrun the other processes help train; rank 0 exports, evaluates and reports
     export(recipe)
     result = evaluate(recipe, progress=progress)
     report(recipe)

@@ -52,6 +52,7 @@ from distill.stages.facts import (
 from distill.stages.pairs import check_pairs, pair_training_items
 from distill.stages.student import initial_student
 from distill.teachers.local import stop_ids
+from distill.training.distributed import LossThroughWrapper, Ranks
 from distill.training.checkpoint import STEP_PREFIX, list_checkpoints, load_checkpoint, read_best, read_best_weights
 from distill.training.held_out import BestSoFar, HeldOut
 from distill.training.loop import LoopSettings, MetricsLog, Training, check_finite, last_logged_loss, run_loop
@@ -99,6 +100,9 @@ def train(
     last = run_loop(training, start, stop_after=stop_after, progress=progress)
     if last is None:
         return None
+    if not training.ranks.main:
+        training.ranks.wait()  # rank 0 saves the student
+        return TrainResult(student_dir=files.student, steps=recipe.train.steps, final_loss=last, seconds=0.0)
     stopped = training.best.stopped if training.best is not None else None
     if start == recipe.train.steps or (stopped is not None and stopped <= start):
         last = last_logged_loss(files.metrics)  # nothing left to train: the loss is the one logged last
@@ -107,6 +111,7 @@ def train(
     if training.best is not None:
         _keep_best(training, files)
     save_model(training.student, training.tokenizer, files.student)  # the matcher's projections stay behind
+    training.ranks.wait()
     seconds = time.perf_counter() - began
     log.info("student saved to %s (%d steps, final loss %.4f, %.0f s)", files.student, steps, last, seconds)
     return TrainResult(student_dir=files.student, steps=steps, final_loss=last, seconds=seconds)
@@ -127,6 +132,8 @@ def _keep_best(training: Training, files) -> None:
 def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
     """Everything the loop needs, from the recipe, resumed from `checkpoint` when given; and the step to start at."""
     t, files = recipe.train, run_files(recipe)
+    ranks = Ranks(device(recipe))
+    ranks.check_batch(t.batch_size)
     examples, held_out = recipe_examples(recipe)  # a malformed data file fails before any model is built
     _check_held_out(recipe, held_out)
     tokenizer, teacher, student, cross = _models(recipe)
@@ -160,8 +167,9 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
         student=student, tokenizer=tokenizer, signal=signal, matcher=matcher, objective=batch_objective(recipe.method),
         compute_dtype=compute_dtype(recipe), device=device(recipe), items=items, to_batch=to_batch,
         pad_id=padding_id(tokenizer), trainable=trainable, optimizer=optimizer, scheduler=scheduler,
-        checkpoint_dir=files.checkpoints,
-        metrics=MetricsLog(files.metrics, start, files.tensorboard), settings=settings, pair_objective=pair_objective,
+        checkpoint_dir=files.checkpoints, ranks=ranks, wrapped=ranks.wrap(LossThroughWrapper(student, matcher)),
+        metrics=MetricsLog(files.metrics, start, files.tensorboard) if ranks.main else None, settings=settings,
+        pair_objective=pair_objective,
         sampler=response_sampler(recipe, student, teacher, tokenizer),
         held_out=held_out_batches(recipe, tokenizer, held_out, signal) if settings.eval_every else None,
         best=best_so_far(recipe, checkpoint, start, student),

@@ -6,6 +6,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -18,6 +19,7 @@ from distill.losses.hidden import HiddenStateMatcher
 from distill.runtime import atomic_write_text
 from distill.signals.teacher_signal import TeacherSignal
 from distill.training.checkpoint import list_checkpoints, save_checkpoint
+from distill.training.distributed import Ranks
 from distill.training.held_out import EVAL_SPLIT, BestSoFar, HeldOut, evaluate_held_out, is_eval_row
 from distill.training.on_policy import ResponseSampler
 from distill.training.preference import PAIR_TERMS, PairObjective
@@ -62,8 +64,10 @@ class Training:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     checkpoint_dir: Path
-    metrics: "MetricsLog"
+    metrics: Optional["MetricsLog"]  # None on the ranks other than 0 (rank 0 alone writes the run's files)
     settings: LoopSettings
+    ranks: Ranks  # this process among the training processes (one, unless launched by torchrun/accelerate)
+    wrapped: torch.nn.Module  # what gradients flow through: the student's LossThroughWrapper, DDP-wrapped on N > 1
     sampler: Optional[ResponseSampler] = None  # method.kind on_policy: samples responses for its micro-batches
     held_out: Optional[HeldOut] = None  # what train.eval_every evaluates on
     best: Optional[BestSoFar] = None  # train.keep_best's best-so-far
@@ -84,30 +88,42 @@ class StepResult:
 
 
 def accumulate_gradients(t: Training, step: int) -> StepResult:
-    """Forward and backward over the step's micro-batches; gradients are left for the update."""
-    s = t.settings
-    totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, **({"hidden": 0.0} if t.matcher is not None else {})}
+    """Forward and backward over the step's micro-batches; gradients are left for the update.
+
+    Each micro-batch is this rank's share of the global one; its loss is scaled so that the gradients DDP averages
+    over the ranks are those of the mean over the whole micro-batch (training.distributed).
+    """
+    s, ranks = t.settings, t.ranks
+    terms = ["loss", "kd", "ce", *(["hidden"] if t.matcher is not None else [])]
     if t.pair_objective is not None:
-        totals = dict.fromkeys(PAIR_TERMS, 0.0)
-    tokens = 0
+        terms = list(PAIR_TERMS)
+    weighted, tokens = dict.fromkeys(terms, 0.0), 0  # this rank's share of each term's mean over the step
     for micro in range(s.grad_accum):
-        idx = batch_indices(len(t.items), s.batch_size, s.seed, step * s.grad_accum + micro)
+        idx = ranks.share(batch_indices(len(t.items), s.batch_size, s.seed, step * s.grad_accum + micro))
         batch = {k: v.to(t.device) for k, v in t.to_batch([t.items[i] for i in idx], t.pad_id).items()}
-        if t.pair_objective is not None:
-            out = t.pair_objective(t.student, batch, t.compute_dtype)
-        else:
-            objective = t.objective
-            if t.sampler is not None:
-                batch, by_student = t.sampler.batch_for(t.student, batch, step, micro)
-                objective = objective.for_student_samples() if by_student else objective
-            out = loss_on_batch(t.student, t.signal, batch, objective, t.compute_dtype, t.matcher, indices=idx)
-        (out.loss / s.grad_accum).backward()
-        for key in totals:
-            totals[key] += float(getattr(out, key).detach()) / s.grad_accum
+        objective = t.objective
+        if t.sampler is not None:
+            batch, by_student = t.sampler.batch_for(t.student, batch, step, micro)
+            objective = objective.for_student_samples() if by_student else objective
+        with ranks.syncing(t.wrapped, last_micro_batch=micro == s.grad_accum - 1):
+            out = t.wrapped(partial(_micro_batch_loss, t, batch, idx, objective))
+            count = len(idx) if t.pair_objective is not None else out.n_tokens  # what the loss is a mean over
+            share = count / max(ranks.sums([count])[0], 1)
+            (out.loss * (share * ranks.world) / s.grad_accum).backward()  # share * world is 1.0 alone
+        for key in terms:
+            weighted[key] += float(getattr(out, key).detach()) * share / s.grad_accum
         tokens += int(batch["attention_mask"].sum())
+    *values, tokens = ranks.sums([*weighted.values(), tokens])
     # An infinite max norm measures without clipping (the scale factor is clamped to exactly 1).
     grad_norm = float(torch.nn.utils.clip_grad_norm_(t.trainable, s.max_grad_norm or math.inf))
-    return StepResult(totals, grad_norm, tokens)
+    return StepResult(dict(zip(terms, values)), grad_norm, int(tokens))
+
+
+def _micro_batch_loss(t: Training, batch: dict, idx: list[int], objective: BatchObjective):
+    """The recipe's loss on one micro-batch: the pair loss, or the KD/SFT loss."""
+    if t.pair_objective is not None:
+        return t.pair_objective(t.student, batch, t.compute_dtype)
+    return loss_on_batch(t.student, t.signal, batch, objective, t.compute_dtype, t.matcher, indices=idx)
 
 
 def run_loop(t: Training, start: int, *, stop_after: Optional[int] = None, progress: bool = True) -> Optional[float]:
@@ -118,8 +134,8 @@ def run_loop(t: Training, start: int, *, stop_after: Optional[int] = None, progr
     if t.best is not None and t.best.stopped is not None:
         return last  # train.patience already ran out before this resume
     window_tokens, window_start = 0, time.perf_counter()
-    bar = tqdm(range(start, s.steps), initial=start, total=s.steps, desc="train", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(range(start, s.steps), initial=start, total=s.steps, desc="train",
+               disable=not (progress and t.ranks.main), dynamic_ncols=True)
     postfix: dict[str, str] = {}
     for step in bar:
         result = accumulate_gradients(t, step)
@@ -135,9 +151,10 @@ def run_loop(t: Training, start: int, *, stop_after: Optional[int] = None, progr
         if done % s.log_every == 0 or done == s.steps:
             elapsed = time.perf_counter() - window_start
             record = {"step": done, **result.totals, "lr": t.scheduler.get_last_lr()[0],
-                      "grad_norm": result.grad_norm, "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+                      "grad_norm": result.grad_norm, "tokens": window_tokens,
+                      "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
             record.update(t.sampler.take_metrics() if t.sampler is not None else {})
-            t.metrics.write(record)
+            _write_metrics(t, record)
             postfix.update(loss=f"{last:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.set_postfix(postfix)
             window_tokens, window_start = 0, time.perf_counter()
@@ -147,10 +164,7 @@ def run_loop(t: Training, start: int, *, stop_after: Optional[int] = None, progr
             bar.set_postfix(postfix)
         if done % s.checkpoint_every == 0 or done == s.steps or done == stop_after or stop_early:
             _refuse_non_finite_weights(t, done)
-            best = t.best
-            save_checkpoint(t.checkpoint_dir, done, t.student, t.optimizer, t.scheduler, s.keep_checkpoints,
-                            t.matcher, s.training_set, best=None if best is None else best.state(),
-                            best_weights=None if best is None or best.step == done else best.weights)
+            _checkpoint(t, done)
         if done == stop_after or stop_early:
             bar.close()
             return None if done == stop_after else last
@@ -160,8 +174,9 @@ def run_loop(t: Training, start: int, *, stop_after: Optional[int] = None, progr
 
 def _evaluate(t: Training, step: int, postfix: dict[str, str]) -> bool:
     """Evaluate on the held-out batches, log the row, update the best so far; True when patience runs out."""
+    # Every rank evaluates the same batches, so train.keep_best and train.patience decide alike everywhere.
     metrics = evaluate_held_out(t.student, t.held_out, t.objective, t.compute_dtype, t.device, t.matcher)
-    t.metrics.write({"step": step, "split": EVAL_SPLIT, **metrics})
+    _write_metrics(t, {"step": step, "split": EVAL_SPLIT, **metrics})
     shown = metrics.get("eval_loss", metrics.get("eval_ce"))
     if shown is not None:
         postfix["eval"] = f"{shown:.4f}"
@@ -175,6 +190,21 @@ def _evaluate(t: Training, step: int, postfix: dict[str, str]) -> bool:
     log.info("train: no better %s in %d evaluations (best %.4f at step %d); stopping early at step %d",
              t.best.metric, patience, t.best.value if t.best.value is not None else math.nan, t.best.step or 0, step)
     return True
+
+
+def _write_metrics(t: Training, record: dict) -> None:
+    if t.metrics is not None:
+        t.metrics.write(record)
+
+
+def _checkpoint(t: Training, step: int) -> None:
+    """Rank 0 saves the step's checkpoint; the other ranks wait for it (a kill then finds the same one everywhere)."""
+    s, best = t.settings, t.best
+    if t.ranks.main:
+        save_checkpoint(t.checkpoint_dir, step, t.student, t.optimizer, t.scheduler, s.keep_checkpoints,
+                        t.matcher, s.training_set, best=None if best is None else best.state(),
+                        best_weights=None if best is None or best.step == step else best.weights)
+    t.ranks.wait()
 
 
 def _refuse_divergence(t: Training, step: int, result: StepResult, skipped: int) -> None:

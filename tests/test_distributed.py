@@ -1,0 +1,128 @@
+"""Training on several processes (torchrun, CPU, gloo): N processes with the global batch split across them take the
+same optimizer steps as one process; rank 0 alone writes; a killed run resumes, on any number of processes."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import logged_evals, logged_steps, tiny_recipe
+from distill.models import load_model
+from distill.recipe import recipe_from_dict
+from distill.stages import capture, prepare_run_dir, train
+
+pytestmark = pytest.mark.slow
+
+TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+DISTILL = shutil.which("distill") or str(Path(sys.executable).with_name("distill"))
+TIMEOUT_S = 180  # a hung rank fails the test instead of the suite
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node N ARGS` with one thread per process, as a user launches it on a CPU machine."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [TORCHRUN, "--nproc_per_node", str(processes), "--master_port", str(_free_port()), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+
+
+def _write(spec: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _spec(tmp_path: Path, name: str, teacher: Path, data: Path, case: str = "kd", **train_keys) -> dict:
+    """The fixture recipe with a global micro-batch of 8, 2 accumulation steps, held-out losses every 3 steps."""
+    train_section = {"steps": 6, "batch_size": 8, "grad_accum": 2, "checkpoint_every": 3, "eval_every": 3,
+                     "threads": 1, **train_keys}
+    spec = tiny_recipe(tmp_path / name, teacher, data, train=train_section)
+    if case == "kd_lora":  # adapters on an existing model (no dropout: ranks would draw different masks)
+        spec["student"] = {"model": str(teacher)}
+        spec["train"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0}
+    if case == "sft":
+        spec["method"]["kind"] = "sft"
+    if case == "kd_cache":
+        spec["teacher"]["cache"] = str(tmp_path / "cache")
+    return spec
+
+
+def _assert_same_run(one: Path, two: Path, tol: float = 1e-5) -> None:
+    """Per-step losses, gradient norms and held-out losses within tol; the saved students within 1e-6."""
+    for rows_one, rows_two in ((logged_steps(one), logged_steps(two)), (logged_evals(one), logged_evals(two))):
+        assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two]
+        for a, b in zip(rows_one, rows_two):
+            for key in a:
+                if key.startswith(("loss", "kd", "ce", "grad_norm", "eval_")):
+                    assert a[key] == pytest.approx(b[key], abs=tol), (a["step"], key)
+            assert a.get("tokens") == b.get("tokens")  # each rank trained its share, not the whole micro-batch
+    student_one, student_two = load_model(str(one / "student")), load_model(str(two / "student"))
+    for (name, p), q in zip(student_one.state_dict().items(), student_two.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("case", ["kd", "kd_lora", "sft", "kd_cache"])
+def test_two_processes_take_the_same_steps_as_one(tmp_path, tiny_teacher_dir, pairs_jsonl, case):
+    spec_two = _spec(tmp_path, "two", tiny_teacher_dir, pairs_jsonl, case)
+    recipe_one = recipe_from_dict(_spec(tmp_path, "one", tiny_teacher_dir, pairs_jsonl, case))
+    if case == "kd_cache":
+        capture(recipe_one, progress=False)  # one cache, read by both runs
+    prepare_run_dir(recipe_one)
+    train(recipe_one, progress=False)
+
+    done = _torchrun([DISTILL, "train", str(_write(spec_two, tmp_path / "two.yaml")), "--no-progress"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_run(tmp_path / "one", tmp_path / "two")
+    # Rank 0 alone logs to the run's log.txt: one "student saved" line, not one per process.
+    assert (tmp_path / "two" / "log.txt").read_text().count("student saved to") == 1
+
+
+def test_a_killed_two_process_run_resumes_on_two_or_one_process(tmp_path, tiny_teacher_dir, pairs_jsonl):
+    spec = _spec(tmp_path, "whole", tiny_teacher_dir, pairs_jsonl)
+    whole = recipe_from_dict(spec)
+    prepare_run_dir(whole)
+    train(whole, progress=False)
+    for name, resumed_on in (("again2", 2), ("again1", 1)):
+        path = _write(_spec(tmp_path, name, tiny_teacher_dir, pairs_jsonl), tmp_path / f"{name}.yaml")
+        # Killed after step 3's checkpoint (train's stop_after ends the call as a kill would, checkpoint written).
+        script = tmp_path / "stop_after_3.py"
+        script.write_text(textwrap.dedent(f"""
+            from distill.recipe import load_recipe
+            from distill.stages import prepare_run_dir, train
+            recipe = load_recipe({str(path)!r}, [])
+            prepare_run_dir(recipe)
+            assert train(recipe, progress=False, stop_after=3) is None
+        """))
+        first = _torchrun([str(script)])
+        assert first.returncode == 0, first.stderr[-3000:]
+        assert [r["step"] for r in logged_steps(tmp_path / name)] == [1, 2, 3]
+        if resumed_on == 2:
+            second = _torchrun([DISTILL, "train", str(path), "--no-progress"])
+        else:  # the global batch is the recipe's, so one process continues the same steps
+            second = subprocess.run([DISTILL, "train", str(path), "--no-progress"], capture_output=True, text=True,
+                                    timeout=TIMEOUT_S)
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert "resumed from" in second.stderr
+        _assert_same_run(tmp_path / "whole", tmp_path / name)
+
+
+def test_a_batch_that_does_not_split_across_processes_is_refused_on_every_rank(tmp_path, tiny_teacher_dir,
+                                                                              pairs_jsonl):
+    spec = _spec(tmp_path, "odd", tiny_teacher_dir, pairs_jsonl, batch_size=5)
+    done = _torchrun([DISTILL, "train", str(_write(spec, tmp_path / "odd.yaml")), "--no-progress"])
+    assert done.returncode != 0
+    line = "distill: error: train.batch_size: 5 rows do not split across 2 processes; use a multiple of 2"
+    assert done.stderr.count(line) == 2  # each rank says it and exits; none waits for the other
+    assert not (tmp_path / "odd" / "checkpoints").exists() and not (tmp_path / "odd" / "student").exists()
