@@ -356,6 +356,8 @@ class TrainSpec(Section):
     eval_batches: Int = Field(default=8, gt=0)  # held-out batches of train.batch_size per evaluation, at most
     keep_best: Optional[Literal["eval_loss", "eval_kd", "eval_ce", "eval_agreement"]] = None
     patience: Optional[Int] = Field(default=None, gt=0)  # evals without a better keep_best before stopping early
+    # Experiment trackers (accelerate's): null = TensorBoard when installed; [] = none; a tracker listed must import.
+    report_to: Optional[list[Literal["tensorboard", "wandb", "mlflow"]]] = None
 
     @model_validator(mode="after")
     def _best_needs_evals(self) -> "TrainSpec":

@@ -61,8 +61,18 @@ class RunDir:
 
     @property
     def tensorboard(self) -> Path:
-        """TensorBoard event files (when tensorboard is installed)."""
+        """TensorBoard event files (train.report_to tensorboard; by default when tensorboard is installed)."""
         return self.root / "tensorboard"
+
+    @property
+    def mlruns(self) -> Path:
+        """train.report_to mlflow: MLflow's local store, unless MLFLOW_TRACKING_URI names another."""
+        return self.root / "mlruns"
+
+    @property
+    def trackers(self) -> Path:
+        """train.report_to wandb: where Weights & Biases keeps its run files (its own wandb/ folder inside)."""
+        return self.root
 
     @property
     def student(self) -> Path:

@@ -32,18 +32,21 @@ log = logging.getLogger("distill")
 
 # Sections whose change makes a run directory's checkpoints meaningless.
 _TRAINING_KEYS = ("seed", "teacher", "student", "data", "method", "train")
+# Changes a run continues through: more steps on the same recipe, other experiment trackers.
+_RESUMABLE_CHANGES = frozenset({"train.steps", "train.report_to"})
 
 
 def _first_difference(old: object, new: object, prefix: str = "") -> str | None:
     """The first key path whose value differs; keys the saved recipe lacks (added by a newer distill, at their
-    defaults) are not differences, so an older run directory still resumes."""
+    defaults) are not differences, so an older run directory still resumes; nor are _RESUMABLE_CHANGES."""
     if isinstance(old, dict) and isinstance(new, dict):
         for key in old:
             found = _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
             if found:
                 return found
         return None
-    return prefix.rstrip(".") if old != new else None
+    path = prefix.rstrip(".")
+    return path if old != new and path not in _RESUMABLE_CHANGES else None
 
 
 def prepare_run_dir(recipe: Recipe, *, restart: bool = False) -> Path:
@@ -55,8 +58,7 @@ def prepare_run_dir(recipe: Recipe, *, restart: bool = False) -> Path:
         saved = yaml.safe_load(files.recipe.read_text()) or {}
         for key in _TRAINING_KEYS:
             diff = _first_difference(saved.get(key), current.get(key), f"{key}.")
-            # More steps on the same recipe is a legitimate continuation.
-            if diff and diff != "train.steps":
+            if diff:
                 raise DistillError(
                     f"{files.recipe}: this run directory was made by a different recipe ({diff} differs); "
                     "choose a new output_dir, or pass --restart to discard its checkpoints"

@@ -60,6 +60,7 @@ from distill.training.on_policy import ResponseSampler, SamplingSettings
 from distill.training.preference import PairItem, PairObjective, collate_pairs
 from distill.training.schedule import lr_multiplier
 from distill.training.step import BatchObjective
+from distill.training.trackers import check_trackers, open_trackers
 
 log = logging.getLogger("distill")
 
@@ -97,7 +98,11 @@ def train(
         return finished
     training, start = setup(recipe, checkpoints[-1] if checkpoints else None)
     began = time.perf_counter()
-    last = run_loop(training, start, stop_after=stop_after, progress=progress)
+    try:
+        last = run_loop(training, start, stop_after=stop_after, progress=progress)
+    finally:
+        if training.metrics is not None:
+            training.metrics.close()
     if last is None:
         return None
     if not training.ranks.main:
@@ -168,13 +173,20 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
         compute_dtype=compute_dtype(recipe), device=device(recipe), items=items, to_batch=to_batch,
         pad_id=padding_id(tokenizer), trainable=trainable, optimizer=optimizer, scheduler=scheduler,
         checkpoint_dir=files.checkpoints, ranks=ranks, wrapped=ranks.wrap(LossThroughWrapper(student, matcher)),
-        metrics=MetricsLog(files.metrics, start, files.tensorboard) if ranks.main else None, settings=settings,
+        metrics=MetricsLog(files.metrics, start, trackers(recipe)) if ranks.main else None, settings=settings,
         pair_objective=pair_objective,
         sampler=response_sampler(recipe, student, teacher, tokenizer),
         held_out=held_out_batches(recipe, tokenizer, held_out, signal) if settings.eval_every else None,
         best=best_so_far(recipe, checkpoint, start, student),
     )
     return training, start
+
+
+def trackers(recipe: Recipe) -> list:
+    """The started trackers of train.report_to (rank 0's), given the recipe as their configuration."""
+    files = run_files(recipe)
+    return open_trackers(recipe.train.report_to, tensorboard_dir=files.tensorboard, mlflow_dir=files.mlruns,
+                         wandb_dir=files.trackers, run_name=files.root.name, config=recipe.model_dump(mode="json"))
 
 
 def response_sampler(
@@ -406,6 +418,7 @@ def check_recipe(recipe: Recipe) -> None:
     if recipe.train.packing and uses_teacher_cache(recipe):
         raise DistillError(PACKING_WITH_CACHE)
     _check_keep_best(recipe)
+    check_trackers(recipe.train.report_to or [])
 
 
 def _check_keep_best(recipe: Recipe) -> None:

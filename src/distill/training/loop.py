@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -255,24 +255,29 @@ def _step_of(line: str) -> float:
 
 class MetricsLog:
     """metrics.jsonl, one object per logged step and per held-out evaluation ("split": "eval"); on resume, entries
-    past the checkpoint are dropped."""
+    past the checkpoint are dropped. Trackers (train.report_to) get every row too, as "train/KEY" or "eval/KEY"."""
 
-    def __init__(self, path: Path, resume_step: int, tensorboard_dir: Optional[Path] = None):
+    def __init__(self, path: Path, resume_step: int, trackers: Sequence = ()):
         self.path = path
         kept = []
         if resume_step and path.is_file():
             kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
         atomic_write_text(path, "".join(line + "\n" for line in kept))
-        self.tensorboard = _tensorboard(tensorboard_dir) if tensorboard_dir is not None else None
+        self.trackers = list(trackers)
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tensorboard is not None:
-            split = EVAL_SPLIT if is_eval_row(record) else "train"
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(f"{split}/{key.removeprefix('eval_')}", value, record["step"])
+        split = EVAL_SPLIT if is_eval_row(record) else "train"
+        scalars = {f"{split}/{key.removeprefix('eval_')}": value for key, value in record.items()
+                   if key != "step" and isinstance(value, (int, float))}
+        for tracker in self.trackers:
+            tracker.log(scalars, step=record["step"])
+
+    def close(self) -> None:
+        """Flush and close the trackers (at the end of training)."""
+        for tracker in self.trackers:
+            tracker.finish()
 
 
 def last_logged_loss(path: Path) -> float:
@@ -286,11 +291,3 @@ def last_logged_loss(path: Path) -> float:
         if isinstance(record, dict) and not is_eval_row(record):
             return float(record.get("loss", float("nan")))
     return float("nan")
-
-
-def _tensorboard(log_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # tensorboard is an optional extra
-    except ImportError:
-        return None
-    return SummaryWriter(str(log_dir))
