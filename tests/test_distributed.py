@@ -2,6 +2,7 @@
 same optimizer steps as one process; rank 0 alone writes; a killed run resumes, on any number of processes."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -17,7 +18,7 @@ import yaml
 from conftest import logged_evals, logged_steps, tiny_recipe
 from distill.models import load_model
 from distill.recipe import recipe_from_dict
-from distill.stages import capture, prepare_run_dir, train
+from distill.stages import build_pairs, capture, prepare_run_dir, train
 
 pytestmark = pytest.mark.slow
 
@@ -56,6 +57,15 @@ def _spec(tmp_path: Path, name: str, teacher: Path, data: Path, case: str = "kd"
         spec["method"]["kind"] = "sft"
     if case == "kd_cache":
         spec["teacher"]["cache"] = str(tmp_path / "cache")
+    if case == "dpo":  # pairs of the prompts' answers: the data's response (chosen) vs a wrong one (rejected)
+        rows = [json.loads(line) for line in data.read_text().splitlines()]
+        pairs = tmp_path / "dpo_pairs.jsonl"
+        pairs.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["response"],
+                                             "rejected": r["response"][::-1]}) + "\n" for r in rows))
+        spec["student"] = {"model": str(teacher)}
+        spec["data"] = {"pairs": str(pairs), "max_length": 48, "eval_fraction": 0.0}
+        spec["method"] = {"kind": "dpo", "beta": 0.5, "chunk_size": 16}
+        spec["train"]["eval_every"] = 0
     return spec
 
 
@@ -65,7 +75,7 @@ def _assert_same_run(one: Path, two: Path, tol: float = 1e-5) -> None:
         assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two]
         for a, b in zip(rows_one, rows_two):
             for key in a:
-                if key.startswith(("loss", "kd", "ce", "grad_norm", "eval_")):
+                if key.startswith(("loss", "kd", "ce", "grad_norm", "eval_", "margin", "accuracy", "chosen", "rejected")):
                     assert a[key] == pytest.approx(b[key], abs=tol), (a["step"], key)
             assert a.get("tokens") == b.get("tokens")  # each rank trained its share, not the whole micro-batch
     student_one, student_two = load_model(str(one / "student")), load_model(str(two / "student"))
@@ -73,12 +83,15 @@ def _assert_same_run(one: Path, two: Path, tol: float = 1e-5) -> None:
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("case", ["kd", "kd_lora", "sft", "kd_cache"])
+@pytest.mark.parametrize("case", ["kd", "kd_lora", "sft", "kd_cache", "dpo"])
 def test_two_processes_take_the_same_steps_as_one(tmp_path, tiny_teacher_dir, pairs_jsonl, case):
     spec_two = _spec(tmp_path, "two", tiny_teacher_dir, pairs_jsonl, case)
     recipe_one = recipe_from_dict(_spec(tmp_path, "one", tiny_teacher_dir, pairs_jsonl, case))
     if case == "kd_cache":
         capture(recipe_one, progress=False)  # one cache, read by both runs
+    if case == "dpo":  # each run's pairs with the reference log-probs, built on one process
+        build_pairs(recipe_from_dict(spec_two), progress=False)
+        build_pairs(recipe_one, progress=False)
     prepare_run_dir(recipe_one)
     train(recipe_one, progress=False)
 
