@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from conftest import logged_evals, logged_steps, tiny_recipe
+from distill.errors import DistillError
 from distill.models import load_model
 from distill.recipe import recipe_from_dict
 from distill.stages import build_pairs, capture, prepare_run_dir, train
@@ -83,9 +84,11 @@ def _assert_same_run(one: Path, two: Path, tol: float = 1e-5) -> None:
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("case", ["kd", "kd_lora", "sft", "kd_cache", "dpo"])
-def test_two_processes_take_the_same_steps_as_one(tmp_path, tiny_teacher_dir, pairs_jsonl, case):
-    spec_two = _spec(tmp_path, "two", tiny_teacher_dir, pairs_jsonl, case)
+@pytest.mark.parametrize("case, parallel", [("kd", "ddp"), ("kd_lora", "ddp"), ("sft", "ddp"), ("kd_cache", "ddp"),
+                                            ("dpo", "ddp"), ("kd", "fsdp"), ("kd_cache", "fsdp"), ("dpo", "fsdp")])
+def test_two_processes_take_the_same_steps_as_one(tmp_path, tiny_teacher_dir, pairs_jsonl, case, parallel):
+    # FSDP: the student's and the live teacher's decoder blocks are sharded across the two processes.
+    spec_two = _spec(tmp_path, "two", tiny_teacher_dir, pairs_jsonl, case, parallel=parallel)
     recipe_one = recipe_from_dict(_spec(tmp_path, "one", tiny_teacher_dir, pairs_jsonl, case))
     if case == "kd_cache":
         capture(recipe_one, progress=False)  # one cache, read by both runs
@@ -102,13 +105,15 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path, tiny_teacher_dir, pa
     assert (tmp_path / "two" / "log.txt").read_text().count("student saved to") == 1
 
 
-def test_a_killed_two_process_run_resumes_on_two_or_one_process(tmp_path, tiny_teacher_dir, pairs_jsonl):
-    spec = _spec(tmp_path, "whole", tiny_teacher_dir, pairs_jsonl)
-    whole = recipe_from_dict(spec)
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_killed_two_process_run_resumes_on_two_or_one_process(tmp_path, tiny_teacher_dir, pairs_jsonl, parallel):
+    whole = recipe_from_dict(_spec(tmp_path, "whole", tiny_teacher_dir, pairs_jsonl))
     prepare_run_dir(whole)
     train(whole, progress=False)
     for name, resumed_on in (("again2", 2), ("again1", 1)):
-        path = _write(_spec(tmp_path, name, tiny_teacher_dir, pairs_jsonl), tmp_path / f"{name}.yaml")
+        # FSDP's checkpoints hold whole tensors, the files one process writes: one process resumes them too.
+        spec = _spec(tmp_path, name, tiny_teacher_dir, pairs_jsonl, parallel=parallel)
+        path = _write(spec, tmp_path / f"{name}.yaml")
         # Killed after step 3's checkpoint (train's stop_after ends the call as a kill would, checkpoint written).
         script = tmp_path / "stop_after_3.py"
         script.write_text(textwrap.dedent(f"""
@@ -139,3 +144,10 @@ def test_a_batch_that_does_not_split_across_processes_is_refused_on_every_rank(t
     line = "distill: error: train.batch_size: 5 rows do not split across 2 processes; use a multiple of 2"
     assert done.stderr.count(line) == 2  # each rank says it and exits; none waits for the other
     assert not (tmp_path / "odd" / "checkpoints").exists() and not (tmp_path / "odd" / "student").exists()
+
+
+def test_fsdp_refuses_what_it_does_not_do_yet(tmp_path, tiny_teacher_dir, pairs_jsonl):
+    spec = _spec(tmp_path, "lora", tiny_teacher_dir, pairs_jsonl, "kd_lora", parallel="fsdp")
+    with pytest.raises(DistillError, match="train.parallel: fsdp does not support train.lora yet"):
+        train(recipe_from_dict(spec), progress=False)
+    assert not (tmp_path / "lora").exists()

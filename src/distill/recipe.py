@@ -358,6 +358,9 @@ class TrainSpec(Section):
     patience: Optional[Int] = Field(default=None, gt=0)  # evals without a better keep_best before stopping early
     # Experiment trackers (accelerate's): null = TensorBoard when installed; [] = none; a tracker listed must import.
     report_to: Optional[list[Literal["tensorboard", "wandb", "mlflow"]]] = None
+    # Under torchrun/accelerate launch (docs/scale.md): ddp = a student replica per process; fsdp = FSDP2, the
+    # student's and teacher's decoder blocks sharded across the processes.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
 
     @model_validator(mode="after")
     def _best_needs_evals(self) -> "TrainSpec":

@@ -126,22 +126,30 @@ def _forget_quantization(model: PreTrainedModel) -> None:
             config._is_quantized = False
 
 
-def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+def save_model(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Save an HF directory (safetensors + tokenizer) atomically; LoRA adapters are merged into the weights.
+
+    `state_dict` (whole tensors, e.g. gathered from FSDP's shards) is saved instead of the model's own weights.
 
     Copies of out_dir that a killed save left beside it go first: out_dir belongs to one run (the GGUF cache,
     which runs share, saves through _save_model_atomically).
     """
     out_dir = Path(out_dir)
     remove_stale_temporaries(out_dir.parent, name=out_dir.name)
-    return _save_model_atomically(model, tokenizer, out_dir)
+    return _save_model_atomically(model, tokenizer, out_dir, state_dict)
 
 
-def _save_model_atomically(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> Path:
+def _save_model_atomically(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """save_model without the clean-up: out_dir appears whole or not at all."""
     plain = _merged_copy(model) if is_peft(model) else model
     with atomic_directory(out_dir) as tmp:
-        plain.save_pretrained(tmp)
+        plain.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         tokenizer.save_pretrained(tmp)
     return out_dir
 

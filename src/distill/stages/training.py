@@ -53,7 +53,14 @@ from distill.stages.pairs import check_pairs, pair_training_items
 from distill.stages.student import initial_student
 from distill.teachers.local import stop_ids
 from distill.training.distributed import LossThroughWrapper, Ranks
-from distill.training.checkpoint import STEP_PREFIX, list_checkpoints, load_checkpoint, read_best, read_best_weights
+from distill.training.checkpoint import (
+    STEP_PREFIX,
+    list_checkpoints,
+    load_trainer_state,
+    load_weights,
+    read_best,
+    read_best_weights,
+)
 from distill.training.held_out import BestSoFar, HeldOut
 from distill.training.loop import LoopSettings, MetricsLog, Training, check_finite, last_logged_loss, run_loop
 from distill.training.on_policy import ResponseSampler, SamplingSettings
@@ -105,17 +112,20 @@ def train(
             training.metrics.close()
     if last is None:
         return None
-    if not training.ranks.main:
-        training.ranks.wait()  # rank 0 saves the student
+    ranks = training.ranks
+    weights = ranks.full_state(training.student.state_dict())  # whole (gathered by every rank under FSDP)
+    if not ranks.main:
+        ranks.wait()  # rank 0 saves the student
         return TrainResult(student_dir=files.student, steps=recipe.train.steps, final_loss=last, seconds=0.0)
     stopped = training.best.stopped if training.best is not None else None
     if start == recipe.train.steps or (stopped is not None and stopped <= start):
         last = last_logged_loss(files.metrics)  # nothing left to train: the loss is the one logged last
-    check_finite(training.student)
+    check_finite(weights)
     steps = stopped or recipe.train.steps
     if training.best is not None:
         _keep_best(training, files)
-    save_model(training.student, training.tokenizer, files.student)  # the matcher's projections stay behind
+    # The matcher's projections stay behind.
+    save_model(training.student, training.tokenizer, files.student, state_dict=weights if ranks.fsdp else None)
     training.ranks.wait()
     seconds = time.perf_counter() - began
     log.info("student saved to %s (%d steps, final loss %.4f, %.0f s)", files.student, steps, last, seconds)
@@ -137,7 +147,7 @@ def _keep_best(training: Training, files) -> None:
 def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
     """Everything the loop needs, from the recipe, resumed from `checkpoint` when given; and the step to start at."""
     t, files = recipe.train, run_files(recipe)
-    ranks = Ranks(device(recipe))
+    ranks = Ranks(device(recipe), t.parallel)
     ranks.check_batch(t.batch_size)
     examples, held_out = recipe_examples(recipe)  # a malformed data file fails before any model is built
     _check_held_out(recipe, held_out)
@@ -153,16 +163,15 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
         student = _apply_lora(student, recipe)
     student.train()
     matcher = hidden_matcher(recipe, student, teacher)
-    # Student parameters first, so the optimizer state's layout is the same as without method.hidden.
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    trainable += list(matcher.parameters()) if matcher is not None else []
-    optimizer = _optimizer(trainable, recipe)
-    factor = lr_multiplier(t.schedule, total_steps=t.steps, warmup_steps=t.warmup_steps,
-                           min_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if checkpoint is not None:
+        load_weights(checkpoint, student, matcher)  # whole tensors, before FSDP shards them
+    wrapped = ranks.wrap(LossThroughWrapper(student, matcher), decoder_layers(student) if ranks.fsdp else [])
+    if teacher is not None and ranks.fsdp:
+        ranks.shard_frozen(decoder_layers(teacher))
+    trainable, optimizer, scheduler = _optimization(recipe, student, matcher)
     start = 0
     if checkpoint is not None:
-        start = load_checkpoint(checkpoint, student, optimizer, scheduler, matcher, data_hash)
+        start = load_trainer_state(checkpoint, optimizer, scheduler, data_hash, ranks.sharded_optimizer_state)
         log.info("resumed from %s (step %d of %d)", checkpoint, start, t.steps)
     settings = LoopSettings(steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum, seed=recipe.seed,
                             max_grad_norm=t.max_grad_norm, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
@@ -172,7 +181,7 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
         student=student, tokenizer=tokenizer, signal=signal, matcher=matcher, objective=batch_objective(recipe.method),
         compute_dtype=compute_dtype(recipe), device=device(recipe), items=items, to_batch=to_batch,
         pad_id=padding_id(tokenizer), trainable=trainable, optimizer=optimizer, scheduler=scheduler,
-        checkpoint_dir=files.checkpoints, ranks=ranks, wrapped=ranks.wrap(LossThroughWrapper(student, matcher)),
+        checkpoint_dir=files.checkpoints, ranks=ranks, wrapped=wrapped,
         metrics=MetricsLog(files.metrics, start, trackers(recipe)) if ranks.main else None, settings=settings,
         pair_objective=pair_objective,
         sampler=response_sampler(recipe, student, teacher, tokenizer),
@@ -180,6 +189,18 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
         best=best_so_far(recipe, checkpoint, start, student),
     )
     return training, start
+
+
+def _optimization(recipe: Recipe, student: torch.nn.Module, matcher: Optional[torch.nn.Module]):
+    """(trainable parameters, AdamW, the learning-rate schedule), built after FSDP has sharded the parameters."""
+    t = recipe.train
+    # Student parameters first, so the optimizer state's layout is the same as without method.hidden.
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    trainable += list(matcher.parameters()) if matcher is not None else []
+    optimizer = _optimizer(trainable, recipe)
+    factor = lr_multiplier(t.schedule, total_steps=t.steps, warmup_steps=t.warmup_steps,
+                           min_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction)
+    return trainable, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def trackers(recipe: Recipe) -> list:
@@ -419,6 +440,19 @@ def check_recipe(recipe: Recipe) -> None:
         raise DistillError(PACKING_WITH_CACHE)
     _check_keep_best(recipe)
     check_trackers(recipe.train.report_to or [])
+    _check_fsdp(recipe)
+
+
+def _check_fsdp(recipe: Recipe) -> None:
+    """What train.parallel: fsdp does not do yet, refused before any model loads (every rank alike)."""
+    if recipe.train.parallel != "fsdp":
+        return
+    unsupported = {"method.kind: on_policy (ranks would sample answers of different lengths)":
+                   recipe.method.kind == "on_policy",
+                   "train.lora": recipe.train.lora is not None, "train.keep_best": recipe.train.keep_best is not None}
+    for what, used in unsupported.items():
+        if used:
+            raise DistillError(f"train.parallel: fsdp does not support {what} yet; use train.parallel: ddp")
 
 
 def _check_keep_best(recipe: Recipe) -> None:

@@ -6,7 +6,7 @@ import pickle
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import safetensors.torch
@@ -51,33 +51,48 @@ def save_checkpoint(
     checkpoint_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     scheduler: Any, keep: int, matcher: torch.nn.Module | None = None, training_set: str = "",
     best: dict | None = None, best_weights: dict[str, torch.Tensor] | None = None,
+    gathered: tuple[dict, dict, dict | None] | None = None,
 ) -> Path:
     """Write checkpoints/step_N atomically, then drop all but the newest `keep`.
 
     `matcher` is a training-only module the optimizer also steps (hidden-state projections); it is saved
     beside the student as matcher.safetensors. `training_set` (a hash of the data) is kept so that a resume on
     other data is refused. `best` (JSON values) and `best_weights` (the student at the best step, when that is an
-    earlier step) keep train.keep_best's best-so-far.
+    earlier step) keep train.keep_best's best-so-far. `gathered` (student, optimizer and matcher states gathered
+    whole from FSDP's shards) replaces what the modules' own state dicts would give.
     """
     final = checkpoint_dir / f"{STEP_PREFIX}{step}"
     remove_stale_temporaries(checkpoint_dir)  # a killed save's half-written step_N (only this run writes here)
     with atomic_directory(final) as tmp:
-        # save_model (not save_file) copes with tied weights that share storage.
-        safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
-        if matcher is not None:
-            safetensors.torch.save_model(matcher, str(tmp / MATCHER_FILE))
+        optimizer_state = optimizer.state_dict() if gathered is None else gathered[1]
+        if gathered is None:  # save_model (not save_file) copes with tied weights that share storage
+            safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+            if matcher is not None:
+                safetensors.torch.save_model(matcher, str(tmp / MATCHER_FILE))
+        else:
+            safetensors.torch.save_file(_untied(model, gathered[0]), str(tmp / "model.safetensors"))
+            if gathered[2] is not None:
+                safetensors.torch.save_file(_untied(matcher, gathered[2]), str(tmp / MATCHER_FILE))
         if best is not None:
             (tmp / BEST_STATE).write_text(json.dumps(best))
         if best_weights is not None:
             safetensors.torch.save_file({k: v.contiguous() for k, v in best_weights.items()}, str(tmp / BEST_WEIGHTS))
         torch.save(
-            {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
              "rng": _rng_state(), "training_set": training_set},
             tmp / TRAINER_STATE,
         )
     for old in list_checkpoints(checkpoint_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _untied(model: torch.nn.Module, whole: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The gathered tensors with one name per parameter the model shares (tied embeddings), as save_model keeps."""
+    every_parameter = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    first_names = {name for name, _ in model.named_parameters()}  # a shared parameter under its first name only
+    return {name: tensor.contiguous() for name, tensor in whole.items()
+            if name in first_names or name not in every_parameter}
 
 
 def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
@@ -97,6 +112,12 @@ def load_checkpoint(
 
     A checkpoint trained on another training set (its hash differs from `training_set`) is refused.
     """
+    load_weights(path, model, matcher)
+    return load_trainer_state(path, optimizer, scheduler, training_set)
+
+
+def load_weights(path: Path, model: torch.nn.Module, matcher: torch.nn.Module | None = None) -> None:
+    """The checkpoint's student (and hidden-state projections) into unsharded modules."""
     missing, unexpected = safetensors.torch.load_model(model, str(path / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise DistillError(
@@ -104,12 +125,19 @@ def load_checkpoint(
             "was the recipe's student changed? Start a new output_dir or drop --resume"
         )
     _load_matcher(path, matcher)
+
+
+def load_trainer_state(
+    path: Path, optimizer: torch.optim.Optimizer, scheduler: Any, training_set: str = "",
+    shard: Callable[[dict, torch.optim.Optimizer], dict] | None = None,
+) -> int:
+    """The checkpoint's optimizer (its moments sharded by `shard` under FSDP), schedule and RNG; its step."""
     state = _trainer_state(path / TRAINER_STATE)
     if state.get("training_set") and training_set and state["training_set"] != training_set:
         raise DistillError(f"{path}: this checkpoint was trained on other data (the training set changed since: edited "
                            "data files, or teacher answers that failed before and were answered on a re-run); restore "
                            "the data, choose a new output_dir, or pass --restart to discard the checkpoints")
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(state["optimizer"] if shard is None else shard(state["optimizer"], optimizer))
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     return int(state["step"])

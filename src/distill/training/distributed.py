@@ -1,16 +1,22 @@
-"""Training on several processes (torchrun, accelerate launch): accelerate's DDP around the student, each rank's
-share of a micro-batch, and the sums over ranks that keep N processes' steps equal to one process's.
+"""Training on several processes (torchrun, accelerate launch): accelerate's DDP, or PyTorch's FSDP2, around the
+student; each rank's share of a micro-batch; and the sums over ranks that keep N processes' steps equal to one's.
 
 train.batch_size is the global micro-batch: rank r of N takes rows [r*b/N, (r+1)*b/N) of every micro-batch, so
 the optimizer steps do not depend on N. Each rank's loss is a mean over its own trained positions; scaled by
-N * n_rank / n_all before DDP averages the gradients, it is the mean over all of the micro-batch's positions.
+N * n_rank / n_all before DDP (or FSDP's reduce-scatter) averages the gradients, it is the mean over all of the
+micro-batch's positions.
+
+With FSDP (train.parallel: fsdp) every decoder block of the student and of the teacher is sharded across the
+ranks and gathered only for its own forward and backward; checkpoints hold the full tensors (gathered when saved,
+sharded again when loaded), in the same files as one process writes, so a run resumes on any number of processes.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Callable, ContextManager, Sequence, TypeVar
+from contextlib import contextmanager, nullcontext
+from typing import Callable, ContextManager, Iterator, Sequence, TypeVar
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from distill.errors import DistillError
 from distill.runtime import process_rank
@@ -37,8 +43,10 @@ class LossThroughWrapper(torch.nn.Module):
 class Ranks:
     """This process's place among the training processes, and the collectives the loop needs."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, parallel: str = "ddp"):
         self.rank, self.world = process_rank()
+        self.device = device
+        self.fsdp = parallel == "fsdp" and self.world > 1
         self.accelerator = None
         if self.world > 1:
             from accelerate import Accelerator  # only a multi-process run needs the process group
@@ -46,8 +54,8 @@ class Ranks:
             self.accelerator = Accelerator(cpu=device.type == "cpu")
             distributed = self.accelerator.distributed_type.value
             if distributed not in ("MULTI_CPU", "MULTI_GPU"):
-                raise DistillError(f"accelerate: distributed type {distributed} is not supported yet; distill "
-                                   "trains with DDP (accelerate launch --multi_gpu, or torchrun)")
+                raise DistillError(f"accelerate: distributed type {distributed} is not supported; launch with "
+                                   "torchrun or accelerate launch --multi_gpu, and set train.parallel: fsdp for FSDP")
 
     @property
     def main(self) -> bool:
@@ -65,15 +73,60 @@ class Ranks:
         per = len(indices) // self.world
         return list(indices[self.rank * per:(self.rank + 1) * per])
 
-    def wrap(self, module: LossThroughWrapper) -> torch.nn.Module:
-        """The module gradients flow through: DDP (via accelerate) on several processes, itself alone."""
-        return module if self.accelerator is None else self.accelerator.prepare_model(module)
+    def wrap(self, module: LossThroughWrapper, blocks: Sequence[torch.nn.Module]) -> torch.nn.Module:
+        """The module gradients flow through: itself alone; DDP (via accelerate); or with FSDP, each of `blocks`
+        (the student's decoder blocks) a sharded unit and the rest (embeddings, head, projections) the root's."""
+        if self.accelerator is None:
+            return module
+        if not self.fsdp:
+            return self.accelerator.prepare_model(module)
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self._mesh()
+        for block in blocks:
+            fully_shard(block, mesh=mesh)
+        return fully_shard(module, mesh=mesh)
+
+    def shard_frozen(self, blocks: Sequence[torch.nn.Module]) -> None:
+        """With FSDP, shard a frozen model's decoder blocks too (the teacher: gathered block by block, no grads)."""
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self._mesh()
+            for block in blocks:
+                fully_shard(block, mesh=mesh)
+
+    def _mesh(self):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(self.device.type, (self.world,))
 
     def syncing(self, wrapped: torch.nn.Module, last_micro_batch: bool) -> ContextManager:
-        """No gradient all-reduce until the step's last micro-batch (its backward reduces the accumulated sum)."""
+        """No gradient reduction until the step's last micro-batch (its backward reduces the accumulated sum)."""
         if self.accelerator is None or last_micro_batch:
             return nullcontext()
+        if self.fsdp:
+            return _fsdp_no_sync(wrapped)
         return self.accelerator.no_sync(wrapped)
+
+    def full_state(self, state: dict) -> dict:
+        """A state dict with every sharded tensor gathered whole on the CPU (every rank must call it, in step)."""
+        return {key: _full(value) for key, value in state.items()}
+
+    def full_optimizer_state(self, state: dict) -> dict:
+        """optimizer.state_dict() with its sharded moments gathered whole (every rank must call it, in step)."""
+        return {**state, "state": {i: self.full_state(moments) for i, moments in state["state"].items()}}
+
+    def sharded_optimizer_state(self, full: dict, optimizer: torch.optim.Optimizer) -> dict:
+        """A saved (whole) optimizer state, each moment sharded like the parameter it belongs to."""
+        if not self.fsdp:
+            return full
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        state = {}
+        for index, moments in full["state"].items():
+            param = params[int(index)]
+            state[index] = {key: _like(value, param) for key, value in moments.items()}
+        return {**full, "state": state}
 
     def sums(self, values: Sequence[float]) -> list[float]:
         """Each value summed over the ranks (float64, so token counts stay exact)."""
@@ -82,7 +135,39 @@ class Ranks:
         total = torch.tensor(list(values), dtype=torch.float64, device=self.accelerator.device)
         return self.accelerator.reduce(total, "sum").tolist()
 
+    def unsharded(self, wrapped: torch.nn.Module, run: Callable[[], T]) -> T:
+        """Run a no-gradient pass over the student (held-out evaluation): with FSDP through the root, which gathers
+        the shards it needs; else directly."""
+        if not self.fsdp:
+            return run()
+        with torch.no_grad():
+            return wrapped(run)
+
+    def grad_norm(self, norm: torch.Tensor) -> float:
+        """clip_grad_norm_'s total norm as a number (with FSDP a DTensor over the shards' norms)."""
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
     def wait(self) -> None:
         """Every rank waits here for the others (after rank 0 writes what they read next)."""
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
+
+
+@contextmanager
+def _fsdp_no_sync(wrapped: torch.nn.Module) -> Iterator[None]:
+    wrapped.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        wrapped.set_requires_gradient_sync(True)
+
+
+def _full(value):
+    return value.full_tensor().cpu() if isinstance(value, DTensor) else value
+
+
+def _like(value, param: torch.Tensor):
+    """A whole tensor of a parameter's shape, sharded as that parameter is; anything else as it is."""
+    if isinstance(param, DTensor) and isinstance(value, torch.Tensor) and value.shape == param.shape:
+        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+    return value

@@ -115,7 +115,7 @@ def accumulate_gradients(t: Training, step: int) -> StepResult:
         tokens += int(batch["attention_mask"].sum())
     *values, tokens = ranks.sums([*weighted.values(), tokens])
     # An infinite max norm measures without clipping (the scale factor is clamped to exactly 1).
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(t.trainable, s.max_grad_norm or math.inf))
+    grad_norm = ranks.grad_norm(torch.nn.utils.clip_grad_norm_(t.trainable, s.max_grad_norm or math.inf))
     return StepResult(dict(zip(terms, values)), grad_norm, int(tokens))
 
 
@@ -163,7 +163,6 @@ def run_loop(t: Training, start: int, *, stop_after: Optional[int] = None, progr
             stop_early = _evaluate(t, done, postfix)
             bar.set_postfix(postfix)
         if done % s.checkpoint_every == 0 or done == s.steps or done == stop_after or stop_early:
-            _refuse_non_finite_weights(t, done)
             _checkpoint(t, done)
         if done == stop_after or stop_early:
             bar.close()
@@ -175,7 +174,8 @@ def run_loop(t: Training, start: int, *, stop_after: Optional[int] = None, progr
 def _evaluate(t: Training, step: int, postfix: dict[str, str]) -> bool:
     """Evaluate on the held-out batches, log the row, update the best so far; True when patience runs out."""
     # Every rank evaluates the same batches, so train.keep_best and train.patience decide alike everywhere.
-    metrics = evaluate_held_out(t.student, t.held_out, t.objective, t.compute_dtype, t.device, t.matcher)
+    metrics = t.ranks.unsharded(t.wrapped, partial(evaluate_held_out, t.student, t.held_out, t.objective,
+                                                   t.compute_dtype, t.device, t.matcher))
     _write_metrics(t, {"step": step, "split": EVAL_SPLIT, **metrics})
     shown = metrics.get("eval_loss", metrics.get("eval_ce"))
     if shown is not None:
@@ -198,13 +198,21 @@ def _write_metrics(t: Training, record: dict) -> None:
 
 
 def _checkpoint(t: Training, step: int) -> None:
-    """Rank 0 saves the step's checkpoint; the other ranks wait for it (a kill then finds the same one everywhere)."""
-    s, best = t.settings, t.best
-    if t.ranks.main:
+    """Rank 0 saves the step's checkpoint; the other ranks wait for it (a kill then finds the same one everywhere).
+
+    With FSDP every rank first gathers the whole student, optimizer and projections, so all of them check the same
+    weights and rank 0 writes the same files as one process would."""
+    s, best, ranks = t.settings, t.best, t.ranks
+    gathered = None
+    if ranks.fsdp:
+        gathered = (ranks.full_state(t.student.state_dict()), ranks.full_optimizer_state(t.optimizer.state_dict()),
+                    None if t.matcher is None else ranks.full_state(t.matcher.state_dict()))
+    _refuse_non_finite_weights(t, step, t.student.state_dict() if gathered is None else gathered[0])
+    if ranks.main:
         save_checkpoint(t.checkpoint_dir, step, t.student, t.optimizer, t.scheduler, s.keep_checkpoints,
                         t.matcher, s.training_set, best=None if best is None else best.state(),
-                        best_weights=None if best is None or best.step == step else best.weights)
-    t.ranks.wait()
+                        best_weights=None if best is None or best.step == step else best.weights, gathered=gathered)
+    ranks.wait()
 
 
 def _refuse_divergence(t: Training, step: int, result: StepResult, skipped: int) -> None:
@@ -220,9 +228,9 @@ def _refuse_divergence(t: Training, step: int, result: StepResult, skipped: int)
                        "train.max_grad_norm, or allow skipped steps with train.nan_tolerance")
 
 
-def _refuse_non_finite_weights(t: Training, step: int) -> None:
+def _refuse_non_finite_weights(t: Training, step: int, weights: dict) -> None:
     """Never checkpoint a student whose update went non-finite: stop, keeping the last good checkpoint."""
-    name = first_non_finite(t.student)
+    name = first_non_finite(weights)
     if name is not None:
         kept = list_checkpoints(t.checkpoint_dir)
         where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written"
@@ -230,17 +238,17 @@ def _refuse_non_finite_weights(t: Training, step: int) -> None:
                            "train.lr or set train.max_grad_norm (or pass --restart)")
 
 
-def first_non_finite(model: torch.nn.Module) -> Optional[str]:
-    """The name of the first floating-point tensor of the model holding a NaN or infinity, else None."""
-    for name, tensor in model.state_dict().items():
+def first_non_finite(weights: dict[str, torch.Tensor]) -> Optional[str]:
+    """The name of the first floating-point tensor of a state dict holding a NaN or infinity, else None."""
+    for name, tensor in weights.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             return name
     return None
 
 
-def check_finite(model: torch.nn.Module) -> None:
+def check_finite(weights: dict[str, torch.Tensor]) -> None:
     """Refuse to save a student with a non-finite weight (one line naming the first such tensor)."""
-    name = first_non_finite(model)
+    name = first_non_finite(weights)
     if name is not None:
         raise DistillError(f"train: the student's {name} is not finite; it was not saved (pass --restart)")
 
