@@ -54,7 +54,8 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     layers = getattr(_decoder(model), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         name = getattr(base_model(model).config, "name_or_path", "") or type(base_model(model)).__name__
-        raise DistillError(f"{name}: cannot find the decoder blocks (no decoder.layers) for hidden-state KD")
+        raise DistillError(f"{name}: cannot find the decoder blocks (no decoder.layers), which hidden-state KD "
+                           "and train.parallel: fsdp need")
     return layers
 
 
