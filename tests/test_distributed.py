@@ -151,3 +151,14 @@ def test_fsdp_refuses_what_it_does_not_do_yet(tmp_path, tiny_teacher_dir, pairs_
     with pytest.raises(DistillError, match="train.parallel: fsdp does not support train.lora yet"):
         train(recipe_from_dict(spec), progress=False)
     assert not (tmp_path / "lora").exists()
+
+
+def test_distill_run_on_two_processes_trains_together_and_evaluates_once(tmp_path, tiny_teacher_dir, pairs_jsonl):
+    spec = _spec(tmp_path, "run", tiny_teacher_dir, pairs_jsonl)
+    spec["eval"].update({"measure_speed": False, "before_training": False, "general_text": False})
+    done = _torchrun([DISTILL, "run", str(_write(spec, tmp_path / "run.yaml")), "--no-progress"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["student"]["perplexity"] > 0
+    log_text = (tmp_path / "run" / "log.txt").read_text()
+    assert log_text.count("student saved to") == 1 and done.stdout.count("report: ") == 1

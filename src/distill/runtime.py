@@ -60,6 +60,28 @@ def wait_for_other_processes() -> None:
         PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
 
 
+def continue_alone() -> None:
+    """After the work all processes share (training): they meet once more, then each goes on as if run alone
+    (rank 0 exports and evaluates; the others stop), so no later barrier waits for a process that has left."""
+    if process_rank()[1] > 1:
+        wait_for_other_processes()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ["WORLD_SIZE"] = "1"
+
+
+@contextmanager
+def main_process_first() -> Iterator[None]:
+    """Rank 0 runs the block before the other processes do (what it writes, say to a shared cache, they then read).
+
+    Every process must enter it at the same point; alone, the block just runs."""
+    if not is_main_process():
+        wait_for_other_processes()
+    yield
+    if is_main_process():
+        wait_for_other_processes()
+
+
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)

@@ -13,7 +13,7 @@ import yaml
 
 from distill.errors import DistillError
 from distill.recipe import Recipe
-from distill.runtime import atomic_write_text, is_main_process, wait_for_other_processes
+from distill.runtime import atomic_write_text, continue_alone, is_main_process, wait_for_other_processes
 from distill.stages.cache import capture
 from distill.stages.data import recipe_examples
 from distill.stages.evaluation import evaluate
@@ -91,6 +91,7 @@ def run(recipe: Recipe, *, restart: bool = False, progress: bool = True) -> dict
             build_pairs(recipe, progress=progress)
     wait_for_other_processes()
     train(recipe, progress=progress)
+    continue_alone()
     if not is_main_process():
         return {}  # under torchrun the other processes help train; rank 0 exports, evaluates and reports
     export(recipe)

@@ -17,7 +17,7 @@ from distill.models import build_student as build_new_student
 from distill.models import count_params, load_model, save_model, student_config_summary
 from distill.models.prune import PruneReport, calibration_batches, prune_teacher
 from distill.recipe import Recipe
-from distill.runtime import atomic_write_json, is_main_process, wait_for_other_processes
+from distill.runtime import atomic_write_json
 from distill.stages.data import recipe_examples, recipe_prompts
 from distill.stages.facts import device, load_teacher, model_source, named_by, run_files, teacher_tokenizer
 from distill.stages.presets import preset_config
@@ -44,10 +44,7 @@ def initial_student(
             path, gguf = model_source(recipe, spec)
             return load_model(path, gguf, dtype=torch.float32, device=device(recipe),
                               trust_remote_code=spec.trust_remote_code)
-    if is_main_process():
-        built_student(recipe, teacher, tokenizer)
-    wait_for_other_processes()
-    built = built_student(recipe, teacher, tokenizer)  # under torchrun, rank 0 built it and the others reuse it
+    built = built_student(recipe, teacher, tokenizer)
     return load_model(str(built), None, dtype=torch.float32, device=device(recipe))
 
 

@@ -20,7 +20,7 @@ from distill.losses.preference import PreferenceSettings
 from distill.models import check_tokenizers, count_params, load_tokenizer, save_model
 from distill.models.heads import base_model, decoder_layers
 from distill.recipe import MethodSpec, Recipe
-from distill.runtime import set_seed
+from distill.runtime import main_process_first, set_seed
 from distill.signals.cache import dataset_hash, example_hash, read_header
 from distill.signals.reader import TeacherCacheReader, open_teacher_cache
 from distill.signals.teacher_signal import (
@@ -151,7 +151,9 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
     ranks.check_batch(t.batch_size)
     examples, held_out = recipe_examples(recipe)  # a malformed data file fails before any model is built
     _check_held_out(recipe, held_out)
-    tokenizer, teacher, student, cross = _models(recipe)
+    # Under torchrun rank 0 loads first: it writes student_init/ and a GGUF model's dequantized copy, the others read.
+    with main_process_first():
+        tokenizer, teacher, student, cross = _models(recipe)
     if t.packing:
         for model, name in ((student, "student"), (teacher, "teacher")):
             if model is not None:
