@@ -203,8 +203,9 @@ def _prepare_run(recipe: Recipe, args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace) -> None:
     recipe = _recipe(args)
     _prepare_run(recipe, args)
-    _stages().run(recipe, progress=not args.no_progress)  # the run directory is prepared above (--restart included)
-    print(f"report: {recipe.run_dir / 'report.html'}")
+    result = _stages().run(recipe, progress=not args.no_progress)  # the run directory is prepared above
+    if result:  # under torchrun, rank 0's (the other processes only help train)
+        print(f"report: {recipe.run_dir / 'report.html'}")
 
 
 def _generate(args: argparse.Namespace) -> None:
