@@ -1,5 +1,7 @@
 """The stages of a run: generate -> filter -> capture -> student -> pairs (dpo) -> train -> export -> eval -> report.
 
+With `stages:` in the recipe, capture -> student -> pairs -> train run once per training stage, in order (chain.py).
+
 Below the CLI, only these (and `distill plan`) read a Recipe. Each stage is callable on its own; `run` calls them
 in order.
 """
@@ -15,23 +17,24 @@ from distill.errors import DistillError
 from distill.recipe import Recipe
 from distill.runtime import atomic_write_text
 from distill.stages.cache import capture
+from distill.stages.chain import check_stages, stage_recipes, train_stages
 from distill.stages.data import recipe_examples
 from distill.stages.evaluation import evaluate
 from distill.stages.exports import export, export_targets
-from distill.stages.facts import run_files, uses_teacher_cache
+from distill.stages.facts import run_files
 from distill.stages.pairs import build_pairs, check_pairs
 from distill.stages.reporting import report
 from distill.stages.student import build_student
 from distill.stages.teacher_data import filter_data, generate
-from distill.stages.training import check_recipe, train
+from distill.stages.training import train
 
 __all__ = ["prepare_run_dir", "generate", "filter_data", "capture", "build_student", "check_pairs", "build_pairs",
-           "train", "export_targets", "export", "evaluate", "report", "run"]
+           "train", "stage_recipes", "train_stages", "export_targets", "export", "evaluate", "report", "run"]
 
 log = logging.getLogger("distill")
 
 # Sections whose change makes a run directory's checkpoints meaningless.
-_TRAINING_KEYS = ("seed", "teacher", "student", "data", "method", "train")
+_TRAINING_KEYS = ("seed", "teacher", "student", "data", "method", "train", "stages")
 
 
 def _first_difference(old: object, new: object, prefix: str = "") -> str | None:
@@ -48,13 +51,18 @@ def _first_difference(old: object, new: object, prefix: str = "") -> str | None:
 
 def prepare_run_dir(recipe: Recipe, *, restart: bool = False) -> Path:
     """Create the run directory and keep the resolved recipe in it; refuse to mix two recipes' checkpoints."""
-    check_pairs(recipe)  # method.kind: dpo without pairs: refused before anything is written
+    if recipe.stages is None:
+        check_pairs(recipe)  # method.kind: dpo without pairs: refused before anything is written
+    else:
+        check_stages(recipe)  # each stage's, naming the stage
     files = run_files(recipe)
+    checkpoints = [run_files(stage).checkpoints for stage in stage_recipes(recipe)]
     files.root.mkdir(parents=True, exist_ok=True)
     current = recipe.model_dump(mode="json")
     if restart:
-        shutil.rmtree(files.checkpoints, ignore_errors=True)
-    elif files.recipe.is_file() and files.checkpoints.is_dir():
+        for directory in checkpoints:
+            shutil.rmtree(directory, ignore_errors=True)
+    elif files.recipe.is_file() and any(directory.is_dir() for directory in checkpoints):
         saved = yaml.safe_load(files.recipe.read_text()) or {}
         for key in _TRAINING_KEYS:
             diff = _first_difference(saved.get(key), current.get(key), f"{key}.")
@@ -70,19 +78,13 @@ def prepare_run_dir(recipe: Recipe, *, restart: bool = False) -> Path:
 
 def run(recipe: Recipe, *, restart: bool = False, progress: bool = True) -> dict:
     """All stages in order; re-running after a kill resumes where it stopped."""
-    check_recipe(recipe)  # method/train combinations the trainer cannot run: refused before any stage
+    check_stages(recipe)  # method/train combinations the trainer cannot run: refused before any stage
     prepare_run_dir(recipe, restart=restart)
     export_targets(recipe)
     generate(recipe, progress=progress)
     filter_data(recipe)
     recipe_examples(recipe)  # a malformed data file fails here, before any model is built or trained
-    if uses_teacher_cache(recipe):  # resumable: done shards are kept
-        capture(recipe, progress=progress)
-    if recipe.student.model is None:
-        build_student(recipe)
-    if recipe.method.kind == "dpo":  # resumable: built pairs are kept
-        build_pairs(recipe, progress=progress)
-    train(recipe, progress=progress)
+    train_stages(recipe, progress=progress)  # per stage: its teacher cache, student and pairs, then training
     export(recipe)
     result = evaluate(recipe, progress=progress)
     report(recipe)
