@@ -729,8 +729,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def _format_error(source: str, err: ValidationError, prefix: str = "") -> str:
     first = err.errors()[0]
-    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])  # stages[1].method.kind
-    where = (prefix + where.lstrip(".")).rstrip(".") or "(top level)"
+    where = re.sub(r"^stages\.(\d+)", r"stages[\1]", ".".join(str(p) for p in first["loc"]))  # as stages[1].x
+    where = prefix + where if where else prefix.rstrip(".") or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
