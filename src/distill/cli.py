@@ -217,6 +217,9 @@ def _generate(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     recipe = _recipe(args)
     _prepare_run(recipe, args)
+    if recipe.stages is not None:  # every stage in order, with the pairs a dpo stage builds from the one before
+        _stages().train_stages(recipe, progress=not args.no_progress)
+        return
     _stages().train(recipe, progress=not args.no_progress)
 
 
@@ -273,6 +276,9 @@ def _capture(args: argparse.Namespace) -> None:
 
 def _pairs(args: argparse.Namespace) -> None:
     recipe = _recipe(args)
+    if recipe.stages is not None:
+        raise DistillError(f"{args.recipe}: a `stages:` recipe builds each dpo stage's pairs from the stage before's "
+                           "student; run `distill train` or `distill run`")
     _prepare_run(recipe, args)
     stats = _stages().build_pairs(recipe, progress=not args.no_progress)
     dropped = ", ".join(f"{n} {reason}" for reason, n in stats.dropped.items()) or "none"

@@ -8,10 +8,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from distill.errors import DistillError
+from distill.rundir import RunDir
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 
@@ -543,6 +553,19 @@ class FilterSpec(Section):
     judge: JudgeFilter = Field(default_factory=JudgeFilter)
 
 
+STAGE_SECTIONS = ("method", "train", "data", "pairs")  # what a training stage may change of the recipe
+
+
+class StageSpec(Section):
+    """One training stage of a `stages:` recipe: a name, and the recipe sections it changes (merged key by key)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also its directory: <run>/stages/<name>/
+    method: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict)
+    pairs: dict[str, Any] = Field(default_factory=dict)
+
+
 class Recipe(Section):
     """A whole distillation run."""
 
@@ -558,9 +581,33 @@ class Recipe(Section):
     train: TrainSpec = Field(default_factory=TrainSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    # Training stages run in order, each from the one before's student (docs/preference.md); none: one stage.
+    stages: Optional[list[StageSpec]] = None
 
     # Where the recipe file lives; relative paths in it are resolved against this.
     base_dir: Path = Field(default=Path("."), exclude=True)
+    _raw: dict = PrivateAttr(default_factory=dict)  # the sections as written: each stage's overrides merge onto them
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_raw(cls, data: Any, handler: Any) -> "Recipe":
+        recipe = handler(data)
+        if isinstance(data, dict):
+            recipe._raw = copy.deepcopy(data)
+        return recipe
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_list(cls, stages: Optional[list[StageSpec]]) -> Optional[list[StageSpec]]:
+        if stages is None:
+            return None
+        if not stages:
+            raise ValueError("an empty list; give at least one stage, or remove `stages`")
+        names = [s.name for s in stages]
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice is not None:
+            raise ValueError(f"the stage name {twice!r} is used twice (each stage has its own directory)")
+        return stages
 
     def path(self, value: str) -> Path:
         """Resolve a path from the recipe relative to the recipe file's directory (hf:// datasets: unchanged)."""
@@ -575,7 +622,59 @@ class Recipe(Section):
 
     def dump(self) -> str:
         """The resolved recipe as YAML (what a run directory keeps as recipe.yaml)."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        dump = self.model_dump(mode="json", exclude={"stages"} if self.stages is None else None)
+        return yaml.safe_dump(dump, sort_keys=False)
+
+    def training_stages(self, source: str = "<recipe>") -> list["Recipe"]:
+        """Each training stage as a whole recipe, in order (a recipe without `stages:` is its own only stage).
+
+        A stage is the recipe's sections with the stage's method/train/data/pairs merged in key by key; every stage
+        after the first starts from the one before's student. Errors name the stage: `stages[1].method.kind`.
+        """
+        if self.stages is None:
+            return [self]
+        run, built = RunDir(self.run_dir), []
+        for index, stage in enumerate(self.stages):
+            raw = {k: copy.deepcopy(v) for k, v in self._raw.items() if k != "stages"}
+            for section in STAGE_SECTIONS:
+                raw[section] = _merged(raw.get(section) or {}, getattr(stage, section))
+            if not raw["pairs"]:
+                raw.pop("pairs")
+            if index > 0:  # the student the stage before trained
+                before = run.for_stage(self.stages[index - 1].name, final=False).student
+                raw["student"] = {"model": str(before.resolve())}
+            raw.update(stage=stage.name, stage_index=index, final_stage=index == len(self.stages) - 1,
+                       own_data=bool(stage.data))
+            try:
+                recipe = StageRecipe.model_validate(raw)
+            except ValidationError as err:
+                raise DistillError(_format_error(source, err, prefix=f"stages[{index}].")) from None
+            recipe.base_dir = self.base_dir
+            _check_files(recipe, source, prefix=f"stages[{index}].")
+            built.append(recipe)
+        return built
+
+
+class StageRecipe(Recipe):
+    """One training stage of a `stages:` recipe, as a whole recipe (Recipe.training_stages makes them)."""
+
+    stage: str = Field(exclude=True)
+    stage_index: int = Field(exclude=True)
+    final_stage: bool = Field(exclude=True)
+    own_data: bool = Field(exclude=True)  # the stage changes the data section (its filtered data is its own)
+
+    def stage_files(self, run: RunDir) -> RunDir:
+        """The run directory's paths as this stage sees them."""
+        return run.for_stage(self.stage, final=self.final_stage, own_data=self.own_data)
+
+
+def _merged(base: dict, changes: dict) -> dict:
+    """`base` with `changes` merged in key by key (mappings in both are merged, anything else replaced)."""
+    out = copy.deepcopy(base) if isinstance(base, dict) else {}
+    for key, value in changes.items():
+        out[key] = _merged(out.get(key), value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else copy.deepcopy(value)
+    return out
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
@@ -633,9 +732,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def _format_error(source: str, err: ValidationError) -> str:
+def _format_error(source: str, err: ValidationError, prefix: str = "") -> str:
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    where = re.sub(r"^stages\.(\d+)", r"stages[\1]", ".".join(str(p) for p in first["loc"]))  # as stages[1].x
+    where = prefix + where if where else prefix.rstrip(".") or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
@@ -655,10 +755,11 @@ def recipe_from_dict(data: dict, source: str = "<recipe>", base_dir: Path | None
         raise DistillError(_format_error(source, err)) from None
     recipe.base_dir = base_dir or Path(".")
     _check_files(recipe, source)
+    recipe.training_stages(source)  # every stage validates as a whole recipe, before anything runs
     return recipe
 
 
-def _check_files(recipe: Recipe, source: str) -> None:
+def _check_files(recipe: Recipe, source: str, prefix: str = "") -> None:
     """Report missing local files now, before any model is loaded."""
     d = recipe.data
     named = {"data.prompts": d.prompts, "data.train": d.train, "data.eval": d.eval, "data.pairs": d.pairs}
@@ -668,9 +769,9 @@ def _check_files(recipe: Recipe, source: str) -> None:
         if value is None or (key == "data.prompts" and value.startswith(HUB_DATASET)):
             continue  # a hub dataset is checked when it is loaded
         if value.startswith(HUB_DATASET):
-            raise DistillError(f"{source}: {key}: hf:// datasets are read only for data.prompts; give a file")
+            raise DistillError(f"{source}: {prefix}{key}: hf:// datasets are read only for data.prompts; give a file")
         if not recipe.path(value).exists():
-            raise DistillError(f"{source}: {key}: file not found: {recipe.path(value)}")
+            raise DistillError(f"{source}: {prefix}{key}: file not found: {recipe.path(value)}")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -1,18 +1,49 @@
 """The run directory: where every artifact of a run lives, named once (docs/architecture.md lists them)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
+
+STAGES = "stages"  # <run>/stages/<name>/: one training stage's artifacts in a `stages:` recipe
 
 
 @dataclass(frozen=True)
 class RunDir:
-    """Every artifact path of one run directory; stages ask it instead of joining names themselves."""
+    """Every artifact path of one run directory; stages ask it instead of joining names themselves.
+
+    A training stage of a `stages:` recipe (`for_stage`) keeps its checkpoints, metrics, pairs and student under
+    <run>/stages/<name>/; the final stage's student is <run>/student (what export and eval read). A stage with data
+    of its own also keeps its filtered teacher answers and default teacher cache there.
+    """
 
     root: Path
+    stage: Optional[str] = None
+    final: bool = True  # the final stage: its student (and student_last) are the run's
+    own_data: bool = False  # the stage overrides the recipe's data section
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
+
+    def for_stage(self, name: str, *, final: bool, own_data: bool = False) -> "RunDir":
+        """The paths of the training stage `name` of this run."""
+        return replace(self, stage=name, final=final, own_data=own_data)
+
+    @property
+    def stage_root(self) -> Path:
+        """Where this stage's own artifacts live (the run directory itself outside a `stages:` recipe)."""
+        return self.root if self.stage is None else self.root / STAGES / self.stage
+
+    @property
+    def stages(self) -> Path:
+        """The training stages' directories of a `stages:` recipe."""
+        return self.root / STAGES
+
+    def _data_root(self) -> Path:
+        return self.stage_root if self.own_data else self.root
+
+    def _student_root(self) -> Path:
+        return self.root if self.final else self.stage_root
 
     @property
     def recipe(self) -> Path:
@@ -32,12 +63,12 @@ class RunDir:
     @property
     def filtered_data(self) -> Path:
         """The teacher answers that pass the recipe's filters (training reads this file when it exists)."""
-        return self.root / "teacher_data.filtered.jsonl"
+        return self._data_root() / "teacher_data.filtered.jsonl"
 
     @property
     def pairs(self) -> Path:
         """Preference pairs with their reference log-probs (`distill pairs`): resumable shards like teacher_data."""
-        return self.root / "pairs"
+        return self.stage_root / "pairs"
 
     @property
     def student_init(self) -> Path:
@@ -47,26 +78,26 @@ class RunDir:
     @property
     def teacher_cache(self) -> Path:
         """Where `distill capture` writes the top-k cache when the recipe names no teacher.cache path."""
-        return self.root / "teacher_cache"
+        return self._data_root() / "teacher_cache"
 
     @property
     def checkpoints(self) -> Path:
         """Resumable training checkpoints, step_N/."""
-        return self.root / "checkpoints"
+        return self.stage_root / "checkpoints"
 
     @property
     def metrics(self) -> Path:
         """One JSON object per logged training step."""
-        return self.root / "metrics.jsonl"
+        return self.stage_root / "metrics.jsonl"
 
     @property
     def tensorboard(self) -> Path:
         """TensorBoard event files (train.report_to tensorboard; by default when tensorboard is installed)."""
-        return self.root / "tensorboard"
+        return self.stage_root / "tensorboard"
 
     @property
     def mlruns(self) -> Path:
-        """train.report_to mlflow: MLflow's local store, unless MLFLOW_TRACKING_URI names another."""
+        """train.report_to mlflow: MLflow's local store (one for all stages), unless MLFLOW_TRACKING_URI names another."""
         return self.root / "mlruns"
 
     @property
@@ -75,14 +106,19 @@ class RunDir:
         return self.root
 
     @property
+    def tracker_run_name(self) -> str:
+        """How trackers name this training: the run directory's name, and the stage's in a `stages:` recipe."""
+        return self.root.name if self.stage is None else f"{self.root.name}/{self.stage}"
+
+    @property
     def student(self) -> Path:
         """The trained student (HF directory)."""
-        return self.root / "student"
+        return self._student_root() / "student"
 
     @property
     def student_last(self) -> Path:
         """With train.keep_best: the student at the last step (student/ is then the best held-out step's)."""
-        return self.root / "student_last"
+        return self._student_root() / "student_last"
 
     @property
     def exports(self) -> Path:

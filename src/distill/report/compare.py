@@ -9,6 +9,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from distill.errors import DistillError
+from distill.rundir import RunDir
 from distill.report.table import MISSING, RATIOS, ROWS
 
 RUN_FILES = ("recipe.yaml", "report.json", "metrics.jsonl", "samples.jsonl")
@@ -95,14 +96,34 @@ def load_run(run_dir: Path) -> RunFiles:
     if not any((run_dir / name).is_file() for name in RUN_FILES):
         raise DistillError(f"{run_dir}: not a run directory (none of {', '.join(RUN_FILES)})")
     problems: dict[str, str] = {}
+    recipe = _read_yaml(run_dir / "recipe.yaml", problems)
     return RunFiles(
         path=run_dir,
-        recipe=_read_yaml(run_dir / "recipe.yaml", problems),
+        recipe=recipe,
         report=_read_json(run_dir / "report.json", problems),
-        metrics=_read_jsonl(run_dir / "metrics.jsonl", problems),
+        metrics=_stage_metrics(run_dir, recipe, problems) or _read_jsonl(run_dir / "metrics.jsonl", problems),
         samples=_read_jsonl(run_dir / "samples.jsonl", problems),
         problems=problems,
     )
+
+
+def _stage_metrics(run_dir: Path, recipe: Optional[dict], problems: dict) -> list[dict]:
+    """A `stages:` run's metrics, stage after stage: each row names its `stage`, and its step counts on from the
+    stages before (so the curves continue); [] for a run without stages."""
+    stages = (recipe or {}).get("stages")
+    if not isinstance(stages, list):
+        return []
+    rows, offset = [], 0
+    for stage in stages:
+        name = stage.get("name") if isinstance(stage, dict) else None
+        if not isinstance(name, str):
+            continue
+        found = _read_jsonl(RunDir(run_dir).for_stage(name, final=False).metrics, problems)
+        steps = [row["step"] for row in found if isinstance(row.get("step"), (int, float))]
+        rows += [{**row, "stage": name, "step": row["step"] + offset} if "step" in row else {**row, "stage": name}
+                 for row in found]
+        offset += max(steps, default=0)
+    return rows
 
 
 # (column header, report section, key); formats come from the teacher-vs-student table, so numbers match it

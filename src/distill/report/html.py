@@ -11,7 +11,18 @@ from distill.errors import DistillError
 from distill.report import plots
 from distill.report.compare import RunFiles, load_run
 from distill.eval.report import METRIC_KEYS
-from distill.report.table import MISSING, RATIOS, ROWS, cell, export_rows, format_table, lm_eval_rows, ratio_cell
+from distill.report.table import (
+    MISSING,
+    RATIOS,
+    ROWS,
+    cell,
+    export_rows,
+    extra_columns,
+    format_table,
+    lm_eval_rows,
+    ratio_cell,
+    student_header,
+)
 from distill.runtime import atomic_write_text
 
 MAX_SAMPLES = 20
@@ -147,6 +158,14 @@ def _params_text(run: RunFiles, side: str) -> str:
     return f" — {params / 1e6:,.2f}M parameters" if _finite(params) else ""
 
 
+def _stage_steps(recipe: dict) -> list[tuple[str, str, Any]]:
+    """(name, method kind, steps) of each training stage of a `stages:` recipe (its own value, else the recipe's)."""
+    method, train = recipe.get("method") or {}, recipe.get("train") or {}
+    stages = [s for s in recipe.get("stages") or [] if isinstance(s, dict)]
+    return [(str(s.get("name")), (s.get("method") or {}).get("kind", method.get("kind", "kd")),
+             (s.get("train") or {}).get("steps", train.get("steps", "?"))) for s in stages]
+
+
 def summary_rows(run: RunFiles) -> list[tuple[str, str]]:
     """(label, text) pairs: teacher, student, method, steps, data, eval set; what the run's files tell."""
     recipe = run.recipe or {}
@@ -156,9 +175,13 @@ def summary_rows(run: RunFiles) -> list[tuple[str, str]]:
         rows.append(("teacher", f"{run.teacher_name}{_params_text(run, 'teacher')}"))
         rows.append(("student", f"{_student_text(recipe)}{_params_text(run, 'student')}"))
         rows.append(("method", _method_text(recipe)))
+    stages = _stage_steps(recipe)
+    if stages:
+        rows.append(("stages", " → ".join(f"{name} ({kind}, {steps} steps)" for name, kind, steps in stages)))
     logged = [r["step"] for r in run.metrics if _finite(r.get("step"))]
     done = f"{max(logged)} trained" if logged else "none trained yet"
-    planned = f" of {train['steps']}" if train.get("steps") else ""
+    total = sum(steps for _, _, steps in stages if isinstance(steps, int)) if stages else train.get("steps")
+    planned = f" of {total}" if total else ""
     rows.append(("steps", f"{done}{planned} (batch {train.get('batch_size', '?')}, lr {train.get('lr', '?')})"
                  if recipe else f"{done}{planned}"))
     sources = [f"{k}: {data[k]}" for k in ("prompts", "train", "eval") if data.get(k)]
@@ -181,19 +204,19 @@ def _summary(run: RunFiles) -> str:
 
 
 def _metrics_table(report: dict) -> str:
-    """The rows and cells of the CLI table (distill.report.table), as HTML; a before-training column if measured."""
+    """The rows and cells of the CLI table (distill.report.table), as HTML; before-training and stage columns."""
     teacher, student = report.get("teacher") or {}, report.get("student") or {}
-    before = report.get("student_init") if isinstance(report.get("student_init"), dict) else None
+    extra = extra_columns(report)
     rows = []
     for row in ROWS:
         t, s = teacher.get(row.key), student.get(row.key)
         if t is None and s is None and row.key not in METRIC_KEYS:
             continue  # an optional metric this run did not measure
         ratio = ratio_cell(t, s) if row.show_ratio else ""
-        extra = [_esc(cell(before.get(row.key), row.fmt))] if before else []
+        cells = [_esc(cell(values.get(row.key), row.fmt)) for _, values in extra]
         rows.append([_esc(row.label), row.better, _esc(cell(t, row.fmt)), _esc(cell(s, row.fmt)), _esc(ratio)]
-                    + extra)
-    header = ["metric", "", "teacher", "student", "student/teacher"] + (["before training"] if before else [])
+                    + cells)
+    header = ["metric", "", "teacher", student_header(report), "student/teacher"] + [name for name, _ in extra]
     return _table(header, rows, numeric_from=2) + _contamination_note(report)
 
 
@@ -241,7 +264,8 @@ def _comparison(run: RunFiles) -> str:
 
 
 def curve_series(metrics: Sequence[dict]) -> dict[str, dict[str, list[tuple[float, float]]]]:
-    """{curve: {"train" | "eval": [(step, value)]}} from metrics.jsonl; eval_X is drawn with X."""
+    """{curve: {"train" | "eval": [(step, value)]}} from metrics.jsonl; eval_X is drawn with X. Rows of a `stages:`
+    run (they name their stage) make a line per stage: {curve: {STAGE | "STAGE held-out": ...}}."""
     curves: dict[str, dict[str, list]] = {}
     for record in metrics:
         step = record.get("step")
@@ -252,6 +276,8 @@ def curve_series(metrics: Sequence[dict]) -> dict[str, dict[str, list[tuple[floa
                 continue
             prefix = next((p for p in EVAL_PREFIXES if key.startswith(p)), None)
             name, split = (key[len(prefix):], "eval") if prefix else (key, "train")
+            if isinstance(record.get("stage"), str):  # a `stages:` run: a line per stage
+                split = record["stage"] if split == "train" else f"{record['stage']} {SERIES_NAMES['eval']}"
             curves.setdefault(name, {}).setdefault(split, []).append((step, value))
     order = [k for k in CURVE_LABELS if k in curves] + [k for k in curves if k not in CURVE_LABELS]
     return {k: curves[k] for k in order}

@@ -69,17 +69,34 @@ def ratio_cell(teacher: Any, student: Any) -> str:
     return f"{student / teacher:,.2f}x"
 
 
-def _metric_lines(teacher: dict, student: dict, before: dict | None = None) -> list[str]:
-    """One row per metric either model has; with `before`, a column for the student before training."""
-    header = ("metric", "", "teacher", "student", "student/teacher") + (("before training",) if before else ())
+def student_header(report: dict) -> str:
+    """The student column's header: "student", or "student (after NAME)" for a `stages:` run's final stage."""
+    final = report.get("final_stage")
+    return f"student (after {final})" if isinstance(final, str) else "student"
+
+
+def extra_columns(report: dict) -> list[tuple[str, dict]]:
+    """(header, metrics) of the columns after student/teacher: before training, then after each earlier stage."""
+    columns = []
+    if isinstance(report.get("student_init"), dict) and report["student_init"]:
+        columns.append(("before training", report["student_init"]))
+    stages = report.get("stages")
+    if isinstance(stages, dict):
+        columns += [(f"after {name}", row) for name, row in stages.items() if isinstance(row, dict)]
+    return columns
+
+
+def _metric_lines(teacher: dict, student: dict, extra: list[tuple[str, dict]], student_label: str) -> list[str]:
+    """One row per metric either model has; then a column per extra model (before training, earlier stages)."""
+    header = ("metric", "", "teacher", student_label, "student/teacher") + tuple(name for name, _ in extra)
     rows = [header]
     for row in ROWS:
         t, s = teacher.get(row.key), student.get(row.key)
         if t is None and s is None and row.key not in METRIC_KEYS:
             continue  # an optional metric this run did not measure
         ratio = ratio_cell(t, s) if row.show_ratio else ""
-        extra = (cell(before.get(row.key), row.fmt),) if before else ()
-        rows.append((row.label, row.better, cell(t, row.fmt), cell(s, row.fmt), ratio) + extra)
+        cells = tuple(cell(values.get(row.key), row.fmt) for _, values in extra)
+        rows.append((row.label, row.better, cell(t, row.fmt), cell(s, row.fmt), ratio) + cells)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return [
         "  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1])] + [c.rjust(w) for c, w in zip(r[2:], widths[2:])])
@@ -191,7 +208,8 @@ def _ratio_lines(ratios: dict) -> list[str]:
 
 def format_table(report: dict) -> str:
     """Teacher vs student, one metric a row (↑ higher is better, ↓ lower is better), then the ratios."""
-    lines = _metric_lines(report.get("teacher", {}), report.get("student", {}), report.get("student_init"))
+    lines = _metric_lines(report.get("teacher", {}), report.get("student", {}), extra_columns(report),
+                          student_header(report))
     lines += ["", "ratios"] + _ratio_lines(report.get("ratios", {}))
     lines += _export_lines(report) + _suite_lines(report) + _lm_eval_lines(report) + _judge_lines(report)
     lines += _contamination_lines(report)

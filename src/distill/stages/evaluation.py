@@ -100,6 +100,7 @@ def evaluate(recipe: Recipe, *, progress: bool = True) -> dict:
     report = build_report(rows["teacher"], rows["student"], meta=meta)
     report.update(calibration)
     report.update(_before_training(recipe, reference))
+    report.update(_earlier_stages(recipe, reference, progress))
     report.update(_suite_sections(recipe, suites, {"teacher": teacher, "student": student}, tokenizer, progress))
     report.update(_judge_section(recipe, teacher, data, student_answers, teacher_answers))
     report.update(_contamination_section(recipe, train_examples, held_out))
@@ -176,6 +177,27 @@ def _before_training(recipe: Recipe, reference: Reference) -> dict:
         return {}
     model = load_model(str(init_dir), dtype=compute_dtype(recipe), device=reference.device)
     return {"student_init": before_training_row(model, reference)}
+
+
+def _earlier_stages(recipe: Recipe, reference: Reference, progress: bool) -> dict:
+    """A `stages:` recipe's student after each stage but the last (whose student is `student`), measured like it
+    on the same held-out data: report.json's `stages` section, a column per stage in the table."""
+    stages = recipe.training_stages()
+    if recipe.stages is None:
+        return {}
+    section = {}
+    for stage in stages[:-1]:
+        path = run_files(stage).student
+        if not (path / "config.json").is_file():
+            log.warning("eval: stage %s has no trained student at %s; not measured", stage.stage, path)
+            continue
+        model = load_model(str(path), dtype=compute_dtype(recipe), device=reference.device)
+        said = answers(model, reference.tokenizer, reference.data.conversations, reference.settings,
+                       f"{stage.stage} answers", progress)
+        row = measure_model(model, path, said, reference, speed=False)
+        row.pop("calibration", None)  # the reliability bins are drawn for teacher and student; the ECE stays
+        section[stage.stage] = row
+    return {"stages": section, "final_stage": stages[-1].stage}
 
 
 def _calibration_section(rows: dict) -> dict:

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.errors import DistillError
 from distill.models import load_model, load_tokenizer, resolve_model_path
-from distill.recipe import GenerationTeacherSpec, Recipe, TeacherSpec
+from distill.recipe import GenerationTeacherSpec, Recipe, StageRecipe, TeacherSpec
 from distill.rundir import RunDir
 from distill.runtime import resolve_device, resolve_dtype
 from distill.signals.provenance import files_fingerprint
@@ -31,8 +31,9 @@ AnyTeacherSpec = Union[TeacherSpec, GenerationTeacherSpec]
 
 
 def run_files(recipe: Recipe) -> RunDir:
-    """The recipe's run directory and every artifact path in it."""
-    return RunDir(recipe.run_dir)
+    """The recipe's run directory and every artifact path in it (a training stage's own, for a stage's recipe)."""
+    files = RunDir(recipe.run_dir)
+    return recipe.stage_files(files) if isinstance(recipe, StageRecipe) else files
 
 
 def device(recipe: Recipe) -> torch.device:

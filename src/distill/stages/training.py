@@ -209,7 +209,8 @@ def trackers(recipe: Recipe) -> list:
     """The started trackers of train.report_to (rank 0's), given the recipe as their configuration."""
     files = run_files(recipe)
     return open_trackers(recipe.train.report_to, tensorboard_dir=files.tensorboard, mlflow_dir=files.mlruns,
-                         wandb_dir=files.trackers, run_name=files.root.name, config=recipe.model_dump(mode="json"))
+                         wandb_dir=files.trackers, run_name=files.tracker_run_name,
+                         config=recipe.model_dump(mode="json"))
 
 
 def response_sampler(
