@@ -29,9 +29,9 @@ TEXTS = [
     "Caf\u00e9, na\u00efve, Z\u00fcrich; \u4f60\u597d \U0001f600 and two  spaces.",
     "Two plus two is four, and three times three is nine.",
 ]
-CHATS = [Example(id=f"c{i}", messages=[{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"},
-                                       {"role": "assistant", "content": f"The answer is {2 * i}, and the sky is blue."}])
-         for i in range(5)]
+CHATS = [Example(id=f"c{i}", messages=[
+    {"role": "user", "content": f"Question {i}: what is {i} plus {i}?"},
+    {"role": "assistant", "content": f"The answer is {2 * i}, and the sky is blue."}]) for i in range(5)]
 
 
 # ---------------------------------------------------------------- bits per byte

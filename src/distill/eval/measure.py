@@ -177,7 +177,8 @@ def _perplexities(model, reading: Reading) -> dict:
                             ("_text", reading.data.text)):
         if batches is not None:
             measured = perplexity(model, batches(), reading.byte_lengths)
-            out[f"perplexity{suffix}"], out[f"bits_per_byte{suffix}"] = measured["perplexity"], measured["bits_per_byte"]
+            out[f"perplexity{suffix}"] = measured["perplexity"]
+            out[f"bits_per_byte{suffix}"] = measured["bits_per_byte"]
     return out
 
 

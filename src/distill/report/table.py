@@ -72,7 +72,9 @@ def ratio_cell(teacher: Any, student: Any) -> str:
     return f"{student / teacher:,.2f}x"
 
 
-def _metric_lines(teacher: dict, student: dict, before: dict | None = None, tokenizers_differ: bool = False) -> list[str]:
+def _metric_lines(
+    teacher: dict, student: dict, before: dict | None = None, tokenizers_differ: bool = False
+) -> list[str]:
     """One row per metric either model has; with `before`, a column for the student before training; no
     student/teacher ratio for per-token metrics when the two tokenizers differ."""
     header = ("metric", "", "teacher", "student", "student/teacher") + (("before training",) if before else ())

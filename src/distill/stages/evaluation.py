@@ -15,15 +15,16 @@ from distill.data.examples import read_examples
 from distill.data.layouts import Example
 from distill.data.tokenize import encode_all, padding_id
 from distill.errors import DistillError
+from distill.eval.cross_tokenizer import token_byte_lengths
 from distill.eval.judge import pairwise_judge
 from distill.eval.lm_eval_bridge import parse_task_specs, run_lm_eval
-from distill.eval.cross_tokenizer import token_byte_lengths
 from distill.eval.measure import (
     GENERAL_TEXT,
     EvalData,
     MeasureSettings,
     Reading,
     Reference,
+    SpanAlignment,
     answers,
     batches,
     before_training_row,
@@ -109,12 +110,8 @@ def evaluate(recipe: Recipe, *, progress: bool = True) -> dict:
     }
     _write_samples(files.samples, data, teacher_answers, student_answers)
     meta = {"recipe": str(files.recipe), "eval_examples": len(held_out), "eval_answers": len(data.references),
-            "device": str(where), "dtype": str(dtype).replace("torch.", ""),
-            "shared_vocab": shared_vocab if difference is None else None, "text_files": recipe.data.text_files,
-            "tokenizer_difference": difference}
-    if spans is not None:
-        meta["aligned_groups"] = sum(len(v.groups) for v in spans.views)
-        meta["shared_entries"] = spans.shared_student.numel()
+            "device": str(where), "dtype": str(dtype).replace("torch.", ""), "text_files": recipe.data.text_files,
+            **_tokenizer_meta(shared_vocab, difference, spans)}
     calibration = _calibration_section(rows)
     report = build_report(rows["teacher"], rows["student"], meta=meta, tokenizers_differ=difference is not None)
     if absent:
@@ -131,6 +128,17 @@ def evaluate(recipe: Recipe, *, progress: bool = True) -> dict:
     print(format_table(report))
     log.info("report written to %s", files.report_json)
     return report
+
+
+def _tokenizer_meta(shared_vocab: int, difference: Optional[str], spans: Optional[SpanAlignment]) -> dict:
+    """report.json meta on the two tokenizers: the vocabulary both heads share, or how they differ and what the
+    agreement on aligned spans was taken over."""
+    if difference is None:
+        return {"shared_vocab": shared_vocab, "tokenizer_difference": None}
+    meta = {"shared_vocab": None, "tokenizer_difference": difference}
+    if spans is not None:
+        meta.update(aligned_groups=sum(len(v.groups) for v in spans.views), shared_entries=spans.shared_student.numel())
+    return meta
 
 
 def measure_exports(run_dir: Path, reference: Reference, teacher_row: dict, student_dir: Path, dtype: torch.dtype,
