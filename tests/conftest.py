@@ -126,6 +126,35 @@ def tiny_student_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def sp_tokenizer_dir(tmp_path_factory) -> Path:
+    """A SentencePiece-style BPE (`▁` for spaces, `<0xNN>` byte fallback, no chat template), vocab 400."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", *byte_pieces])
+    tok.train_from_iterator(CORPUS, trainer)
+    spec = json.loads(tok.to_str())
+    spec["added_tokens"] = spec["added_tokens"][:3]  # byte pieces are vocabulary entries, not added tokens
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+    out = tmp_path_factory.mktemp("sp_tokenizer")
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sp_student_dir(tmp_path_factory, sp_tokenizer_dir) -> Path:
+    """A random 1-layer Llama student on the SentencePiece-style tokenizer."""
+    return make_tiny_llama(tmp_path_factory.mktemp("sp_student"), sp_tokenizer_dir, hidden=32, layers=1, heads=2,
+                           kv_heads=1, intermediate=64, seed=4)
+
+
 @pytest.fixture()
 def pairs_jsonl(tmp_path) -> Path:
     """A small prompt/response JSONL file."""

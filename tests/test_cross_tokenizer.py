@@ -2,14 +2,13 @@
 SentencePiece-style BPE with byte fallback), the shared vocabulary, and training with method.cross_tokenizer."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import logged_steps, CORPUS, STORIES260K, make_tiny_llama, require_shared, tiny_recipe
+from conftest import logged_steps, STORIES260K, require_shared, tiny_recipe
 
 from distill.errors import DistillError
 from distill.losses.cross_tokenizer import CrossTokenizerTargets
@@ -32,35 +31,6 @@ TEXTS = [
     "Café, naïve, Zürich; \u4f60\u597d\u4e16\u754c \U0001f600 -- \"quotes\"  two  spaces\n\nnew lines\t tab",
     "Two plus two is four, and three times three is nine. 3.14159 * 42 = 131.95!",
 ]
-
-
-@pytest.fixture(scope="session")
-def sp_tokenizer_dir(tmp_path_factory) -> Path:
-    """A SentencePiece-style BPE (`▁` for spaces, `<0xNN>` byte fallback, no chat template), vocab 400."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", *byte_pieces])
-    tok.train_from_iterator(CORPUS, trainer)
-    spec = json.loads(tok.to_str())
-    spec["added_tokens"] = spec["added_tokens"][:3]  # byte pieces are vocabulary entries, not added tokens
-    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>", pad_token="</s>")
-    out = tmp_path_factory.mktemp("sp_tokenizer")
-    fast.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="session")
-def sp_student_dir(tmp_path_factory, sp_tokenizer_dir) -> Path:
-    """A random 1-layer Llama student on the SentencePiece-style tokenizer."""
-    return make_tiny_llama(tmp_path_factory.mktemp("sp_student"), sp_tokenizer_dir, hidden=32, layers=1, heads=2,
-                           kv_heads=1, intermediate=64, seed=4)
 
 
 # ---------------------------------------------------------------- hand-made tokenizations
@@ -255,3 +225,74 @@ def test_uld_with_teacher_cache_or_hidden_is_refused(tmp_path, tiny_teacher_dir,
     cached.write_text(yaml.safe_dump(spec))
     with pytest.raises(DistillError, match="method.hidden"):
         crossing(load_recipe(cached), teacher, student)
+
+
+# ---------------------------------------------------------------- a new student on a tokenizer of its own
+
+
+def own_tokenizer_recipe(tmp_path: Path, teacher_dir: Path, tokenizer_dir: Path, data: Path, **student) -> Path:
+    recipe = tiny_recipe(tmp_path / "run", teacher_dir, data, method={"cross_tokenizer": "align", "uld_top_k": 64})
+    recipe["student"] = {**recipe["student"], "tokenizer": str(tokenizer_dir), "init_embeddings": "slice", **student}
+    recipe["train"]["steps"] = 2
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_student_tokenizer_builds_a_new_student_on_it(tmp_path, tiny_teacher_dir, sp_tokenizer_dir, pairs_jsonl):
+    from distill import stages
+    from distill.models import load_model
+
+    recipe = load_recipe(own_tokenizer_recipe(tmp_path, tiny_teacher_dir, sp_tokenizer_dir, pairs_jsonl))
+    stages.prepare_run_dir(recipe)
+    result = train(recipe, progress=False)
+    assert result.steps == 2 and all(r["kd"] > 0 for r in logged_steps(tmp_path / "run"))
+    sp, teacher_tok = load_tokenizer(str(sp_tokenizer_dir)), load_tokenizer(str(tiny_teacher_dir))
+    built, teacher = load_model(str(tmp_path / "run" / "student_init")), load_model(str(tiny_teacher_dir))
+    saved = load_tokenizer(str(tmp_path / "run" / "student"))
+    assert saved.get_vocab() == sp.get_vocab() and built.config.vocab_size == len(sp)
+    # init_embeddings: slice, row by row through the bytes both vocabularies hold; the rest random
+    s_ids, t_ids = shared_vocabulary(sp, teacher_tok)
+    width = built.config.hidden_size
+    rows, source = built.get_input_embeddings().weight, teacher.get_input_embeddings().weight
+    assert all(torch.equal(rows[i], source[j, :width]) for i, j in zip(s_ids, t_ids))
+    unshared = sp.convert_tokens_to_ids("<unk>")
+    assert unshared not in s_ids and not torch.equal(rows[unshared], source[unshared, :width])
+    report = stages.evaluate(recipe, progress=False)  # before-training column, on the student's own tokens
+    assert report["student_init"]["bits_per_byte"] > 0 and report["student_init"]["top1_agreement"] is not None
+
+
+def test_student_tokenizer_with_the_teacher_chat_template(tmp_path, tiny_teacher_dir, sp_tokenizer_dir,
+                                                          pairs_jsonl):
+    from distill.stages.training import setup
+
+    chatml = load_tokenizer(str(sp_tokenizer_dir))
+    chatml.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    chatml.save_pretrained(tmp_path / "chatml")
+    path = own_tokenizer_recipe(tmp_path, tiny_teacher_dir, tmp_path / "chatml", pairs_jsonl, chat_template="teacher")
+    training, _ = setup(load_recipe(path), None)
+    ids, tok = training.items[0].input_ids, training.tokenizer
+    start, end_of_turn = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    assert ids[0] == start and ids.count(start) == 2 and end_of_turn in ids  # ChatML turns, one token per marker
+    assert "Question 0" in tok.decode(ids) and tok.convert_ids_to_tokens(0) == "<unk>"  # the student's own pieces
+    assert end_of_turn in training.student.generation_config.eos_token_id  # the student stops where the teacher does
+
+
+def test_student_tokenizer_refusals(tmp_path, tiny_teacher_dir, sp_tokenizer_dir, pairs_jsonl):
+    from distill.stages.training import setup
+
+    missing = own_tokenizer_recipe(tmp_path, tiny_teacher_dir, sp_tokenizer_dir, pairs_jsonl, chat_template="teacher")
+    with pytest.raises(DistillError, match=r"^student.tokenizer: has no token for <\|im_end\|>, <\|im_start\|>"):
+        setup(load_recipe(missing), None)
+    absent = own_tokenizer_recipe(tmp_path, tiny_teacher_dir, tmp_path / "no_such_tokenizer", pairs_jsonl)
+    with pytest.raises(DistillError, match="^student.tokenizer: model not found: .*no_such_tokenizer$"):
+        setup(load_recipe(absent), None)
+    (tmp_path / "empty").mkdir()
+    empty = own_tokenizer_recipe(tmp_path, tiny_teacher_dir, tmp_path / "empty", pairs_jsonl)
+    with pytest.raises(DistillError, match="^student.tokenizer: could not load the tokenizer of .*empty"):
+        setup(load_recipe(empty), None)
+    spec = yaml.safe_load(absent.read_text())
+    spec["student"] = {"model": str(tiny_teacher_dir), "tokenizer": str(sp_tokenizer_dir)}
+    absent.write_text(yaml.safe_dump(spec))
+    with pytest.raises(DistillError, match="student.tokenizer: only a new student"):
+        load_recipe(absent)

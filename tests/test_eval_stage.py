@@ -44,7 +44,8 @@ def evaluated(tmp_path_factory, tiny_teacher_dir):
 def test_before_training_general_text_and_calibration(evaluated):
     recipe, report = evaluated
     before, student = report["student_init"], report["student"]
-    assert set(before) == {"perplexity", "perplexity_general", "top1_agreement", "kl_to_teacher"}
+    assert set(before) == {"perplexity", "perplexity_general", "bits_per_byte", "bits_per_byte_general",
+                           "top1_agreement", "kl_to_teacher"}
     assert before["perplexity"] != student["perplexity"]  # training changed the student
     for side in ("teacher", "student"):
         assert report[side]["perplexity_general"] > 1
@@ -85,7 +86,8 @@ def test_lm_eval_section_scores_teacher_and_student(evaluated, tmp_path, tiny_te
     (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
     recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"lm_eval": f"mc={tmp_path}/mc.jsonl:multiple_choice"})})
     model, tokenizer = load_model(str(tiny_teacher_dir)), load_tokenizer(str(tiny_teacher_dir))
-    section = lm_eval_section(recipe, parse_task_specs(recipe.eval.lm_eval), {"teacher": model, "student": model}, tokenizer)
+    section = lm_eval_section(recipe, parse_task_specs(recipe.eval.lm_eval), {"teacher": model, "student": model},
+                              {"teacher": tokenizer, "student": tokenizer})
     lm = section["lm_eval"]
     assert lm["teacher"]["mc"]["n"] == 3 and 0 <= lm["teacher"]["mc"]["acc"] <= 1
     assert lm["teacher"] == lm["student"]  # the same model scores the same

@@ -146,6 +146,10 @@ class StudentSpec(Section):
     from_teacher: Optional[FromTeacherSpec] = None
     init_embeddings: Literal["random", "slice", "project"] = "project"
     trust_remote_code: bool = False
+    # A new student (config or preset) on a tokenizer of its own, a path or hub id (docs/cross_tokenizer.md); its
+    # chat template: its own (or the plain format without one), or the teacher's.
+    tokenizer: Optional[str] = None
+    chat_template: Literal["own", "teacher"] = "own"
 
     @model_validator(mode="after")
     def _one_source(self) -> "StudentSpec":
@@ -155,6 +159,12 @@ class StudentSpec(Section):
                 "give exactly one of student.model, student.config, student.preset or student.from_teacher"
                 + (f" (got {', '.join(given)})" if given else "")
             )
+        if self.tokenizer is not None and (self.model is not None or self.from_teacher is not None):
+            raise ValueError("student.tokenizer: only a new student (student.config or student.preset) takes a "
+                             "tokenizer of its own; student.model brings its own, from_teacher keeps the teacher's")
+        if self.chat_template == "teacher" and self.tokenizer is None:
+            raise ValueError("student.chat_template: teacher applies to a student.tokenizer of its own; without one "
+                             "the student already uses the teacher's tokenizer and template")
         return self
 
     @property

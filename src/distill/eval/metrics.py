@@ -100,10 +100,16 @@ def scored_logits(model: PreTrainedModel, batch: Batch) -> tuple[torch.Tensor, t
 
 
 @torch.inference_mode()
-def perplexity(model: PreTrainedModel, batches: Iterable[Batch]) -> dict[str, float | int | None]:
-    """Token-weighted mean next-token NLL over labelled positions, and its exp; None when nothing is labelled."""
+def perplexity(
+    model: PreTrainedModel, batches: Iterable[Batch], byte_lengths: torch.Tensor | None = None
+) -> dict[str, float | int | None]:
+    """Token-weighted mean next-token NLL over labelled positions, and its exp; None when nothing is labelled.
+
+    With `byte_lengths` (the UTF-8 bytes each id stands for, distill.eval.cross_tokenizer.token_byte_lengths) also
+    bits per byte: the summed NLL in nats over the bytes of the scored tokens, / ln 2 (comparable across tokenizers).
+    """
     model.eval()
-    total_nll, tokens = 0.0, 0
+    total_nll, tokens, n_bytes = 0.0, 0, 0
     for batch in batches:
         logits, targets = scored_logits(model, batch)
         for start in range(0, len(targets), CHUNK_POSITIONS):
@@ -111,10 +117,14 @@ def perplexity(model: PreTrainedModel, batches: Iterable[Batch]) -> dict[str, fl
             nll = F.cross_entropy(logits[rows].float(), targets[rows], reduction="sum")
             total_nll += float(nll.double())
         tokens += len(targets)
+        if byte_lengths is not None:
+            n_bytes += int(byte_lengths.to(targets.device)[targets].sum())
+    per_byte = {} if byte_lengths is None else {
+        "bytes": n_bytes, "bits_per_byte": total_nll / n_bytes / math.log(2) if n_bytes else None}
     if tokens == 0:
-        return {"perplexity": None, "nll": None, "tokens": 0}
+        return {"perplexity": None, "nll": None, "tokens": 0, **per_byte}
     mean_nll = total_nll / tokens
-    return {"perplexity": math.exp(mean_nll), "nll": mean_nll, "tokens": tokens}
+    return {"perplexity": math.exp(mean_nll), "nll": mean_nll, "tokens": tokens, **per_byte}
 
 
 @torch.inference_mode()

@@ -13,6 +13,7 @@ METRIC_KEYS = (
     "bytes_on_disk",
     "peak_memory_mb",
     "perplexity",
+    "bits_per_byte",
     "top1_agreement",
     "kl_to_teacher",
     "rougeL_ref",
@@ -20,6 +21,20 @@ METRIC_KEYS = (
     "prefill_tokens_per_s",
     "decode_tokens_per_s",
 )
+
+
+# Ratios in units of each model's own tokens: absent, with these reasons, when the two tokenizers differ.
+PER_TOKEN_RATIOS = {
+    "perplexity_pct_of_teacher": "perplexity is per token and the teacher's and the student's tokens differ; "
+                                 "bits_per_byte_pct_of_teacher compares them",
+    "speedup": "tokens per second count each model's own tokens, which stand for different amounts of text",
+}
+
+
+def per_token(key: str) -> bool:
+    """Whether a metric counts the model's own tokens (perplexities, tokens per second): its teacher/student ratio
+    says nothing when the two tokenizers differ."""
+    return key.startswith("perplexity") or "tokens_per_s" in key
 
 
 def _clean(value: Any) -> Any:
@@ -48,29 +63,37 @@ def _pct(ratio: float | None) -> float | None:
     return None if ratio is None else 100.0 * ratio
 
 
-def _ratios(teacher: dict, student: dict) -> dict[str, float | None]:
+def _ratios(teacher: dict, student: dict, tokenizers_differ: bool) -> dict[str, float | None]:
     rouge_pct = _pct(_ratio(student["rougeL_ref"], teacher["rougeL_ref"]))
-    # lower perplexity is better, so the teacher's goes on top: 100 means as good as the teacher
-    ppl_pct = _pct(_ratio(teacher["perplexity"], student["perplexity"]))
-    available = [p for p in (rouge_pct, ppl_pct) if p is not None]
+    # lower perplexity (bits per byte) is better, so the teacher's goes on top: 100 means as good as the teacher
+    ppl_pct = None if tokenizers_differ else _pct(_ratio(teacher["perplexity"], student["perplexity"]))
+    bpb_pct = _pct(_ratio(teacher["bits_per_byte"], student["bits_per_byte"]))
+    # across tokenizers perplexities are per different tokens, so quality takes bits per byte in their place
+    available = [p for p in (rouge_pct, bpb_pct if tokenizers_differ else ppl_pct) if p is not None]
+    speedup = None if tokenizers_differ else _ratio(student["decode_tokens_per_s"], teacher["decode_tokens_per_s"])
     return {
         "compression": _ratio(student["params"], teacher["params"]),
-        "speedup": _ratio(student["decode_tokens_per_s"], teacher["decode_tokens_per_s"]),
+        "speedup": speedup,
         "rougeL_pct_of_teacher": rouge_pct,
         "perplexity_pct_of_teacher": ppl_pct,
+        "bits_per_byte_pct_of_teacher": bpb_pct,
         "quality_pct_of_teacher": sum(available) / len(available) if available else None,
     }
 
 
-def build_report(teacher: dict, student: dict, *, meta: dict) -> dict:
-    """The report.json object: meta, teacher and student metrics (missing ones null), and ratios."""
+def build_report(teacher: dict, student: dict, *, meta: dict, tokenizers_differ: bool = False) -> dict:
+    """The report.json object: meta, teacher and student metrics (missing ones null), and ratios; with
+    `tokenizers_differ`, the per-token ratios are null and `absent` says why."""
     teacher_metrics, student_metrics = _metrics(teacher), _metrics(student)
-    return {
+    report = {
         "meta": dict(meta),
         "teacher": teacher_metrics,
         "student": student_metrics,
-        "ratios": _ratios(teacher_metrics, student_metrics),
+        "ratios": _ratios(teacher_metrics, student_metrics, tokenizers_differ),
     }
+    if tokenizers_differ:
+        report["absent"] = {f"ratios.{key}": reason for key, reason in PER_TOKEN_RATIOS.items()}
+    return report
 
 
 def write_report(report: dict, path: str | Path) -> None:

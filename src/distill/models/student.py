@@ -1,7 +1,8 @@
-"""Build a new Llama student on the teacher's tokenizer, optionally seeding its embeddings from the teacher."""
+"""Build a new Llama student on the teacher's tokenizer (or one of its own), optionally seeding its embeddings from
+the teacher."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
@@ -27,31 +28,38 @@ def build_student(
     *,
     init_embeddings: str = "project",
     seed: int = 0,
+    teacher_rows: Optional[Sequence[int]] = None,
 ) -> LlamaForCausalLM:
-    """A fresh LlamaForCausalLM shaped by `config`, sharing the teacher's vocabulary, ids and rotary settings."""
+    """A fresh LlamaForCausalLM shaped by `config`, sharing the teacher's vocabulary, ids and rotary settings.
+
+    With `teacher_rows` the student has a tokenizer of its own (`tokenizer`, one row per token): student row i is
+    seeded from the teacher's row teacher_rows[i] (the same bytes in both vocabularies), or kept random where -1.
+    """
     if init_embeddings not in INIT_EMBEDDINGS:
         choices = ", ".join(INIT_EMBEDDINGS)
         raise DistillError(f"student.init_embeddings: expected one of {choices}, got {init_embeddings!r}")
     teacher = base_model(teacher)
-    llama_config = student_llama_config(config, teacher, tokenizer)
+    llama_config = student_llama_config(config, teacher, tokenizer, own_vocabulary=teacher_rows is not None)
     with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG stream
         torch.manual_seed(seed)
         student = LlamaForCausalLM(llama_config)
     if init_embeddings != "random":
-        _seed_embeddings(student, teacher, init_embeddings)
+        _seed_embeddings(student, teacher, init_embeddings, teacher_rows)
     teacher_eos = getattr(teacher.generation_config, "eos_token_id", None)
-    if teacher_eos is not None:  # chat teachers may stop on several ids (a list); the student should too
+    if teacher_eos is not None and teacher_rows is None:  # chat teachers may stop on several ids; the student too
         student.generation_config.eos_token_id = teacher_eos
     return student
 
 
 def student_llama_config(
-    config: StudentConfig, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+    config: StudentConfig, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
+    own_vocabulary: bool = False,
 ) -> LlamaConfig:
-    """The LlamaConfig for `config`, with defaults and token ids taken from the teacher and its tokenizer."""
+    """The LlamaConfig for `config`, with defaults and token ids taken from the teacher and the tokenizer (the
+    teacher's; or with `own_vocabulary`, the student's own, one embedding row per token)."""
     _validate_shape(config)
     teacher_config = teacher.config.get_text_config()
-    vocab = teacher.get_input_embeddings().weight.shape[0]
+    vocab = len(tokenizer) if own_vocabulary else teacher.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
         raise DistillError(f"the tokenizer has {len(tokenizer)} tokens but the teacher's embedding only {vocab} rows")
     return LlamaConfig(
@@ -105,32 +113,41 @@ def _rope_theta(teacher_config) -> float:
 
 
 @torch.no_grad()
-def _seed_embeddings(student: LlamaForCausalLM, teacher: PreTrainedModel, how: str) -> None:
+def _seed_embeddings(student: LlamaForCausalLM, teacher: PreTrainedModel, how: str,
+                     teacher_rows: Optional[Sequence[int]] = None) -> None:
     """Overwrite the student's embedding (and untied head) with a slice or projection of the teacher's."""
     embedding = student.get_input_embeddings().weight
-    embedding.copy_(_seed_matrix(teacher.get_input_embeddings().weight, embedding, how))
+    embedding.copy_(_seed_matrix(teacher.get_input_embeddings().weight, embedding, how, teacher_rows))
     head = student.get_output_embeddings().weight
     if head is not embedding:
         # The teacher's head is its embedding when tied, so this is right for tied and untied teachers.
-        head.copy_(_seed_matrix(teacher.get_output_embeddings().weight, head, how))
+        head.copy_(_seed_matrix(teacher.get_output_embeddings().weight, head, how, teacher_rows))
 
 
-def _seed_matrix(source: torch.Tensor, random_init: torch.Tensor, how: str) -> torch.Tensor:
-    """[V, student width] from the teacher's [V, teacher width] matrix; uncovered cells keep small random values."""
+def _seed_matrix(source: torch.Tensor, random_init: torch.Tensor, how: str,
+                 teacher_rows: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """[V, student width] from the teacher's [V, teacher width] matrix; uncovered cells keep small random values.
+    With `teacher_rows`, student row i takes teacher row teacher_rows[i]; rows at -1 keep their random init."""
     source = source.detach().float().cpu()
-    rows = min(source.shape[0], random_init.shape[0])
     width = min(source.shape[1], random_init.shape[1])
     init = random_init.detach().float().cpu()
     if how == "slice":
-        block = source[:rows, :width]
+        block = source[:, :width]
     else:
-        block = principal_coordinates(source, width)[:rows]
+        block = principal_coordinates(source, width)
         # Scale to the student's own init norm, not the teacher's: cosines (the geometry we keep) do not
         # depend on scale, and at init scale a tied head gives near-uniform first logits and the residual
         # stream stays balanced with the freshly initialised layers, so the usual lr and warmup still fit.
         block = block * (init.norm(dim=1).mean() / block.norm(dim=1).mean().clamp_min(1e-12))
     seeded = init * PAD_SCALE
-    seeded[:rows, :width] = block
+    if teacher_rows is None:
+        rows = min(source.shape[0], random_init.shape[0])
+        seeded[:rows, :width] = block[:rows]
+        return seeded.to(random_init.dtype)
+    mapped = torch.tensor(list(teacher_rows), dtype=torch.long)
+    present = mapped >= 0
+    seeded[~present] = init[~present]  # tokens the teacher has no entry for: an ordinary random row
+    seeded[present, :width] = block[mapped[present]]
     return seeded.to(random_init.dtype)
 
 

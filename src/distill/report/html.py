@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional, Sequence
 from distill.errors import DistillError
 from distill.report import plots
 from distill.report.compare import RunFiles, load_run
-from distill.eval.report import METRIC_KEYS
+from distill.eval.report import METRIC_KEYS, per_token
 from distill.report.table import (
     MISSING,
     RATIOS,
@@ -207,17 +207,30 @@ def _metrics_table(report: dict) -> str:
     """The rows and cells of the CLI table (distill.report.table), as HTML; before-training and stage columns."""
     teacher, student = report.get("teacher") or {}, report.get("student") or {}
     extra = extra_columns(report)
+    differ = bool((report.get("meta") or {}).get("tokenizer_difference"))
     rows = []
     for row in ROWS:
         t, s = teacher.get(row.key), student.get(row.key)
         if t is None and s is None and row.key not in METRIC_KEYS:
             continue  # an optional metric this run did not measure
-        ratio = ratio_cell(t, s) if row.show_ratio else ""
+        ratio = ratio_cell(t, s) if row.show_ratio and not (differ and per_token(row.key)) else ""
         cells = [_esc(cell(values.get(row.key), row.fmt)) for _, values in extra]
         rows.append([_esc(row.label), row.better, _esc(cell(t, row.fmt)), _esc(cell(s, row.fmt)), _esc(ratio)]
                     + cells)
     header = ["metric", "", "teacher", student_header(report), "student/teacher"] + [name for name, _ in extra]
-    return _table(header, rows, numeric_from=2) + _contamination_note(report)
+    return _table(header, rows, numeric_from=2) + _tokenizer_note(report) + _contamination_note(report)
+
+
+def _tokenizer_note(report: dict) -> str:
+    """When teacher and student tokenizers differ: how the table compares them, and what is absent and why."""
+    difference = (report.get("meta") or {}).get("tokenizer_difference")
+    if not difference:
+        return ""
+    absent = "".join(f"<li><code>{_esc(key)}</code>: absent ({_esc(why)})</li>"
+                     for key, why in (report.get("absent") or {}).items())
+    return (f'<p class="note">Teacher and student tokenizers differ ({_esc(difference)}): perplexities and tok/s '
+            "count each model's own tokens, bits per byte compare them; top-1 agreement and KL to teacher are on "
+            f"aligned spans (docs/cross_tokenizer.md).</p><ul>{absent}</ul>")
 
 
 def _contamination_note(report: dict) -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
-from distill.eval.report import METRIC_KEYS
+from distill.eval.report import METRIC_KEYS, per_token
 
 MISSING = "—"
 HIGHER, LOWER = "↑", "↓"
@@ -31,6 +31,8 @@ ROWS = (
     Row("peak_memory_mb", "peak memory (MB)", _fixed(1), LOWER, True),
     Row("perplexity", "perplexity", _fixed(2), LOWER, True),
     Row("perplexity_general", "perplexity, general text", _fixed(2), LOWER, True),
+    Row("bits_per_byte", "bits per byte", _fixed(3), LOWER, True),
+    Row("bits_per_byte_general", "bits per byte, general text", _fixed(3), LOWER, True),
     Row("top1_agreement", "top-1 agreement", _fixed(3), HIGHER, False),
     Row("kl_to_teacher", "KL to teacher", _fixed(4), LOWER, False),
     Row("rougeL_ref", "ROUGE-L vs reference", _fixed(3), HIGHER, True),
@@ -49,6 +51,7 @@ RATIOS = (
     ("speedup", "speedup (student/teacher decode tok/s)", lambda v: f"{v:.2f}x"),
     ("rougeL_pct_of_teacher", "ROUGE-L % of teacher", lambda v: f"{v:.1f}%"),
     ("perplexity_pct_of_teacher", "perplexity % of teacher (teacher/student)", lambda v: f"{v:.1f}%"),
+    ("bits_per_byte_pct_of_teacher", "bits per byte % of teacher (teacher/student)", lambda v: f"{v:.1f}%"),
     ("quality_pct_of_teacher", "quality % of teacher", lambda v: f"{v:.1f}%"),
 )
 
@@ -86,15 +89,19 @@ def extra_columns(report: dict) -> list[tuple[str, dict]]:
     return columns
 
 
-def _metric_lines(teacher: dict, student: dict, extra: list[tuple[str, dict]], student_label: str) -> list[str]:
-    """One row per metric either model has; then a column per extra model (before training, earlier stages)."""
+def _metric_lines(
+    teacher: dict, student: dict, extra: list[tuple[str, dict]], student_label: str, tokenizers_differ: bool = False
+) -> list[str]:
+    """One row per metric either model has; then a column per extra model (before training, earlier stages); no
+    student/teacher ratio for per-token metrics when the two tokenizers differ."""
     header = ("metric", "", "teacher", student_label, "student/teacher") + tuple(name for name, _ in extra)
     rows = [header]
     for row in ROWS:
         t, s = teacher.get(row.key), student.get(row.key)
         if t is None and s is None and row.key not in METRIC_KEYS:
             continue  # an optional metric this run did not measure
-        ratio = ratio_cell(t, s) if row.show_ratio else ""
+        comparable = row.show_ratio and not (tokenizers_differ and per_token(row.key))
+        ratio = ratio_cell(t, s) if comparable else ""
         cells = tuple(cell(values.get(row.key), row.fmt) for _, values in extra)
         rows.append((row.label, row.better, cell(t, row.fmt), cell(s, row.fmt), ratio) + cells)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -201,6 +208,17 @@ def _export_lines(report: dict) -> list[str]:
     return ["", "exports (<run>/exports/, measured like the student)"] + lines + [f"  {n}" for n in notes]
 
 
+def _tokenizer_lines(report: dict) -> list[str]:
+    """When teacher and student tokenizers differ: how the table compares them, and what it cannot."""
+    difference = (report.get("meta") or {}).get("tokenizer_difference")
+    if not difference:
+        return []
+    lines = ["", f"teacher and student tokenizers differ ({difference}):",
+             "  perplexities and tok/s count each model's own tokens; bits per byte compare them; top-1 agreement "
+             "and KL to teacher are on aligned spans (docs/cross_tokenizer.md)"]
+    return lines + [f"  {key}: absent ({why})" for key, why in (report.get("absent") or {}).items()]
+
+
 def _ratio_lines(ratios: dict) -> list[str]:
     width = max(len(label) for _, label, _ in RATIOS)
     return [f"{label.ljust(width)}  {cell(ratios.get(key), fmt)}" for key, label, fmt in RATIOS]
@@ -208,9 +226,10 @@ def _ratio_lines(ratios: dict) -> list[str]:
 
 def format_table(report: dict) -> str:
     """Teacher vs student, one metric a row (↑ higher is better, ↓ lower is better), then the ratios."""
+    differ = bool((report.get("meta") or {}).get("tokenizer_difference"))
     lines = _metric_lines(report.get("teacher", {}), report.get("student", {}), extra_columns(report),
-                          student_header(report))
-    lines += ["", "ratios"] + _ratio_lines(report.get("ratios", {}))
+                          student_header(report), differ)
+    lines += ["", "ratios"] + _ratio_lines(report.get("ratios", {})) + _tokenizer_lines(report)
     lines += _export_lines(report) + _suite_lines(report) + _lm_eval_lines(report) + _judge_lines(report)
     lines += _contamination_lines(report)
     return "\n".join(lines) + "\n"

@@ -105,13 +105,13 @@ class CrossTokenizerTeacher:
         with torch.no_grad():
             final, _ = decoder_layer_outputs(self.model, ids.to(where), mask.to(where), [], None)
             final = final[:, :-1]  # position i predicts token i + 1
-        groups = _batch_groups(views, batch["input_ids"].size(1) - 1, width - 1)
+        groups = batch_groups(views, batch["input_ids"].size(1) - 1, width - 1)
         head = output_head(self.model).detach()[: self.vocab]
         return CrossTokenizerTargets(final.reshape(-1, final.shape[-1]), head, groups.to(where), self.split.to(where),
                                      self.top_k), {}
 
 
-def _batch_groups(views: Sequence[TeacherView], student_width: int, teacher_width: int) -> AlignedGroups:
+def batch_groups(views: Sequence[TeacherView], student_width: int, teacher_width: int) -> AlignedGroups:
     """The views' groups as flat rows of the batch: student token j of row b is predicted at b * width + j - 1."""
     s_rows, t_rows, t_tokens = [], [], []
     for b, view in enumerate(views):

@@ -1,16 +1,20 @@
 """What training does when the teacher's and the student's tokenizers differ (method.cross_tokenizer), decided
 before the teacher loads: `text` trains on the teacher's text alone, `uld` and `align` distil logits across the two
-vocabularies through a live teacher that reads each example with its own tokenizer (docs/cross_tokenizer.md)."""
+vocabularies through a live teacher that reads each example with its own tokenizer (docs/cross_tokenizer.md); the
+eval stage aligns the held-out examples the same way for agreement and KL on aligned spans."""
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.data.tokenize import encode_example, example_text
+from distill.data.layouts import Example
+from distill.data.tokenize import encode_example, example_text, padding_id
 from distill.errors import DistillError
+from distill.eval.measure import SpanAlignment
 from distill.losses.cross_tokenizer import vocab_split
 from distill.models.alignment import has_offsets, shared_vocabulary
 from distill.models.compat import tokenizer_difference
@@ -109,3 +113,27 @@ def crossing_signal(
              split.rest_teacher.numel())
     pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else teacher_tok.eos_token_id
     return CrossTokenizerTeacher(teacher, views, pad, len(teacher_tok), split, recipe.method.uld_top_k)
+
+
+def span_alignment(
+    recipe: Recipe, teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase, held_out: list[Example]
+) -> tuple[Optional[SpanAlignment], dict[str, str]]:
+    """The held-out examples as the student reads them and as the teacher reads the same text, aligned by
+    characters, for agreement and KL on aligned spans; (None, {metric: why absent}) where they cannot be aligned."""
+    unaligned = next((f"the {who}'s tokenizer ({type(tok).__name__}) gives no character offsets to align the two "
+                      "tokenizations by" for who, tok in (("teacher", teacher_tok), ("student", student_tok))
+                      if not has_offsets(tok)), None)
+    shared_student, shared_teacher = ([], []) if unaligned else shared_vocabulary(student_tok, teacher_tok)
+    if not unaligned and not shared_student:
+        unaligned = "the two vocabularies share no entry (no token stands for the same bytes on both sides)"
+    if unaligned:
+        log.warning("eval: top-1 agreement and KL to the teacher not measured: %s", unaligned)
+        return None, {key: unaligned for key in ("top1_agreement", "kl_to_teacher")}
+    d = recipe.data
+    pairs = [(e, encode_example(e, student_tok, d.max_length, d.system_prompt)) for e in held_out]
+    encoded = [enc for _, enc in pairs if enc is not None]
+    texts = [example_text(e, student_tok, d.max_length, d.system_prompt) for e, enc in pairs if enc is not None]
+    views = teacher_views(student_tok, teacher_tok, texts, encoded)
+    as_ids = lambda ids: torch.tensor(ids, dtype=torch.long)  # noqa: E731
+    return SpanAlignment(encoded, views, as_ids(shared_student), as_ids(shared_teacher), padding_id(student_tok),
+                         padding_id(teacher_tok)), {}

@@ -15,13 +15,16 @@ from distill.data.examples import read_examples
 from distill.data.layouts import Example
 from distill.data.tokenize import encode_all, padding_id
 from distill.errors import DistillError
+from distill.eval.cross_tokenizer import token_byte_lengths
 from distill.eval.judge import pairwise_judge
 from distill.eval.lm_eval_bridge import parse_task_specs, run_lm_eval
 from distill.eval.measure import (
     GENERAL_TEXT,
     EvalData,
     MeasureSettings,
+    Reading,
     Reference,
+    SpanAlignment,
     answers,
     batches,
     before_training_row,
@@ -32,9 +35,11 @@ from distill.eval.suites import load_suite, run_suite
 from distill.export import older_than
 from distill.export.found import Export, find_exports, load_export
 from distill.models import bytes_on_disk, check_tokenizers, load_model, load_tokenizer
+from distill.models.compat import tokenizer_difference
 from distill.recipe import Recipe
 from distill.report.table import format_table
 from distill.runtime import atomic_write_text
+from distill.stages.cross_tokenizer import span_alignment
 from distill.stages.data import encode, recipe_examples
 from distill.stages.facts import (
     compute_dtype,
@@ -74,43 +79,67 @@ def evaluate(recipe: Recipe, *, progress: bool = True) -> dict:
     suites = [load_suite(name) for name in recipe.eval.suites]  # a bad suite fails before any model loads
     lm_eval_tasks = parse_task_specs(recipe.eval.lm_eval) if recipe.eval.lm_eval else []
     tokenizer = teacher_tokenizer(recipe)
+    student_tok = load_tokenizer(str(files.student))
+    difference = tokenizer_difference(tokenizer, student_tok)
     teacher = load_teacher(recipe)
     student = load_model(str(files.student), dtype=dtype, device=where)
-    shared_vocab = check_tokenizers(tokenizer, load_tokenizer(str(files.student)), teacher.config.vocab_size,
-                                    student.config.vocab_size)
+    if difference is None:
+        shared_vocab = check_tokenizers(tokenizer, student_tok, teacher.config.vocab_size, student.config.vocab_size)
+    else:  # each model reads the data with its own tokenizer; agreement and KL are taken on aligned spans
+        log.info("eval: teacher and student tokenizers differ (%s): bits per byte compare perplexities, agreement "
+                 "and KL are taken on aligned spans (docs/cross_tokenizer.md)", difference)
+        shared_vocab = len(student_tok)
     train_examples, held_out = recipe_examples(recipe)
     if not held_out:
         raise DistillError("eval: no held-out examples; set data.eval or data.eval_fraction > 0")
-    data = eval_data(recipe, tokenizer, held_out, where)
+    teacher_reading = reading(recipe, tokenizer, held_out, where)
+    student_reading = teacher_reading if difference is None else reading(recipe, student_tok, held_out, where)
+    spans, absent = (None, {}) if difference is None else span_alignment(recipe, tokenizer, student_tok, held_out)
+    data = teacher_reading.data
     settings = measure_settings(recipe)
+    tokenizers = {"teacher": tokenizer, "student": student_tok}
 
     started = time.perf_counter()
     teacher_answers = answers(teacher, tokenizer, data.conversations, settings, "teacher answers", progress)
-    student_answers = answers(student, tokenizer, data.conversations, settings, "student answers", progress)
-    reference = Reference(teacher, tokenizer, data, shared_vocab, where, teacher_answers, settings)
+    student_answers = answers(student, student_tok, data.conversations, settings, "student answers", progress)
+    reference = Reference(teacher, teacher_reading, student_reading, shared_vocab, where, teacher_answers, settings,
+                          spans=spans, difference=difference)
     rows = {
-        "teacher": measure_model(teacher, _local_weights(recipe), teacher_answers, reference),
-        "student": measure_model(student, files.student, student_answers, reference),
+        "teacher": measure_model(teacher, _local_weights(recipe), teacher_answers, reference, teacher_reading),
+        "student": measure_model(student, files.student, student_answers, reference, student_reading),
     }
     _write_samples(files.samples, data, teacher_answers, student_answers)
     meta = {"recipe": str(files.recipe), "eval_examples": len(held_out), "eval_answers": len(data.references),
-            "device": str(where), "dtype": str(dtype).replace("torch.", ""), "shared_vocab": shared_vocab,
-            "text_files": recipe.data.text_files}
+            "device": str(where), "dtype": str(dtype).replace("torch.", ""), "text_files": recipe.data.text_files,
+            **_tokenizer_meta(shared_vocab, difference, spans)}
     calibration = _calibration_section(rows)
-    report = build_report(rows["teacher"], rows["student"], meta=meta)
+    report = build_report(rows["teacher"], rows["student"], meta=meta, tokenizers_differ=difference is not None)
+    if absent:
+        report.setdefault("absent", {}).update(absent)
     report.update(calibration)
     report.update(_before_training(recipe, reference))
     report.update(_earlier_stages(recipe, reference, progress))
-    report.update(_suite_sections(recipe, suites, {"teacher": teacher, "student": student}, tokenizer, progress))
+    report.update(_suite_sections(recipe, suites, {"teacher": teacher, "student": student}, tokenizers, progress))
     report.update(_judge_section(recipe, teacher, data, student_answers, teacher_answers))
     report.update(_contamination_section(recipe, train_examples, held_out))
-    report.update(lm_eval_section(recipe, lm_eval_tasks, {"teacher": teacher, "student": student}, tokenizer))
+    report.update(lm_eval_section(recipe, lm_eval_tasks, {"teacher": teacher, "student": student}, tokenizers))
     report.update(measure_exports(files.root, reference, report["teacher"], files.student, dtype, progress))
     report["meta"]["eval_seconds"] = round(time.perf_counter() - started, 1)
     write_report(report, files.report_json)
     print(format_table(report))
     log.info("report written to %s", files.report_json)
     return report
+
+
+def _tokenizer_meta(shared_vocab: int, difference: Optional[str], spans: Optional[SpanAlignment]) -> dict:
+    """report.json meta on the two tokenizers: the vocabulary both heads share, or how they differ and what the
+    agreement on aligned spans was taken over."""
+    if difference is None:
+        return {"shared_vocab": shared_vocab, "tokenizer_difference": None}
+    meta = {"shared_vocab": None, "tokenizer_difference": difference}
+    if spans is not None:
+        meta.update(aligned_groups=sum(len(v.groups) for v in spans.views), shared_entries=spans.shared_student.numel())
+    return meta
 
 
 def measure_exports(run_dir: Path, reference: Reference, teacher_row: dict, student_dir: Path, dtype: torch.dtype,
@@ -140,12 +169,19 @@ def _export_row(run_dir: Path, export: Export, ref: Reference, teacher_row: dict
     except DistillError as err:
         log.warning("eval: export %s not measured: %s", export.name, err)
         return {**head, "bytes_on_disk": bytes_on_disk(export.path), "error": str(err)}
-    said = answers(model, ref.tokenizer, ref.data.conversations, ref.settings, f"{export.name} answers", progress)
-    row = measure_model(model, export.path, said, ref, speed=export.kind != "gguf")
+    reading = ref.student_reading  # an export of the student reads with the student's tokenizer
+    said = answers(model, reading.tokenizer, ref.data.conversations, ref.settings, f"{export.name} answers", progress)
+    row = measure_model(model, export.path, said, ref, reading, speed=export.kind != "gguf")
     row.pop("calibration", None)  # the reliability bins are drawn for teacher and student; the ECE stays
-    measured = build_report(teacher_row, row, meta={})  # the student's null rules and ratios, for this model
+    # the student's null rules and ratios, for this model
+    measured = build_report(teacher_row, row, meta={}, tokenizers_differ=ref.difference is not None)
     speed_note = {"speed_not_measured": GGUF_SPEED} if export.kind == "gguf" and ref.settings.measure_speed else {}
     return {**head, **measured["student"], **speed_note, "ratios": measured["ratios"]}
+
+
+def reading(recipe: Recipe, tokenizer, held_out: list[Example], where: torch.device) -> Reading:
+    """The eval data as `tokenizer` reads it, with the bytes of each of its ids (for bits per byte)."""
+    return Reading(tokenizer, eval_data(recipe, tokenizer, held_out, where), token_byte_lengths(tokenizer))
 
 
 def eval_data(recipe: Recipe, tokenizer, held_out: list[Example], where: torch.device) -> EvalData:
@@ -192,9 +228,10 @@ def _earlier_stages(recipe: Recipe, reference: Reference, progress: bool) -> dic
             log.warning("eval: stage %s has no trained student at %s; not measured", stage.stage, path)
             continue
         model = load_model(str(path), dtype=compute_dtype(recipe), device=reference.device)
-        said = answers(model, reference.tokenizer, reference.data.conversations, reference.settings,
+        reading = reference.student_reading  # every stage's student is on the student's tokenizer
+        said = answers(model, reading.tokenizer, reference.data.conversations, reference.settings,
                        f"{stage.stage} answers", progress)
-        row = measure_model(model, path, said, reference, speed=False)
+        row = measure_model(model, path, said, reference, reading, speed=False)
         row.pop("calibration", None)  # the reliability bins are drawn for teacher and student; the ECE stays
         section[stage.stage] = row
     return {"stages": section, "final_stage": stages[-1].stage}
@@ -206,15 +243,16 @@ def _calibration_section(rows: dict) -> dict:
     return {"calibration": section} if section else {}
 
 
-def _suite_sections(recipe: Recipe, suites: list, models: dict, tokenizer, progress: bool) -> dict:
-    """Scores of every suite task for teacher and student; per-item rows go to <run>/suite_samples.jsonl."""
+def _suite_sections(recipe: Recipe, suites: list, models: dict, tokenizers: dict, progress: bool) -> dict:
+    """Scores of every suite task for teacher and student (each with its own tokenizer); per-item rows go to
+    <run>/suite_samples.jsonl."""
     if not suites:
         return {}
     scores: dict = {side: {} for side in models}
     items = []
     for suite in suites:
         for side, model in models.items():
-            result = run_suite(suite, model, tokenizer, batch_size=recipe.eval.batch_size, progress=progress)
+            result = run_suite(suite, model, tokenizers[side], batch_size=recipe.eval.batch_size, progress=progress)
             scores[side][suite.name] = result["scores"]
             for task, task_result in result["tasks"].items():
                 items += [{"model": side, "suite": suite.name, "task": task, **row}
@@ -255,15 +293,15 @@ def _contamination_section(recipe: Recipe, train_examples: list, held_out: list)
     }}
 
 
-def lm_eval_section(recipe: Recipe, tasks: list, models: dict, tokenizer) -> dict:
-    """lm-evaluation-harness results for teacher and student, under report["lm_eval"]."""
+def lm_eval_section(recipe: Recipe, tasks: list, models: dict, tokenizers: dict) -> dict:
+    """lm-evaluation-harness results for teacher and student (each with its own tokenizer), under report["lm_eval"]."""
     if not tasks:
         return {}
     e = recipe.eval
     section = {"version": version("lm_eval"), "tasks": e.lm_eval, "limit": e.lm_eval_limit,
                "num_fewshot": e.lm_eval_fewshot}
     for side, model in models.items():
-        section[side] = run_lm_eval(model, tokenizer, tasks, limit=e.lm_eval_limit, batch_size=e.batch_size,
+        section[side] = run_lm_eval(model, tokenizers[side], tasks, limit=e.lm_eval_limit, batch_size=e.batch_size,
                                     num_fewshot=e.lm_eval_fewshot)
     return {"lm_eval": section}
 

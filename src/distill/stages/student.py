@@ -14,12 +14,21 @@ from distill.data.layouts import Example
 from distill.data.tokenize import example_token_ids
 from distill.errors import DistillError
 from distill.models import build_student as build_new_student
-from distill.models import count_params, load_model, save_model, student_config_summary
+from distill.models import count_params, load_model, load_tokenizer, save_model, student_config_summary
+from distill.models.alignment import shared_vocabulary
 from distill.models.prune import PruneReport, calibration_batches, prune_teacher
 from distill.recipe import Recipe
 from distill.runtime import atomic_write_json
 from distill.stages.data import recipe_examples, recipe_prompts
-from distill.stages.facts import device, load_teacher, model_source, named_by, run_files, teacher_tokenizer
+from distill.stages.facts import (
+    device,
+    load_teacher,
+    model_ref,
+    model_source,
+    named_by,
+    run_files,
+    teacher_tokenizer,
+)
 from distill.stages.presets import preset_config
 
 log = logging.getLogger("distill")
@@ -65,8 +74,16 @@ def built_student(
         return out_dir
     spec = recipe.student
     report = None
+    own = own_tokenizer(recipe, tokenizer)
     if spec.from_teacher is not None:
         student, report = prune_from_recipe(recipe, teacher, tokenizer)
+    elif own is not None:  # a tokenizer of its own: rows of the entries both vocabularies hold start from the teacher's
+        student = build_new_student(spec.config or preset_config(spec.preset), teacher, own,
+                                    init_embeddings=spec.init_embeddings, seed=recipe.seed,
+                                    teacher_rows=_teacher_rows(own, tokenizer))
+        student.generation_config.eos_token_id = stop_ids(own, tokenizer,
+                                                          getattr(teacher.generation_config, "eos_token_id", None))
+        tokenizer = own
     else:
         config = spec.config or preset_config(spec.preset)
         student = build_new_student(config, teacher, tokenizer, init_embeddings=spec.init_embeddings,
@@ -78,6 +95,58 @@ def built_student(
     atomic_write_json(marker, {"recipe": _fingerprint(recipe), "shape": student_config_summary(student)})
     log.info("%s", describe_built_student(out_dir, teacher))
     return out_dir
+
+
+def own_tokenizer(recipe: Recipe, teacher_tok: PreTrainedTokenizerBase) -> Optional[PreTrainedTokenizerBase]:
+    """student.tokenizer, loaded (with the teacher's chat template under student.chat_template: teacher); None when
+    the student uses the teacher's tokenizer."""
+    spec = recipe.student
+    if spec.tokenizer is None:
+        return None
+    with named_by("student.tokenizer"):
+        tokenizer = load_tokenizer(model_ref(recipe, spec.tokenizer), trust_remote_code=spec.trust_remote_code)
+    if spec.chat_template == "teacher":
+        _take_teacher_template(tokenizer, teacher_tok)
+    return tokenizer
+
+
+# A conversation the teacher's template renders, to find the special tokens it writes.
+_PROBE_CHAT = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+               {"role": "assistant", "content": "A"}]
+
+
+def _take_teacher_template(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase) -> None:
+    """Give the student's tokenizer the teacher's chat template, refused when it lacks the template's markers."""
+    template = teacher_tok.chat_template
+    if not isinstance(template, str):
+        raise DistillError("student.chat_template: teacher, but the teacher's tokenizer has no chat template")
+    rendered = teacher_tok.apply_chat_template(_PROBE_CHAT, tokenize=False)
+    markers = sorted({t.content for t in teacher_tok.added_tokens_decoder.values() if t.content in rendered})
+    missing = [m for m in markers if len(student_tok(m, add_special_tokens=False)["input_ids"]) != 1]
+    if missing:
+        raise DistillError(f"student.tokenizer: has no token for {', '.join(missing)}, which the teacher's chat "
+                           "template writes; use a tokenizer with those special tokens, or student.chat_template: own")
+    student_tok.chat_template = template
+
+
+def _teacher_rows(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase) -> list[int]:
+    """For each student id, the teacher id standing for the same bytes (-1 where the teacher has none)."""
+    rows = [-1] * len(student_tok)
+    for student_id, teacher_id in zip(*shared_vocabulary(student_tok, teacher_tok)):
+        if student_id < len(rows):
+            rows[student_id] = teacher_id
+    log.info("student: %d of %d entries of its own tokenizer start from the teacher's embeddings (same bytes)",
+             sum(r >= 0 for r in rows), len(rows))
+    return rows
+
+
+def stop_ids(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase, teacher_eos) -> list[int]:
+    """Where a student on its own tokenizer stops: its eos, and the tokens the teacher stops on (`teacher_eos`, an
+    id or a list: e.g. an end-of-turn marker) that its vocabulary also holds."""
+    vocab = student_tok.get_vocab()
+    eos = [] if teacher_eos is None else list(teacher_eos) if isinstance(teacher_eos, (list, tuple)) else [teacher_eos]
+    names = [student_tok.eos_token] + [teacher_tok.convert_ids_to_tokens(i) for i in eos]
+    return sorted({vocab[n] for n in names if n in vocab})
 
 
 def describe_built_student(path: Path, teacher) -> str:

@@ -50,7 +50,7 @@ from distill.stages.facts import (
     uses_teacher_cache,
 )
 from distill.stages.pairs import check_pairs, pair_training_items
-from distill.stages.student import initial_student
+from distill.stages.student import initial_student, own_tokenizer
 from distill.teachers.local import stop_ids
 from distill.training.distributed import LossThroughWrapper, Ranks
 from distill.training.checkpoint import (
@@ -510,9 +510,13 @@ def _models(
     if recipe.student.model is not None:  # an existing student (it needs no teacher) and its own tokenizer
         student = initial_student(recipe, None, tokenizer)
         student_tok = load_tokenizer(*model_source(recipe, recipe.student))
+    elif recipe.student.tokenizer is not None:  # a new student on a tokenizer of its own (student.tokenizer)
+        student_tok = own_tokenizer(recipe, tokenizer)
+    if student_tok is not None:
         cross = crossing(recipe, tokenizer, student_tok)  # refuses a method that cannot apply, before the teacher
     text_only = cross is not None and not cross.logits
-    teacher = load_teacher(recipe) if needs_teacher_weights(recipe) and not text_only else None
+    # a new student is built from the teacher's shape and embeddings even when only its text is learnt
+    teacher = load_teacher(recipe) if needs_teacher_weights(recipe) and (not text_only or student is None) else None
     if student is None:
         student = initial_student(recipe, teacher, tokenizer)
     if student_tok is not None:
@@ -521,7 +525,8 @@ def _models(
         else:
             tokenizer = student_tok
     _log_sizes(student, teacher)
-    if not recipe.method.learns_from_teacher_logits or uses_teacher_cache(recipe) or scores_on_server(recipe):
+    if (not recipe.method.learns_from_teacher_logits or uses_teacher_cache(recipe) or scores_on_server(recipe)
+            or text_only):
         teacher = None  # its weights only seeded the student's embeddings
     return tokenizer, teacher, student, cross
 
