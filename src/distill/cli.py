@@ -171,12 +171,19 @@ def setup_logging(log_file: Path | None = None) -> None:
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("distill: %(message)s"))
     log.addHandler(console)
-    if log_file is not None:
+    if log_file is not None and _is_main_process():  # one writer: the other ranks of torchrun log to stderr alone
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(log_file)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
     log.propagate = False
+
+
+def _is_main_process() -> bool:
+    """runtime.is_main_process, imported when asked: distill.runtime loads torch, which `distill --help` need not."""
+    from distill.runtime import is_main_process
+
+    return is_main_process()
 
 
 def _recipe(args: argparse.Namespace) -> Recipe:
@@ -262,6 +269,8 @@ def _capture(args: argparse.Namespace) -> None:
     recipe = _recipe(args)
     _prepare_run(recipe, args)
     stats = _stages().capture(recipe, progress=not args.no_progress)
+    if not _is_main_process():  # every rank holds the same stats: one line for the user
+        return
     hint = "" if recipe.teacher.cache else f"; set teacher.cache: {stats.path} to train from it"
     print(f"teacher cache: {stats.path} ({stats.examples} examples, {stats.bytes / 1e6:.1f} MB){hint}")
 

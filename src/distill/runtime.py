@@ -10,11 +10,13 @@ import tempfile
 import time
 import uuid
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from distill.errors import DistillError
 
@@ -50,6 +52,45 @@ def process_rank() -> tuple[int, int]:
 def is_main_process() -> bool:
     """True in the process that writes a run's shared files (rank 0), and when running alone."""
     return process_rank()[0] == 0
+
+
+# A data-parallel stage waits at its end for the slowest rank: give it hours, not torch's 30 minutes. A rank that
+# dies closes its sockets, so the others fail at once instead of waiting this long.
+RANK_WAIT = timedelta(hours=12)
+_gloo_group: Any = None  # a gloo group beside a default group of another backend (NCCL), made once
+
+
+def _rank_group() -> Any:
+    """The process group that barrier and gather_from_ranks use (gloo: CPU objects), joined on first use."""
+    global _gloo_group
+    if not dist.is_initialized():
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise DistillError(f"WORLD_SIZE={process_rank()[1]} but {' and '.join(missing)} not set: launch several "
+                               "processes with torchrun or accelerate launch, which set them")
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, timeout=RANK_WAIT)
+    if "gloo" in str(dist.get_backend()):
+        return None  # the default group
+    if _gloo_group is None:
+        _gloo_group = dist.new_group(backend="gloo", timeout=RANK_WAIT)
+    return _gloo_group
+
+
+def barrier() -> None:
+    """Wait until every process of a torchrun/accelerate launch reaches this point; returns at once when alone."""
+    if process_rank()[1] > 1:
+        dist.barrier(group=_rank_group())
+
+
+def gather_from_ranks(value: Any) -> list[Any]:
+    """Every rank's value (picklable), in rank order, on every rank; [value] when running alone."""
+    world = process_rank()[1]
+    if world == 1:
+        return [value]
+    values: list[Any] = [None] * world
+    dist.all_gather_object(values, value, group=_rank_group())
+    return values
 
 
 def set_seed(seed: int) -> None:

@@ -13,7 +13,7 @@ import yaml
 
 from distill.errors import DistillError
 from distill.recipe import Recipe
-from distill.runtime import atomic_write_text
+from distill.runtime import atomic_write_text, is_main_process
 from distill.stages.cache import capture
 from distill.stages.data import recipe_examples
 from distill.stages.evaluation import evaluate
@@ -64,7 +64,8 @@ def prepare_run_dir(recipe: Recipe, *, restart: bool = False) -> Path:
                     f"{files.recipe}: this run directory was made by a different recipe ({diff} differs); "
                     "choose a new output_dir, or pass --restart to discard its checkpoints"
                 )
-    atomic_write_text(files.recipe, recipe.dump())
+    if is_main_process():  # the other ranks of torchrun/accelerate launch check it, rank 0 writes it
+        atomic_write_text(files.recipe, recipe.dump())
     return files.root
 
 
