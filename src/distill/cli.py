@@ -108,6 +108,9 @@ def _student_arguments(p: argparse.ArgumentParser) -> None:
 
 def _plan_arguments(p: argparse.ArgumentParser) -> None:
     _recipe_arguments(p, "override a recipe key, e.g. --set train.batch_size=4 (repeatable)")
+    p.add_argument("--processes", type=int, default=None, metavar="N",
+                   help="also predict one rank's memory on N processes under DDP, FSDP and ZeRO-3 (default: "
+                        "WORLD_SIZE, else 1: one process only)")
     _debug_flag(p)
 
 
@@ -296,7 +299,8 @@ def _student(args: argparse.Namespace) -> None:
 def _plan(args: argparse.Namespace) -> None:
     from distill.plan import format_plan, plan_recipe
 
-    print(format_plan(plan_recipe(load_recipe(args.recipe, args.overrides))))  # reads configs and data only
+    plan = plan_recipe(load_recipe(args.recipe, args.overrides), processes=args.processes)  # configs and data only
+    print(format_plan(plan))
 
 
 def _convert(args: argparse.Namespace) -> None:
