@@ -106,7 +106,8 @@ def capture_cache(
         shard_examples=job.shard_examples, teacher_files=job.teacher_files,
     )
     writer = TopKCacheWriter(job.path, header, owner=rank == 0)  # every rank refuses a mismatched header alike
-    barrier()  # the header is on disk before any shard
+    if world > 1:
+        barrier()  # the header is on disk before any shard
     mine = range(rank, header.n_shards, world)
     done = writer.complete_shards(mine)
     todo = [s for s in mine if s not in done][:stop_after_shards]
@@ -160,8 +161,9 @@ def merge_rank_stats(parts: list[CaptureStats]) -> CaptureStats:
 
 
 def _log_stats(stats: CaptureStats, from_generation: bool) -> None:
-    log.info("capture: %d new shard(s), %d already there, %d positions, %.0f s -> %s (%.1f MB)",
-             stats.new_shards, stats.skipped_shards, stats.positions, stats.seconds, stats.path, stats.bytes / 1e6)
+    log.info("capture: %d new shard(s), %d already there, %d positions, %.1f s (%.1f s capturing) -> %s (%.1f MB)",
+             stats.new_shards, stats.skipped_shards, stats.positions, stats.seconds, stats.capture_seconds, stats.path,
+             stats.bytes / 1e6)
     if from_generation:
         why = ", ".join(f"{n} {reason}" for reason, n in sorted(stats.forced_reasons.items(), key=lambda kv: -kv[1]))
         log.info("capture: %d example(s) took the log-probs kept at generation; %d teacher-forced%s", stats.reused,

@@ -204,7 +204,8 @@ def generate_responses(
     batches = list(_chunks(fitting, backend.batch_size, lengths))[rank::world] if fitting else []
     stats.retried = sum(r.id in existing for _, chunk in batches for r in chunk)
     writer = ShardWriter(data_dir, shard_records, rank if world > 1 else None)
-    barrier()  # no rank appends a line before every rank has read the shards (reading cuts a partial last line)
+    if world > 1:  # no rank appends a line before every rank has read the shards (reading cuts a partial line)
+        barrier()
     bar = tqdm(total=stats.skipped_existing + sum(len(chunk) for _, chunk in batches),
                initial=stats.skipped_existing, desc=f"teacher answers ({backend.name})", unit="answer",
                disable=not progress or rank != 0)
