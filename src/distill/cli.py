@@ -108,6 +108,9 @@ def _student_arguments(p: argparse.ArgumentParser) -> None:
 
 def _plan_arguments(p: argparse.ArgumentParser) -> None:
     _recipe_arguments(p, "override a recipe key, e.g. --set train.batch_size=4 (repeatable)")
+    p.add_argument("--processes", type=int, default=None, metavar="N",
+                   help="also predict one rank's memory on N processes under DDP, FSDP and ZeRO-3 (default: "
+                        "WORLD_SIZE, else 1: one process only)")
     _debug_flag(p)
 
 
@@ -175,12 +178,19 @@ def setup_logging(log_file: Path | None = None) -> None:
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("distill: %(message)s"))
     log.addHandler(console)
-    if log_file is not None:
+    if log_file is not None and _is_main_process():  # one writer: the other ranks of torchrun log to stderr alone
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(log_file)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
     log.propagate = False
+
+
+def _is_main_process() -> bool:
+    """runtime.is_main_process, imported when asked: distill.runtime loads torch, which `distill --help` need not."""
+    from distill.runtime import is_main_process
+
+    return is_main_process()
 
 
 def _recipe(args: argparse.Namespace) -> Recipe:
@@ -270,6 +280,8 @@ def _capture(args: argparse.Namespace) -> None:
     recipe = _recipe(args)
     _prepare_run(recipe, args)
     stats = _stages().capture(recipe, progress=not args.no_progress)
+    if not _is_main_process():  # every rank holds the same stats: one line for the user
+        return
     hint = "" if recipe.teacher.cache else f"; set teacher.cache: {stats.path} to train from it"
     print(f"teacher cache: {stats.path} ({stats.examples} examples, {stats.bytes / 1e6:.1f} MB){hint}")
 
@@ -298,7 +310,8 @@ def _student(args: argparse.Namespace) -> None:
 def _plan(args: argparse.Namespace) -> None:
     from distill.plan import format_plan, plan_recipe
 
-    print(format_plan(plan_recipe(load_recipe(args.recipe, args.overrides))))  # reads configs and data only
+    plan = plan_recipe(load_recipe(args.recipe, args.overrides), processes=args.processes)  # configs and data only
+    print(format_plan(plan))
 
 
 def _convert(args: argparse.Namespace) -> None:

@@ -10,11 +10,13 @@ import tempfile
 import time
 import uuid
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from distill.errors import DistillError
 
@@ -52,21 +54,54 @@ def is_main_process() -> bool:
     return process_rank()[0] == 0
 
 
-def wait_for_other_processes() -> None:
-    """Every process torchrun or accelerate launch started waits here for the others; nothing when running alone."""
-    if process_rank()[1] > 1:
-        from accelerate import PartialState  # the process group is accelerate's, only when there are several
+# A data-parallel stage waits at its end for the slowest rank: give it hours, not torch's 30 minutes. A rank that
+# dies closes its sockets, so the others fail at once instead of waiting this long.
+RANK_WAIT = timedelta(hours=12)
+_gloo_group: Any = None  # a gloo group beside a default group of another backend (NCCL), made once
 
-        PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
+
+def _rank_group() -> Any:
+    """The process group that barrier and gather_from_ranks use (gloo: CPU objects), joined on first use."""
+    global _gloo_group
+    if not dist.is_initialized():
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise DistillError(f"WORLD_SIZE={process_rank()[1]} but {' and '.join(missing)} not set: launch several "
+                               "processes with torchrun or accelerate launch, which set them")
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, timeout=RANK_WAIT)
+    if "gloo" in str(dist.get_backend()):
+        return None  # the default group
+    if _gloo_group is None:
+        _gloo_group = dist.new_group(backend="gloo", timeout=RANK_WAIT)
+    return _gloo_group
+
+
+def barrier() -> None:
+    """Wait until every process of a torchrun/accelerate launch reaches this point; returns at once when alone."""
+    if process_rank()[1] > 1:
+        dist.barrier(group=_rank_group())
+
+
+def gather_from_ranks(value: Any) -> list[Any]:
+    """Every rank's value (picklable), in rank order, on every rank; [value] when running alone."""
+    world = process_rank()[1]
+    if world == 1:
+        return [value]
+    values: list[Any] = [None] * world
+    dist.all_gather_object(values, value, group=_rank_group())
+    return values
 
 
 def continue_alone() -> None:
     """After the work all processes share (training): they meet once more, then each goes on as if run alone
     (rank 0 exports and evaluates; the others stop), so no later barrier waits for a process that has left."""
+    global _gloo_group
     if process_rank()[1] > 1:
-        wait_for_other_processes()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        barrier()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        _gloo_group = None
         os.environ["WORLD_SIZE"] = "1"
 
 
@@ -76,10 +111,10 @@ def main_process_first() -> Iterator[None]:
 
     Every process must enter it at the same point; alone, the block just runs."""
     if not is_main_process():
-        wait_for_other_processes()
+        barrier()
     yield
     if is_main_process():
-        wait_for_other_processes()
+        barrier()
 
 
 def set_seed(seed: int) -> None:

@@ -61,13 +61,18 @@ def latest_records(data_dir: Path) -> dict[str, dict]:
 
 
 class ShardWriter:
-    """Appends whole, fsynced lines to a fresh shard per run, starting a new one every `shard_records` lines."""
+    """Appends whole, fsynced lines to a fresh shard per run, starting a new one every `shard_records` lines.
 
-    def __init__(self, data_dir: Path, shard_records: int):
+    With `rank` (one of several processes writing at once) the shards are named shard-NNNNN-rankR.jsonl: no two
+    processes write one file, and a later run's shards still sort after this run's.
+    """
+
+    def __init__(self, data_dir: Path, shard_records: int, rank: int | None = None):
         self.data_dir, self.shard_records = Path(data_dir), shard_records
         self.data_dir.mkdir(parents=True, exist_ok=True)
         existing = shard_paths(self.data_dir)
-        self.next_index = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
+        self.next_index = max(int(p.stem.split("-")[1]) for p in existing) + 1 if existing else 0
+        self.suffix = "" if rank is None else f"-rank{rank}"
         self.path: Path | None = None
         self.lines = 0
 
@@ -75,7 +80,7 @@ class ShardWriter:
         """Write records, so that a kill at any moment leaves every earlier record whole on disk."""
         while records:
             if self.path is None or self.lines >= self.shard_records:
-                self.path = self.data_dir / f"shard-{self.next_index:05d}.jsonl"
+                self.path = self.data_dir / f"shard-{self.next_index:05d}{self.suffix}.jsonl"
                 self.next_index, self.lines = self.next_index + 1, 0
             room = self.shard_records - self.lines
             chunk, records = records[:room], records[room:]

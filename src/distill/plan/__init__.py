@@ -5,13 +5,14 @@ benchmarks on this machine; cost: the step's FLOPs, seconds and memory; format: 
 from_recipe: the only module that reads the Recipe (`plan_recipe`, what `distill plan` runs).
 """
 from distill.plan.batches import BatchStats
-from distill.plan.cost import Plan, StepSetup
+from distill.plan.cost import STRATEGIES, Plan, Sharding, StepSetup, memory_at_peak
 from distill.plan.format import format_plan
 from distill.plan.from_recipe import (
     MAX_ENCODED_EXAMPLES,
     batch_stats,
     model_config,
     plan_recipe,
+    processes_from_environment,
     step_flops,
     student_shape,
     teacher_online,
@@ -30,6 +31,8 @@ __all__ = [
     "BatchStats",
     "ModelShape",
     "Plan",
+    "STRATEGIES",
+    "Sharding",
     "StepSetup",
     "activation_floats_per_token",
     "batch_stats",
@@ -37,8 +40,10 @@ __all__ = [
     "forward_flops_per_token",
     "linear_flops_per_token",
     "lora_params",
+    "memory_at_peak",
     "model_config",
     "plan_recipe",
+    "processes_from_environment",
     "shape_from_config",
     "step_flops",
     "student_shape",

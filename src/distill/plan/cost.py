@@ -177,23 +177,58 @@ def seconds_by_part(
     return seconds, rates
 
 
+STRATEGIES = {"ddp": "DDP", "fsdp": "FSDP", "zero3": "ZeRO-3"}
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How `processes` ranks hold the models: `ddp` replicates them; `fsdp` (full shard, FSDP2) and `zero3`
+    (DeepSpeed ZeRO-3) divide weights, gradients and optimizer state by the rank count (the frozen teacher too)
+    and gather what runs: FSDP a whole unit (the root's embeddings, head and norm, kept gathered through the step,
+    plus one decoder layer), ZeRO-3 one module at a time (the largest weight tensor)."""
+
+    strategy: str = "ddp"
+    processes: int = 1
+
+    @property
+    def share(self) -> float:
+        """The part of each sharded tensor one rank keeps."""
+        return 1.0 if self.strategy == "ddp" else 1.0 / self.processes
+
+    def gathered_params(self, shape: ModelShape) -> int:
+        """Weights a rank holds gathered at once beyond its shard (none when nothing is sharded)."""
+        if self.strategy == "ddp" or self.processes == 1:
+            return 0
+        embeddings = shape.vocab * shape.hidden
+        if self.strategy == "fsdp":
+            return embeddings * (1 if shape.tied else 2) + shape.hidden + shape.layer_params
+        return max(embeddings, max(i * o for i, o in shape.projections().values()))
+
+
 def memory_at_peak(
     setup: StepSetup, teacher: ModelShape, student: ModelShape, batch: BatchStats, trainable: int, baseline: int,
-    teacher_dtype: torch.dtype,
+    teacher_dtype: torch.dtype, sharding: Sharding = Sharding(),
 ) -> tuple[dict[str, int], str, int, int, int]:
     """(resident bytes by part at the peak, which phase peaks, naive teacher logits, naive loss peak,
-    chunked loss peak) for the largest micro-batch."""
+    chunked loss peak) for the largest micro-batch, on one rank of `sharding` (alone by default)."""
     f32 = 4
     kd = setup.teacher_online
+    share = sharding.share
     n, seq = batch.max_padded_tokens, batch.max_seq_len
     rows = min(n, round(batch.loss_rows * batch.max_padded_tokens / batch.padded_tokens))
     head_trainable = setup.lora is None
     resident = {"process baseline (torch, transformers, tokenizer)": baseline,
                 "tokenised training data": round(batch.examples * batch.example_tokens * DATA_BYTES_PER_TOKEN),
-                "student weights (fp32)": student.params * f32,
-                "optimizer state (AdamW m, v)": 2 * trainable * f32}
+                "student weights (fp32)": round(student.params * f32 * share),
+                "optimizer state (AdamW m, v)": round(2 * trainable * f32 * share)}
     if kd:
-        resident["teacher weights"] = teacher.params * teacher_dtype.itemsize
+        resident["teacher weights"] = round(teacher.params * teacher_dtype.itemsize * share)
+    if sharding.strategy == "ddp" and sharding.processes > 1:
+        # DDP all-reduces gradients through buckets that copy them (gradient_as_bucket_view is off by default).
+        resident["DDP gradient buckets"] = trainable * f32
+    gathered = sharding.gathered_params(student) * f32 + kd * sharding.gathered_params(teacher) * teacher_dtype.itemsize
+    if gathered:
+        resident["gathered weights (student" + (", teacher)" if kd else ")")] = gathered
     blocks = (LOSS_BLOCKS.get(setup.divergence, max(LOSS_BLOCKS.values())) if kd else SFT_LOSS_BLOCKS)
     blocks += setup.temperature != 1.0  # a scaled copy of the logits
     chunk = min(setup.chunk_size, rows)
@@ -207,14 +242,15 @@ def memory_at_peak(
         activations += student.layers * adapters * setup.lora.r * n * f32
     resident["activations"] = round(activations)
     resident["allocator retention"] = round(ALLOCATOR_RETENTION * activations)
-    accumulated = trainable * f32 if setup.grad_accum > 1 else 0
+    accumulated = round(trainable * f32 * share) if setup.grad_accum > 1 else 0
     # Two moments compete for the peak. The end of the loss's forward: the chunk's [rows, V] blocks and the
     # head's gradient are alive. The optimizer step: every gradient, and AdamW's two temporaries the size of
     # the parameter it is updating. (Freed activations stay in the allocator's heap either way.)
     loss_forward = {"chunked loss buffers": loss_buffers, "gradients": max(head_grad, accumulated)}
     largest = max(student.vocab * student.hidden, student.intermediate * student.hidden) if head_trainable else \
         max(setup.lora.r * max(student.intermediate, student.hidden), 1)
-    optimizer_step = {"gradients": trainable * f32, "optimizer temporaries": 2 * largest * f32}
+    optimizer_step = {"gradients": round(trainable * f32 * share),
+                      "optimizer temporaries": round(2 * largest * f32 * share)}
     phase, extra = max((("loss forward", loss_forward), ("optimizer step", optimizer_step)),
                        key=lambda item: sum(item[1].values()))
     memory = {**resident, **extra}
@@ -248,6 +284,10 @@ class Plan:
     device: str
     threads: int
     notes: list[str] = field(default_factory=list)
+    processes: int = 1  # ranks the per-rank memory is predicted for (distill plan --processes)
+    rank_batch: Optional[BatchStats] = None  # one rank's micro-batches (train.batch_size / processes rows)
+    per_rank: dict[str, dict[str, int]] = field(default_factory=dict)  # strategy -> one rank's memory by part
+    per_rank_phase: dict[str, str] = field(default_factory=dict)  # strategy -> the phase that peaks
 
     @property
     def param_ratio(self) -> float:

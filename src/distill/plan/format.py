@@ -1,7 +1,7 @@
 """The plan as the readable table `distill plan` prints."""
 from __future__ import annotations
 
-from distill.plan.cost import Plan
+from distill.plan.cost import STRATEGIES, Plan
 from distill.plan.shapes import shared_vocab
 
 MiB = 2**20
@@ -34,7 +34,7 @@ def _rows(pairs: list[tuple[str, str]], indent: str = "  ") -> list[str]:
 def format_plan(plan: Plan) -> str:
     """The plan as a readable table."""
     sections = [_models_section(plan), _batch_section(plan), _flops_section(plan), _memory_section(plan),
-                _time_section(plan)]
+                *([_ranks_section(plan)] if plan.per_rank else []), _time_section(plan)]
     return "\n\n".join("\n".join(lines) for lines in sections) + "".join(f"\nnote: {n}" for n in plan.notes)
 
 
@@ -75,6 +75,30 @@ def _memory_section(plan: Plan) -> list[str]:
         f"  logits: a naive loss would hold {whose} logits [{b.max_padded_tokens:,} x "
         f"{shared_vocab(plan.teacher, plan.student):,}] of {_mib(plan.naive_logits_bytes)} and peak near "
         f"{_mib(plan.naive_loss_peak_bytes)}; the chunked loss peaks at {_mib(plan.chunked_loss_peak_bytes)}",
+    ]
+
+
+def _ranks_section(plan: Plan) -> list[str]:
+    """One rank's memory at the peak under each strategy, side by side."""
+    b, strategies = plan.rank_batch, list(plan.per_rank)
+    # Each part where the strategies put it (DDP's buckets and the sharded ones' gathered weights sit alike).
+    parts = sorted(dict.fromkeys(part for memory in plan.per_rank.values() for part in memory),
+                   key=lambda part: min(list(m).index(part) for m in plan.per_rank.values() if part in m))
+    rows = [(part, [_mib(plan.per_rank[s][part]) if part in plan.per_rank[s] else "-" for s in strategies])
+            for part in parts]
+    rows.append(("per rank at the peak", [_mib(sum(plan.per_rank[s].values())) for s in strategies]))
+    rows.append(("peak phase", [plan.per_rank_phase[s] for s in strategies]))
+    header = ("", [STRATEGIES[s] for s in strategies])
+    width = max(len(name) for name, _ in [header, *rows])
+    cols = [max(len(cells[i]) for _, cells in [header, *rows]) for i in range(len(strategies))]
+    line = lambda name, cells: "  " + name.ljust(width) + "".join(  # noqa: E731
+        "  " + cell.rjust(cols[i]) for i, cell in enumerate(cells))
+    return [
+        f"Memory per rank on {plan.processes} processes ({b.batch_size} of train.batch_size="
+        f"{b.batch_size * plan.processes} rows each, padded to {b.seq_len:.0f} tokens on average, largest "
+        f"{b.max_seq_len}): DDP replicates the models; FSDP (full shard) and ZeRO-3 divide weights, gradients "
+        "and optimizer state (the teacher's too) and gather what runs",
+        line(*header), *[line(name, cells) for name, cells in rows],
     ]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 from types import SimpleNamespace
+from typing import Optional
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
@@ -19,10 +20,11 @@ from distill.models.loading import gguf_cache_dir
 from distill.models.prune import validate_width
 from distill.models.student import default_intermediate_size
 from distill.plan.batches import BatchStats, sample_batches
-from distill.plan.cost import Plan, StepSetup, flops_by_part, memory_at_peak, seconds_by_part
+from distill.plan.cost import STRATEGIES, Plan, Sharding, StepSetup, flops_by_part, memory_at_peak, seconds_by_part
 from distill.plan.shapes import ModelShape, lora_params, shape_from_config
 from distill.plan.timing import baseline_rss, torch_threads
 from distill.recipe import Recipe
+from distill.runtime import process_rank
 from distill.stages import facts
 from distill.stages.data import recipe_examples, recipe_prompts
 from distill.stages.facts import model_source, run_files, teacher_tokenizer, uses_teacher_cache
@@ -89,11 +91,12 @@ def step_flops(recipe: Recipe, teacher: ModelShape, student: ModelShape, batch: 
 # ---------------------------------------------------------------- the batches the trainer will see
 
 
-def batch_stats(recipe: Recipe, tokenizer) -> BatchStats:
-    """Shapes of the micro-batches the trainer draws (its own stateless batch order over the examples)."""
+def batch_stats(recipe: Recipe, tokenizer, processes: int = 1) -> BatchStats:
+    """Shapes of the micro-batches the trainer draws (its own stateless batch order over the examples); with
+    several processes, of one rank's share of each (train.batch_size is the micro-batch of all of them)."""
     lengths, examples, source = _example_lengths(recipe, tokenizer)
     t = recipe.train
-    return sample_batches(lengths, examples, source, t.batch_size, t.steps * t.grad_accum, recipe.seed)
+    return sample_batches(lengths, examples, source, t.batch_size, t.steps * t.grad_accum, recipe.seed, processes)
 
 
 def _example_lengths(recipe: Recipe, tokenizer) -> tuple[list[tuple[int, int]], int, str]:
@@ -152,8 +155,19 @@ def _prompt_lengths(recipe: Recipe, tokenizer) -> list[tuple[int, int]]:
 # ---------------------------------------------------------------- the plan
 
 
-def plan_recipe(recipe: Recipe) -> Plan:
-    """Predict the cost of training `recipe` on this machine; reads configs and data, loads no weights."""
+def processes_from_environment() -> int:
+    """The process count torchrun or accelerate launch set (WORLD_SIZE), else 1."""
+    return process_rank()[1]
+
+
+def plan_recipe(recipe: Recipe, processes: Optional[int] = None) -> Plan:
+    """Predict the cost of training `recipe` on this machine; reads configs and data, loads no weights.
+
+    With `processes` > 1 (default: WORLD_SIZE, else 1) it adds one rank's memory under DDP, FSDP and ZeRO-3.
+    """
+    processes = processes_from_environment() if processes is None else processes
+    if processes < 1:
+        raise DistillError(f"--processes {processes}: needs at least 1 process")
     t = recipe.train
     device, dtype, teacher_dtype = facts.device(recipe), facts.compute_dtype(recipe), facts.teacher_dtype(recipe)
     teacher = shape_from_config(model_config(recipe, recipe.teacher))
@@ -169,12 +183,18 @@ def plan_recipe(recipe: Recipe) -> Plan:
         seconds, rates = seconds_by_part(setup, teacher, student, batch, dtype, teacher_dtype, threads)
     memory, phase, naive, naive_peak, chunked = memory_at_peak(
         setup, teacher, student, batch, trainable, baseline, teacher_dtype)
+    rank_batch = batch_stats(recipe, tokenizer, processes) if processes > 1 else None
+    per_rank, per_rank_phase = {}, {}
+    for strategy in STRATEGIES if rank_batch is not None else ():
+        per_rank[strategy], per_rank_phase[strategy], *_ = memory_at_peak(
+            setup, teacher, student, rank_batch, trainable, baseline, teacher_dtype, Sharding(strategy, processes))
     return Plan(
         teacher=teacher, student=student, teacher_params=teacher.params, student_params=student.params,
         trainable_params=trainable, teacher_online=setup.teacher_online, lora=lora is not None, batch=batch,
         grad_accum=t.grad_accum, steps=t.steps, flops=flops, memory=memory, peak_phase=phase,
         naive_logits_bytes=naive, naive_loss_peak_bytes=naive_peak, chunked_loss_peak_bytes=chunked,
         seconds=seconds, rates=rates, device=str(device), threads=threads, notes=_notes(recipe, device),
+        processes=processes, rank_batch=rank_batch, per_rank=per_rank, per_rank_phase=per_rank_phase,
     )
 
 

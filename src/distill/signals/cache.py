@@ -132,17 +132,18 @@ class TopKCacheWriter:
     """Writes a cache shard by shard; a shard is on disk whole or not at all, so a killed capture resumes.
 
     `add(index, example_hash, rows, labels)` takes examples in index order (from capture, or later from
-    generation) and writes each shard as soon as its last example arrives.
+    generation) and writes each shard as soon as its last example arrives. Of several processes writing one
+    cache's shards, only the `owner` writes the header and clears temporaries; the others check the header.
     """
 
-    def __init__(self, path: Path, header: CacheHeader):
+    def __init__(self, path: Path, header: CacheHeader, owner: bool = True):
         self.path, self.header, self.codec = Path(path), header, header.codec
-        self._check_or_write_header()
-        # Shards a killed capture was writing; teacher.cache may be shared, so a temporary still changing is kept.
-        remove_stale_temporaries(self.path, idle_s=SHARED_IDLE_S)
+        self._check_or_write_header(owner)
+        if owner:  # shards a killed capture was writing; teacher.cache may be shared, so one still changing is kept
+            remove_stale_temporaries(self.path, idle_s=SHARED_IDLE_S)
         self._pending: list[tuple[int, str, TopKRows, np.ndarray]] = []
 
-    def _check_or_write_header(self) -> None:
+    def _check_or_write_header(self, write: bool) -> None:
         file = self.path / HEADER
         if file.is_file():
             existing = read_header(self.path).to_json()
@@ -153,13 +154,14 @@ class TopKCacheWriter:
                         f"({existing.get(key)!r}, now {value!r}); delete it or set another teacher.cache"
                     )
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(file, self.header.to_json())
+        if write:
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(file, self.header.to_json())
 
-    def complete_shards(self) -> set[int]:
-        """Shards already on disk and intact (a damaged one is captured again)."""
+    def complete_shards(self, shards: Optional[Sequence[int]] = None) -> set[int]:
+        """Of `shards` (default: all), those already on disk and intact (a damaged one is captured again)."""
         done = set()
-        for shard in range(self.header.n_shards):
+        for shard in range(self.header.n_shards) if shards is None else shards:
             try:
                 _read_shard_index(self.path / shard_name(shard), self.header, shard)
                 done.add(shard)

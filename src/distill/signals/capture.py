@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,6 +21,7 @@ from distill.data.tokenize import collate, padding_id
 from distill.errors import DistillError
 from distill.losses.divergences import log_probs
 from distill.models import decoder_hidden_states, output_head
+from distill.runtime import barrier, gather_from_ranks
 from distill.signals.cache import CacheHeader, TopKCacheWriter, dataset_hash, example_hash, trained_positions
 from distill.signals.encoding import TopKRows
 from distill.signals.from_generation import FROM_GENERATION, kept_vocab_size, reused_rows
@@ -43,6 +44,7 @@ class CaptureStats:
     bytes: int  # of all shards
     reused: int = 0  # examples whose rows came from the log-probs kept at generation
     forced_reasons: dict = field(default_factory=dict)  # why kept log-probs did not fit an example -> count
+    forced: int = 0  # examples of the new shards that were teacher-forced
 
 
 def top_k_rows(hidden: torch.Tensor, head: torch.Tensor, k: int, chunk_size: int = 192) -> TopKRows:
@@ -76,13 +78,17 @@ class CaptureJob:
 def capture_cache(
     job: CaptureJob, encoded: list, tokenizer, load_teacher: Callable[[], torch.nn.Module],
     kept: dict[int, Path], device: torch.device, *, progress: bool = True,
-    stop_after_shards: Optional[int] = None,
+    stop_after_shards: Optional[int] = None, ranks: tuple[int, int] = (0, 1),
 ) -> CaptureStats:
     """Write (or complete) a teacher cache over `encoded`; `stop_after_shards` ends early, as a kill would.
 
     `kept` maps example indices to the top-k log-probs kept at generation: examples whose token ids check take
     their rows from there; the rest are teacher-forced, and `load_teacher` is called only if any are.
+    With ranks = (rank, world) of several processes, rank r writes shards r, r + world, ... (each shard's bytes
+    depend on its examples alone, so the cache equals one process's); rank 0 writes the header first, and all
+    return the stats of all of them once every shard is written.
     """
+    rank, world = ranks
     began = time.perf_counter()
     hashes = [example_hash(e.input_ids, e.labels) for e in encoded]
     teacher = _Teacher(load_teacher)
@@ -99,13 +105,16 @@ def capture_cache(
         compressor="lzma2", dataset=dataset_hash(hashes), n_examples=len(encoded),
         shard_examples=job.shard_examples, teacher_files=job.teacher_files,
     )
-    writer = TopKCacheWriter(job.path, header)
-    done = writer.complete_shards()
-    todo = [s for s in range(header.n_shards) if s not in done][:stop_after_shards]
+    writer = TopKCacheWriter(job.path, header, owner=rank == 0)  # every rank refuses a mismatched header alike
+    if world > 1:
+        barrier()  # the header is on disk before any shard
+    mine = range(rank, header.n_shards, world)
+    done = writer.complete_shards(mine)
+    todo = [s for s in mine if s not in done][:stop_after_shards]
     total = sum(len(trained_positions(encoded[i].labels)) for s in todo for i in header.shard_range(s))
     pad_id = padding_id(tokenizer)
     loop_began = time.perf_counter()
-    bar = tqdm(total=total, unit="tok", desc="capture", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, unit="tok", desc="capture", disable=not progress or rank != 0, dynamic_ncols=True)
     forced_reasons: dict[str, int] = {}
     reused = 0
     for shard in todo:
@@ -128,16 +137,37 @@ def capture_cache(
     bar.close()
     stats = CaptureStats(path=job.path, examples=len(encoded), positions=total, new_shards=len(todo),
                          skipped_shards=len(done), seconds=time.perf_counter() - began,
-                         capture_seconds=time.perf_counter() - loop_began,
-                         bytes=sum(p.stat().st_size for p in job.path.glob("shard_*.bin")),
-                         reused=reused, forced_reasons=forced_reasons)
-    log.info("capture: %d new shard(s), %d already there, %d positions, %.0f s -> %s (%.1f MB)",
-             stats.new_shards, stats.skipped_shards, total, stats.seconds, job.path, stats.bytes / 1e6)
-    if kept:
-        why = ", ".join(f"{n} {reason}" for reason, n in sorted(forced_reasons.items(), key=lambda kv: -kv[1]))
-        log.info("capture: %d example(s) took the log-probs kept at generation; %d teacher-forced%s", reused,
-                 sum(len(header.shard_range(s)) for s in todo) - reused, f" ({why})" if why else "")
+                         capture_seconds=time.perf_counter() - loop_began, bytes=0, reused=reused,
+                         forced_reasons=forced_reasons, forced=sum(len(header.shard_range(s)) for s in todo) - reused)
+    if world > 1:
+        stats = merge_rank_stats(gather_from_ranks(stats))  # returns once every rank's shards are on disk
+    stats.bytes = sum(p.stat().st_size for p in job.path.glob("shard_*.bin"))
+    if rank == 0:
+        _log_stats(stats, bool(kept))
     return stats
+
+
+def merge_rank_stats(parts: list[CaptureStats]) -> CaptureStats:
+    """The stats of one capture split over several processes: counts add up, the times are the slowest's."""
+    merged = replace(parts[0], forced_reasons={})
+    for name in ("positions", "new_shards", "skipped_shards", "reused", "forced"):
+        setattr(merged, name, sum(getattr(part, name) for part in parts))
+    merged.seconds = max(part.seconds for part in parts)
+    merged.capture_seconds = max(part.capture_seconds for part in parts)
+    for part in parts:
+        for reason, count in part.forced_reasons.items():
+            merged.forced_reasons[reason] = merged.forced_reasons.get(reason, 0) + count
+    return merged
+
+
+def _log_stats(stats: CaptureStats, from_generation: bool) -> None:
+    log.info("capture: %d new shard(s), %d already there, %d positions, %.1f s (%.1f s capturing) -> %s (%.1f MB)",
+             stats.new_shards, stats.skipped_shards, stats.positions, stats.seconds, stats.capture_seconds, stats.path,
+             stats.bytes / 1e6)
+    if from_generation:
+        why = ", ".join(f"{n} {reason}" for reason, n in sorted(stats.forced_reasons.items(), key=lambda kv: -kv[1]))
+        log.info("capture: %d example(s) took the log-probs kept at generation; %d teacher-forced%s", stats.reused,
+                 stats.forced, f" ({why})" if why else "")
 
 
 class _Teacher:

@@ -15,7 +15,7 @@ import yaml
 
 from distill.errors import DistillError
 from distill.recipe import Recipe
-from distill.runtime import atomic_write_text, continue_alone, is_main_process, wait_for_other_processes
+from distill.runtime import atomic_write_text, barrier, continue_alone, is_main_process
 from distill.stages.cache import capture
 from distill.stages.chain import check_stages, stage_recipes, train_stages
 from distill.stages.data import recipe_examples
@@ -76,7 +76,7 @@ def prepare_run_dir(recipe: Recipe, *, restart: bool = False) -> Path:
             for directory in checkpoints:
                 shutil.rmtree(directory, ignore_errors=True)
         atomic_write_text(files.recipe, recipe.dump())
-    wait_for_other_processes()
+    barrier()
     return files.root
 
 
@@ -88,7 +88,7 @@ def run(recipe: Recipe, *, restart: bool = False, progress: bool = True) -> dict
     generate(recipe, progress=progress)
     if is_main_process():  # under torchrun, rank 0 writes what every process then reads
         filter_data(recipe)
-    wait_for_other_processes()
+    barrier()
     recipe_examples(recipe)  # a malformed data file fails here, before any model is built or trained
     train_stages(recipe, progress=progress)  # per stage: its teacher cache, student and pairs, then training
     continue_alone()

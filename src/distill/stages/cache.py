@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Optional
 
 from distill.recipe import Recipe
+from distill.runtime import process_rank
 from distill.signals.capture import SHARD_EXAMPLES, CaptureJob, CaptureStats, capture_cache
 from distill.signals.from_generation import kept_topk_files
 from distill.stages.data import training_set
@@ -26,7 +27,8 @@ def capture(
     """Write (or complete) the recipe's teacher cache (teacher.cache, or <run>/teacher_cache; `out` overrides).
 
     Answers whose top-k log-probs were kept at generation reuse them; the teacher is loaded only for the rest.
-    `stop_after_shards` ends early, as a kill would.
+    `stop_after_shards` ends early, as a kill would. Under torchrun or accelerate launch the processes share the
+    shards out and every one returns the stats of all of them.
     """
     tokenizer = teacher_tokenizer(recipe)
     encoded = training_set(recipe, tokenizer).encoded
@@ -38,4 +40,5 @@ def capture(
     )
     teacher_data = run_files(recipe).teacher_data if recipe.data.prompts is not None else None
     return capture_cache(job, encoded, tokenizer, lambda: load_teacher(recipe), kept_topk_files(teacher_data, encoded),
-                         device(recipe), progress=progress, stop_after_shards=stop_after_shards)
+                         device(recipe), progress=progress, stop_after_shards=stop_after_shards,
+                         ranks=process_rank())

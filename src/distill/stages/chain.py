@@ -11,7 +11,7 @@ from typing import Optional
 
 from distill.errors import DistillError
 from distill.recipe import Recipe, StageRecipe
-from distill.runtime import is_main_process, wait_for_other_processes
+from distill.runtime import barrier, is_main_process
 from distill.stages.cache import capture
 from distill.stages.data import recipe_examples
 from distill.stages.facts import uses_teacher_cache
@@ -50,7 +50,7 @@ def prepare_stage(stage: Recipe, *, progress: bool = True) -> None:
         generate(stage, progress=progress)
         if is_main_process():  # under torchrun, rank 0 writes what every process then reads
             filter_data(stage)
-        wait_for_other_processes()
+        barrier()
         recipe_examples(stage)  # a malformed data file fails here, before any model is built or trained
     if uses_teacher_cache(stage):  # resumable: done shards are kept
         capture(stage, progress=progress)
@@ -59,7 +59,7 @@ def prepare_stage(stage: Recipe, *, progress: bool = True) -> None:
             build_student(stage)
         if stage.method.kind == "dpo":  # resumable: built pairs are kept
             build_pairs(stage, progress=progress)
-    wait_for_other_processes()
+    barrier()
 
 
 def train_stages(recipe: Recipe, *, progress: bool = True, stop_after: Optional[int] = None

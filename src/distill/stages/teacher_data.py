@@ -9,6 +9,7 @@ from distill.data.filters import FilterResult, filter_to_file, format_filter_rep
 from distill.data.teacher_records import latest_records
 from distill.errors import DistillError
 from distill.recipe import Recipe
+from distill.runtime import is_main_process, process_rank
 from distill.stages.data import generation_settings, planned_ids, teacher_assignments
 from distill.stages.facts import captures_at_generation, judge_backend, run_files, teacher_backend
 from distill.teachers.backend import SamplingParams, TeacherBackend, as_judge
@@ -22,9 +23,13 @@ def generate(recipe: Recipe, *, progress: bool = True):
     if recipe.data.prompts is None:
         log.info("generate: no data.prompts in the recipe; nothing to do")
         return None
+    ranks = process_rank()
+    assignments = teacher_assignments(recipe)
+    if ranks[1] > 1:
+        _check_data_parallel(recipe, [spec for spec, _ in assignments], ranks[1])
     params, reasoning = generation_settings(recipe)
     out, all_stats = run_files(recipe).teacher_data, []
-    for spec, prompts in teacher_assignments(recipe):
+    for spec, prompts in assignments:
         # Only the recipe's own teacher's log-probs belong in its cache; other teachers' answers are teacher-forced.
         keep = recipe.teacher.cache_k if spec is recipe.teacher and captures_at_generation(recipe) else 0
         backend = LazyBackend(spec.model, lambda spec=spec, keep=keep: teacher_backend(
@@ -34,13 +39,23 @@ def generate(recipe: Recipe, *, progress: bool = True):
             params=replace(params, top_logprobs=keep), samples=recipe.generate.samples,
             system_prompt=recipe.data.system_prompt, reasoning=reasoning,
             shard_records=recipe.generate.shard_records, progress=progress,
-            on_long_prompt=recipe.data.on_error,
+            on_long_prompt=recipe.data.on_error, ranks=ranks,
         )
-        _log_stats(spec.model, stats, out)
+        if is_main_process():  # every rank holds the stats of all of them
+            _log_stats(spec.model, stats, out)
         all_stats.append(stats)
     for stats in all_stats:  # the failures are on disk as `failed` records: a re-run retries them
         raise_if_all_failed(stats)
     return all_stats[0] if len(all_stats) == 1 else all_stats
+
+
+def _check_data_parallel(recipe: Recipe, teachers: list, world: int) -> None:
+    """Refuse what several processes cannot share; every rank raises the same error before any waits for another."""
+    for spec in teachers:
+        if getattr(spec, "engine", "transformers") == "vllm":
+            raise DistillError(f"teacher.engine: vllm spreads {spec.model} over the GPUs itself (tensor "
+                               f"parallel); run `distill generate` as one process, not as {world} (torchrun, "
+                               "accelerate launch)")
 
 
 def _log_stats(teacher: str, stats: GenerationStats, out) -> None:

@@ -29,6 +29,7 @@ from distill.data.teacher_records import (
     write_topk,
 )
 from distill.errors import DistillError
+from distill.runtime import barrier, gather_from_ranks
 from distill.teachers.backend import Completion, Failure, Result, SamplingParams, TeacherBackend
 
 log = logging.getLogger("distill")
@@ -182,25 +183,34 @@ def generate_responses(
     shard_records: int = 5000,
     progress: bool = True,
     on_long_prompt: str = "skip",
+    ranks: tuple[int, int] = (0, 1),
 ) -> GenerationStats:
     """Answer the (prompt, sample) pairs not yet answered in data_dir; killing and re-running loses nothing.
 
     Prompts longer than the prompt limit (params.max_prompt_tokens, else the teacher's context less
     max_new_tokens) are skipped and counted, or refused with one error when on_long_prompt is "stop".
+    With ranks = (rank, world) of several processes, each answers every world-th batch of the one-process plan
+    (the same batches, so the same answers) into its own shards; all return the stats of all of them.
     """
     params, reasoning = params or SamplingParams(), reasoning or Reasoning()
+    rank, world = ranks
     requests = plan_requests(prompts, backend.name, params, samples, system_prompt, reasoning)
     existing = latest_records(data_dir)
     todo = [r for r in requests if existing.get(r.id, {}).get("status") != "ok"]
     stats = GenerationStats(teacher=backend.name, skipped_existing=len(requests) - len(todo))
-    # Counting prompt tokens needs the teacher (its tokenizer): only when something is left to answer.
+    # Counting prompt tokens needs the teacher (its tokenizer): only when something is left to answer. Every rank
+    # counts every prompt, so a prompt refused as too long stops all of them with the same error.
     fitting, lengths = _within_prompt_limit(backend, todo, params, on_long_prompt, stats) if todo else (todo, {})
-    stats.retried = sum(r.id in existing for r in fitting)
-    writer = ShardWriter(data_dir, shard_records)
-    bar = tqdm(total=len(requests) - len(todo) + len(fitting), initial=stats.skipped_existing,
-               desc=f"teacher answers ({backend.name})", unit="answer", disable=not progress)
+    batches = list(_chunks(fitting, backend.batch_size, lengths))[rank::world] if fitting else []
+    stats.retried = sum(r.id in existing for _, chunk in batches for r in chunk)
+    writer = ShardWriter(data_dir, shard_records, rank if world > 1 else None)
+    if world > 1:  # no rank appends a line before every rank has read the shards (reading cuts a partial line)
+        barrier()
+    bar = tqdm(total=stats.skipped_existing + sum(len(chunk) for _, chunk in batches),
+               initial=stats.skipped_existing, desc=f"teacher answers ({backend.name})", unit="answer",
+               disable=not progress or rank != 0)
     start = time.perf_counter()
-    for sample, chunk in _chunks(fitting, backend.batch_size, lengths) if fitting else ():
+    for sample, chunk in batches:
         results = backend.generate([r.conversation for r in chunk], _sample_params(params, sample))
         if len(results) != len(chunk):
             raise DistillError(f"teacher {backend.name}: {len(results)} results for {len(chunk)} requests")
@@ -219,7 +229,19 @@ def generate_responses(
                         tok_per_s=f"{stats.new_tokens / max(stats.seconds, 1e-9):.1f}")
     bar.close()
     stats.seconds = time.perf_counter() - start
-    return stats
+    return merge_rank_stats(gather_from_ranks(stats)) if world > 1 else stats
+
+
+def merge_rank_stats(parts: list[GenerationStats]) -> GenerationStats:
+    """The stats of one generation split over several processes: counts add up, the time is the slowest's."""
+    merged = replace(parts[0], errors={})  # what every rank decided alike: skipped_existing, too_long
+    for name in ("done", "failed", "retried", "prompt_tokens", "new_tokens", "empty", "topk"):
+        setattr(merged, name, sum(getattr(part, name) for part in parts))
+    merged.seconds = max(part.seconds for part in parts)
+    for part in parts:
+        for error, count in part.errors.items():
+            merged.errors[error] = merged.errors.get(error, 0) + count
+    return merged
 
 
 def raise_if_all_failed(stats: GenerationStats) -> None:
