@@ -144,14 +144,20 @@ def test_across_tokenizers_per_token_ratios_are_absent_and_quality_takes_bits_pe
 # ---------------------------------------------------------------- the eval stage
 
 
-def test_eval_stage_across_tokenizers_on_the_fixture_pair(tmp_path, tiny_teacher_dir, sp_student_dir, pairs_jsonl):
-    raw = tiny_recipe(tmp_path / "run", tiny_teacher_dir, pairs_jsonl, method={"cross_tokenizer": "align"},
-                      eval={"measure_speed": False})
-    raw["student"] = {"model": str(sp_student_dir)}
-    raw["train"]["steps"] = 2
+def _trained_across_tokenizers(tmp_path, teacher_dir, student_dir, data, steps: int, **sections):
+    """The fixture recipe with an existing student on its own (SentencePiece) tokenizer, trained `steps` steps."""
+    raw = tiny_recipe(tmp_path / "run", teacher_dir, data, **sections)
+    raw["student"] = {"model": str(student_dir)}
+    raw["train"]["steps"] = steps
     recipe = recipe_from_dict(raw)
     stages.prepare_run_dir(recipe)
     stages.train(recipe, progress=False)
+    return recipe
+
+
+def test_eval_stage_across_tokenizers_on_the_fixture_pair(tmp_path, tiny_teacher_dir, sp_student_dir, pairs_jsonl):
+    recipe = _trained_across_tokenizers(tmp_path, tiny_teacher_dir, sp_student_dir, pairs_jsonl, steps=2,
+                                        method={"cross_tokenizer": "align"}, eval={"measure_speed": False})
     report = stages.evaluate(recipe, progress=False)
     teacher, student, meta = report["teacher"], report["student"], report["meta"]
     assert meta["tokenizer_difference"].startswith("tokenizers differ") and meta["shared_vocab"] is None
@@ -177,13 +183,8 @@ def test_eval_across_tokenizers_without_offsets_reports_agreement_absent(tmp_pat
     from distill.stages import cross_tokenizer
 
     monkeypatch.setattr(cross_tokenizer, "has_offsets", lambda tok: tok.convert_ids_to_tokens(0) != "<unk>")
-    raw = tiny_recipe(tmp_path / "run", tiny_teacher_dir, pairs_jsonl, eval={"measure_speed": False,
-                                                                              "calibration": False})
-    raw["student"] = {"model": str(sp_student_dir)}
-    raw["train"]["steps"] = 1
-    recipe = recipe_from_dict(raw)
-    stages.prepare_run_dir(recipe)
-    stages.train(recipe, progress=False)
+    recipe = _trained_across_tokenizers(tmp_path, tiny_teacher_dir, sp_student_dir, pairs_jsonl, steps=1,
+                                        eval={"measure_speed": False, "calibration": False})
     report = stages.evaluate(recipe, progress=False)
     assert report["student"]["top1_agreement"] is None and report["student"]["kl_to_teacher"] is None
     assert "no character offsets" in report["absent"]["top1_agreement"]
