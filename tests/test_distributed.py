@@ -162,3 +162,14 @@ def test_distill_run_on_two_processes_trains_together_and_evaluates_once(tmp_pat
     assert report["student"]["perplexity"] > 0
     log_text = (tmp_path / "run" / "log.txt").read_text()
     assert log_text.count("student saved to") == 1 and done.stdout.count("report: ") == 1
+
+
+def test_each_process_of_a_launch_takes_its_own_gpu(monkeypatch):
+    from distill.runtime import resolve_device
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)  # an explicit index is the user's choice
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device("cuda") == torch.device("cuda")

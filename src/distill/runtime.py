@@ -29,10 +29,13 @@ SHARED_IDLE_S = 600.0
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
-    """`auto` picks CUDA when present, else CPU."""
+    """`auto` picks CUDA when present, else CPU; under torchrun a bare `cuda` is this process's GPU (LOCAL_RANK)."""
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(spec)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
 
 
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
