@@ -67,6 +67,21 @@ def test_parameter_counts_of_the_fixture_teacher_and_a_recipe_student(tmp_path, 
     assert student_shape(recipe, teacher_shape).params == count_params(student)
 
 
+def test_a_student_on_its_own_tokenizer_is_planned_with_its_vocabulary(tmp_path, tiny_teacher_dir, sp_tokenizer_dir,
+                                                                       pairs_jsonl):
+    from distill.stages.student import initial_student
+    from distill.stages.facts import teacher_tokenizer
+
+    spec = tiny_recipe(tmp_path / "run", tiny_teacher_dir, pairs_jsonl)
+    spec["student"]["tokenizer"] = str(sp_tokenizer_dir)
+    recipe = recipe_from_dict(spec)
+    teacher = load_model(str(tiny_teacher_dir))
+    built = initial_student(recipe, teacher, teacher_tokenizer(recipe))
+    shape = student_shape(recipe, shape_from_config(teacher.config))
+    assert shape.vocab == len(AutoTokenizer.from_pretrained(sp_tokenizer_dir)) != teacher.config.vocab_size
+    assert shape.params == count_params(built)
+
+
 def test_stories260k_parameter_count():
     model = load_model(str(require_shared(STORIES260K)))
     assert shape_from_config(model.config).params == count_params(model) == 260_032

@@ -16,7 +16,7 @@ from transformers import AutoConfig, PretrainedConfig
 from distill.data.examples import read_examples
 from distill.data.tokenize import IGNORE, encode_example
 from distill.errors import DistillError
-from distill.models.loading import gguf_cache_dir
+from distill.models.loading import gguf_cache_dir, load_tokenizer
 from distill.models.prune import validate_width
 from distill.models.student import default_intermediate_size
 from distill.plan.batches import BatchStats, sample_batches
@@ -62,11 +62,13 @@ def student_shape(recipe: Recipe, teacher: ModelShape) -> ModelShape:
         return replace(teacher, layers=layers, hidden=width["hidden_size"], heads=width["num_heads"],
                        kv_heads=width["num_kv_heads"], intermediate=width["intermediate_size"])
     config = spec.config or preset_config(spec.preset)
+    # A new student on a tokenizer of its own has a row per token of it (distill.models.student.build_student).
+    vocab = teacher.vocab if spec.tokenizer is None else len(load_tokenizer(facts.model_ref(recipe, spec.tokenizer)))
     return ModelShape(  # distill.models.student.student_llama_config
         layers=config.num_layers, hidden=config.hidden_size, heads=config.num_heads,
         kv_heads=config.num_kv_heads or config.num_heads, head_dim=config.hidden_size // config.num_heads,
         intermediate=config.intermediate_size or default_intermediate_size(config.hidden_size),
-        vocab=teacher.vocab, tied=config.tie_embeddings,
+        vocab=vocab, tied=config.tie_embeddings,
     )
 
 
