@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -28,16 +27,10 @@ DISTILL = shutil.which("distill") or str(Path(sys.executable).with_name("distill
 TIMEOUT_S = 180  # a hung rank fails the test instead of the suite
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node N ARGS` with one thread per process, as a user launches it on a CPU machine."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [TORCHRUN, "--nproc_per_node", str(processes), "--master_port", str(_free_port()), *args]
+    command = [TORCHRUN, "--standalone", "--nproc_per_node", str(processes), *args]  # a free port of its own
     return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
 
 

@@ -18,7 +18,7 @@ from distill.recipe import recipe_from_dict
 from distill.report.html import curve_series, write_report
 from distill.report.compare import load_run
 from distill.report.table import format_table
-from distill.stages import build_pairs, evaluate, generate, prepare_run_dir, stage_recipes, train, train_stages
+from distill.stages import build_pairs, generate, prepare_run_dir, stage_recipes, train, train_stages
 from distill.stages.pairs import weights_fingerprint
 
 # ---------------------------------------------------------------- the recipe

@@ -19,7 +19,7 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from distill.errors import DistillError
-from distill.runtime import process_rank
+from distill.runtime import barrier, process_rank
 
 T = TypeVar("T")
 
@@ -149,8 +149,7 @@ class Ranks:
 
     def wait(self) -> None:
         """Every rank waits here for the others (after rank 0 writes what they read next)."""
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
+        barrier()
 
 
 @contextmanager
