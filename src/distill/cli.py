@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -413,11 +414,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leave_process_group() -> None:
+    """Under torchrun every rank leaves the process group together, so none exits while gloo is still tearing down."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        from distill.runtime import continue_alone
+
+        if dist.is_initialized():
+            continue_alone()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `distill` console script."""
     args = _parser().parse_args(argv)
     try:
         args.handle(args)
+        _leave_process_group()
     except DistillError as err:
         if args.debug:
             raise
