@@ -13,27 +13,24 @@ every position of every sequence counts for agreement and KL, every next token f
 - GGUF files are checked by `verify_gguf` (transformers loads them back, dequantized to float): ppl, agreement,
   KL, and how many of its greedy answers match the source's. With --llama-python (a python where `llama_cpp`
   imports, e.g. a venv with llama-cpp-python) each file also runs in llama.cpp itself (--threads, n_ctx 512,
-  its default f16 KV cache): decode tokens/s (same prompt ids, best of --rounds), llama.cpp's own perplexity and
+  its default f16 KV cache): decode tokens/s (same prompt ids, median of --rounds after a warm-up), llama.cpp's own perplexity and
   top-1 agreement with fp32, and on how many paragraphs llama.cpp's tokenization equals the source tokenizer's.
 - Threads: torch and llama.cpp both use --threads. Their OpenMP threads spin while they wait for each other, so
   on a CPU busy with other work, more threads than idle cores makes decoding erratic (llama.cpp on 2 busy
   cores: 2 to 1,300 tokens/s for the same file); use --threads 1 there. OMP_WAIT_POLICY=PASSIVE avoids the
   collapse but costs 1.5-5x on an idle machine. The header line gives the load average to judge by.
 
-The same file is the llama.cpp worker: `python bench_export.py --llama-worker < request.json` (run by that other
-python) needs only the standard library, numpy and llama_cpp; see `llama_worker`.
+llama.cpp runs through distill.eval.llama_runtime (its worker, src/distill/eval/llama_worker.py, needs only the
+standard library, numpy and llama_cpp in that other python).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,102 +39,7 @@ TINYSTORIES = REPO.parent / "shared" / "data" / "tinystories" / "tinystories_val
 GENERAL_TEXT = REPO / "src" / "distill" / "eval" / "data" / "general.txt"
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 EVAL_MAX_TOKENS = 256
-LLAMA_THREADS, LLAMA_CTX = 2, 512
-
-
-# ---------------------------------------------------------------------------------------------- llama.cpp worker
-# Runs under the --llama-python interpreter: standard library, numpy and llama_cpp only.
-
-
-def llama_worker(request: dict) -> list:
-    """Load request["gguf"] in llama.cpp and answer each of request["tasks"] in order.
-
-    Request: "gguf", "n_threads", "n_ctx", "kv_f32" (an f32 KV cache instead of llama.cpp's default f16), "tasks".
-
-    Tasks: {"kind": "info"} -> vocab and embedding sizes, training context and the file's metadata (strings);
-    {"kind": "tokenize", "texts"} -> ids per text (the file's own bos/eos rule, special tokens parsed);
-    {"kind": "greedy", "prompts", "new_tokens"} -> greedy token ids after each prompt (ids), never stopping early;
-    {"kind": "logits", "sequences", "out"} -> writes every position's logits to out (.npz, arr_0, ...);
-    {"kind": "nll", "sequences"} -> per sequence the summed next-token NLL, its count and each position's argmax;
-    {"kind": "speed", "prompt", "new_tokens", "rounds"} -> best decode tokens/s over rounds.
-    """
-    from llama_cpp import Llama
-
-    threads, n_ctx = request.get("n_threads", LLAMA_THREADS), request.get("n_ctx", LLAMA_CTX)
-    # llama.cpp keeps its KV cache in f16 by default; "kv_f32" asks for f32, to compare logits with a float model
-    kv_type = {"type_k": 0, "type_v": 0} if request.get("kv_f32") else {}  # 0 is GGML_TYPE_F32
-    models: dict[bool, Any] = {}
-
-    def model(all_logits: bool) -> Any:
-        if all_logits not in models:
-            models[all_logits] = Llama(request["gguf"], n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                                       logits_all=all_logits, verbose=False, **kv_type)
-        return models[all_logits]
-
-    handlers = {
-        "info": lambda t: {"n_vocab": model(False).n_vocab(), "n_embd": model(False).n_embd(),
-                           "n_ctx_train": model(False)._model.n_ctx_train(), "metadata": model(False).metadata},
-        "tokenize": lambda t: [model(False).tokenize(text.encode(), add_bos=True, special=True)
-                               for text in t["texts"]],
-        "greedy": lambda t: [_greedy(model(False), prompt, t["new_tokens"])[0] for prompt in t["prompts"]],
-        "logits": lambda t: _save_logits(model(True), t["sequences"], t["out"]),
-        "nll": lambda t: [_nll(model(True), ids) for ids in t["sequences"]],
-        "speed": lambda t: max(_decode_speed(model(False), t["prompt"], t["new_tokens"])
-                               for _ in range(t.get("rounds", 3))),
-    }
-    return [handlers[task["kind"]](task) for task in request["tasks"]]
-
-
-def _greedy(llm: Any, prompt: list[int], new_tokens: int) -> tuple[list[int], float]:
-    """new_tokens greedy ids after prompt, and the seconds spent on all but the first (one decode step each)."""
-    llm.reset()  # no reuse of a cached prefix: every call pays its prefill
-    tokens, started = [], 0.0
-    for token in llm.generate(prompt, temp=0.0, repeat_penalty=1.0):
-        tokens.append(int(token))
-        if len(tokens) == 1:
-            started = time.perf_counter()
-        if len(tokens) == new_tokens + 1:
-            break
-    return tokens[:new_tokens], time.perf_counter() - started
-
-
-def _decode_speed(llm: Any, prompt: list[int], new_tokens: int) -> float:
-    # one extra token: the first comes out of the prefill, the next new_tokens each cost one decode step
-    tokens, seconds = _greedy(llm, prompt, new_tokens + 1)
-    return new_tokens / seconds
-
-
-def _logits(llm: Any, ids: list[int]) -> Any:
-    llm.reset()
-    llm.eval(ids)
-    return llm.scores[:len(ids)].copy()
-
-
-def _save_logits(llm: Any, sequences: list[list[int]], out: str) -> str:
-    import numpy as np
-
-    np.savez(out, *[_logits(llm, ids) for ids in sequences])
-    return out
-
-
-def _nll(llm: Any, ids: list[int]) -> dict:
-    import numpy as np
-
-    logits = _logits(llm, ids).astype(np.float64)
-    log_probs = logits - logits.max(-1, keepdims=True)
-    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
-    nll = -log_probs[np.arange(len(ids) - 1), ids[1:]].sum()
-    return {"nll": float(nll), "targets": len(ids) - 1, "argmax": logits.argmax(-1).tolist()}
-
-
-def run_llama(python: str, gguf: Path, tasks: list[dict], kv_f32: bool = False, threads: int = LLAMA_THREADS) -> list:
-    """Run llama_worker on gguf under another python (one where llama_cpp imports); its answers in task order."""
-    request = {"gguf": str(gguf), "n_threads": threads, "n_ctx": LLAMA_CTX, "kv_f32": kv_f32, "tasks": tasks}
-    done = subprocess.run([python, str(Path(__file__).resolve()), "--llama-worker"], input=json.dumps(request),
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"llama.cpp worker ({python}) failed on {gguf.name}:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout)
+LLAMA_THREADS = 2
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -146,14 +48,6 @@ def run_llama(python: str, gguf: Path, tasks: list[dict], kv_f32: bool = False, 
 def read_texts(path: Path, count: int) -> list[str]:
     paragraphs = [p.strip() for p in path.read_text().split("\n\n") if p.strip()]
     return paragraphs[:count]
-
-
-def speed_prompt(tokenizer: Any, prompt_tokens: int) -> list[int]:
-    """The prompt ids distill's decode_speed uses (its fixed passage, tiled), for llama.cpp to decode after."""
-    from distill.eval.metrics import SPEED_TEXT
-
-    ids = tokenizer(SPEED_TEXT, add_special_tokens=False)["input_ids"]
-    return (ids * (prompt_tokens // len(ids) + 1))[:prompt_tokens]
 
 
 def torch_rows(model_dir: Path, work: Path, texts: list[str], sequences: list[list[int]], group_size: int,
@@ -187,6 +81,8 @@ def gguf_rows(model_dir: Path, work: Path, sequences: list[list[int]], texts: li
     """GGUF rows: verify_gguf's transformers load-back, and llama.cpp itself when llama_python is given."""
     import torch
 
+    from distill.eval.llama_runtime import run_llama
+    from distill.eval.metrics import speed_prompt_ids
     from distill.export.gguf import export_gguf, verify_gguf
     from distill.export.quantize import SPEED_NEW_TOKENS, SPEED_PROMPT_TOKENS
     from distill.models import load_model
@@ -204,11 +100,11 @@ def gguf_rows(model_dir: Path, work: Path, sequences: list[list[int]], texts: li
                "greedy": f"{check['greedy']['same']}/{check['greedy']['prompts']}"}
         if llama_python:
             tasks = [{"kind": "tokenize", "texts": texts}, {"kind": "nll", "sequences": sequences},
-                     {"kind": "speed", "prompt": speed_prompt(tokenizer, SPEED_PROMPT_TOKENS),
-                      "new_tokens": SPEED_NEW_TOKENS, "rounds": rounds}]
+                     {"kind": "speed", "prompt": speed_prompt_ids(tokenizer, SPEED_PROMPT_TOKENS),
+                      "new_tokens": SPEED_NEW_TOKENS, "repeats": rounds}]
             tokenized, nll, speed = run_llama(llama_python, path, tasks, threads=threads)
             hf_ids = [tokenizer(text)["input_ids"] for text in texts]
-            row.update(tokens_per_s=speed, llama_ppl=_perplexity(nll),
+            row.update(tokens_per_s=speed["decode_tokens_per_s"], llama_ppl=_perplexity(nll),
                        llama_top1=_agreement([r["argmax"] for r in nll], source_argmax),
                        tokenizer=f"{sum(a == b for a, b in zip(tokenized, hf_ids))}/{len(texts)}")
         rows.append(row)
@@ -268,11 +164,7 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size")
     parser.add_argument("--rounds", type=int, default=3, help="decode-speed rounds (each model keeps its best)")
     parser.add_argument("--threads", type=int, default=LLAMA_THREADS, help="CPU threads of torch and llama.cpp")
-    parser.add_argument("--llama-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.llama_worker:
-        json.dump(llama_worker(json.load(sys.stdin)), sys.stdout)
-        return
     if args.model is None:
         parser.error("--model is required")
     bench(args)

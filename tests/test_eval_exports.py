@@ -46,6 +46,7 @@ def evaluated(tmp_path_factory, tiny_teacher_dir):
     stages.train(recipe, progress=False)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("DISTILL_CACHE", str(base / "cache"))  # the dequantized GGUF copy stays out of ~/.cache
+        env.setenv("DISTILL_LLAMA_PYTHON", str(base / "no-python"))  # no llama.cpp, even where it is installed
         written = {"gguf-f32": export_model(recipe.run_dir, None, "gguf", "f32", verify=False)}
         for quant in QUANTS:
             written[f"hf-{quant}"] = export_model(recipe.run_dir, None, "hf", quant)
@@ -87,6 +88,7 @@ def test_eval_measures_every_export(evaluated):
     gguf = exports["gguf-f32"]
     assert (gguf["format"], gguf["quant"], gguf["path"]) == ("gguf", "f32", "exports/gguf-f32/model-f32.gguf")
     assert gguf["decode_tokens_per_s"] is None and "llama.cpp" in gguf["speed_not_measured"]
+    assert "DISTILL_LLAMA_PYTHON" in gguf["speed_not_measured"]  # and why llama.cpp did not time it
 
 
 def test_gguf_f32_scores_exactly_like_the_student(evaluated):

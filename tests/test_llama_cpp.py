@@ -1,9 +1,10 @@
 """Our GGUF files in real llama.cpp (llama-cpp-python, in a subprocess on another python).
 
-Skipped unless DISTILL_LLAMA_PYTHON names a python where `import llama_cpp` works, e.g.
-    python3 -m venv /work/lcp-venv && /work/lcp-venv/bin/pip install numpy llama-cpp-python
+Skipped unless llama-cpp-python imports here (`pip install -e ".[llama-cpp]"`) or DISTILL_LLAMA_PYTHON names a
+python where it does, e.g.
+    python3 -m venv /work/lcp-venv && /work/lcp-venv/bin/pip install numpy llama-cpp-python==0.3.36
     DISTILL_LLAMA_PYTHON=/work/lcp-venv/bin/python python -m pytest tests/test_llama_cpp.py
-llama.cpp runs through bench/bench_export.py's worker (`run_llama`), which needs only numpy and llama_cpp there.
+llama.cpp runs through distill.eval.llama_runtime.run_llama (its worker needs only numpy and llama_cpp there).
 
 Two models: stories260K (a real trained Llama, SentencePiece-style BPE) and a random 2-layer Llama on SmolLM2's
 49k byte-level BPE tokenizer, each exported as f32 and q8_0. llama.cpp must load both files, tokenize like the
@@ -19,8 +20,7 @@ Measured with llama-cpp-python 0.3.36 (AVX-512 CPU build); bounds are 2-6x above
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
+import json
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +28,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from conftest import STORIES260K, require_shared
+from conftest import STORIES260K, require_shared, tiny_recipe
+from distill import stages
+from distill.eval.llama_runtime import find_llama_python, llama_quantize, llama_speed, run_llama
+from distill.export import export_model
 from distill.export.gguf import export_gguf
+from distill.recipe import recipe_from_dict
+from distill.report.table import format_table
 
 pytestmark = pytest.mark.llama_cpp
 
@@ -49,23 +54,12 @@ F32_TOLERANCE, F32_KV_F16_TOLERANCE, Q8_0_TOLERANCE = 1e-4, 0.1, 0.75
 Q8_0_KL_BOUND = {"stories260K": 3e-3, "smollm2-vocab": 5e-3}
 
 
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_export", REPO / "bench" / "bench_export.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def llama_python() -> str:
-    """The python named by DISTILL_LLAMA_PYTHON, checked to import llama_cpp; skips the module otherwise."""
-    python = os.environ.get("DISTILL_LLAMA_PYTHON")
-    if not python:
-        pytest.skip("DISTILL_LLAMA_PYTHON is not set (a python with llama-cpp-python installed runs these)")
-    probe = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        last_line = (probe.stderr.strip().splitlines() or ["no output"])[-1]
-        pytest.skip(f"DISTILL_LLAMA_PYTHON={python}: cannot import llama_cpp ({last_line})")
+    """A python where llama_cpp imports (DISTILL_LLAMA_PYTHON, else this one); skips the module otherwise."""
+    python, why_not = find_llama_python()
+    if python is None:
+        pytest.skip(why_not)
     return python
 
 
@@ -115,10 +109,10 @@ def _run_in_llama(python: str, model_dir: Path, qtype: str, work: Path, tasks: l
                   kv_f32_tasks: list[dict]) -> tuple[Path, list, list]:
     """Export model_dir as qtype, then answer tasks in llama.cpp's default context and kv_f32_tasks with an f32
     KV cache (llama.cpp's default f16 cache rounds keys and values, which float comparisons must leave out)."""
-    run = _bench_module().run_llama
     path = export_gguf(model_dir, work / f"model-{qtype}.gguf", qtype)
     # one thread: the numbers do not depend on it, and two threads spin-wait for minutes on a busy 2-core machine
-    return path, run(python, path, tasks, threads=1), run(python, path, kv_f32_tasks, kv_f32=True, threads=1)
+    return (path, run_llama(python, path, tasks, threads=1),
+            run_llama(python, path, kv_f32_tasks, kv_f32=True, threads=1))
 
 
 def _logits_task(sequences: list[list[int]], out: Path) -> dict:
@@ -225,3 +219,108 @@ def test_llama_cpp_q8_0_logits_match_its_transformers_load_back(source, llama_q8
     print(f"{source[0]} q8_0: max |logit diff| to the load-back {diff:.3g}, KL(source || llama.cpp) {kl:.3g}")
     assert diff < Q8_0_TOLERANCE
     assert kl < Q8_0_KL_BOUND[source[0]]
+
+
+# ------------------------------------------------------------------------------------------------ K-quants
+K_SCHEMES = ("q2_k", "q3_k_m", "q4_k_s", "q4_k_m", "q5_k_m", "q6_k")
+# Our bytes equal llama.cpp's in all but a few blocks (float summation order flips near-ties between candidate
+# scales, see kquants.py; measured 0.1% (q2_k) to 3.2% (q6_k) of blocks), at the same squared error to 1e-4.
+K_BLOCK_MISMATCH_BOUND, K_ERROR_RATIO_BOUND = 0.06, 1.001
+# KL(transformers' load-back || llama.cpp) per position, measured 3e-4 (q8_0) to 9e-4 (q6_k, q4_k_m): llama.cpp also
+# rounds activations to 8 bits in quantized matmuls. (With a 0.2 init this random 8-layer net is chaotic enough to
+# amplify that rounding to KL 0.02 (q8_0) and 0.15 (K-quants), so it is built with a 0.06 init.)
+K_KL_BOUND = 0.005
+
+
+@pytest.fixture(scope="module")
+def k_model(llama_python, tmp_path_factory) -> Path:
+    """A random 8-layer Llama whose every row is a multiple of 256 (K-quant blocks everywhere), on stories260K's
+    tokenizer, so llama.cpp's per-tensor mix rules and block quantizers all come into play."""
+    tokenizer = AutoTokenizer.from_pretrained(require_shared(STORIES260K))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512,
+                         tie_word_embeddings=False, initializer_range=0.06, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("k_model")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _tensors(path: Path) -> dict:
+    from gguf import GGUFReader
+
+    return {t.name: t for t in GGUFReader(path).tensors}
+
+
+def _compare_blocks(ours: dict, theirs: dict, source: dict) -> tuple[float, float]:
+    """(share of quantized blocks whose bytes differ, our squared error to the source / llama.cpp's)."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf.quants import dequantize
+
+    blocks = differing = 0
+    errors = [0.0, 0.0]
+    for name, mine in ours.items():
+        if mine.tensor_type.name == "F32":
+            continue
+        size = GGML_QUANT_SIZES[mine.tensor_type][1]
+        a, b = (np.frombuffer(t.data.tobytes(), np.uint8).reshape(-1, size) for t in (mine, theirs[name]))
+        blocks, differing = blocks + len(a), differing + int((a != b).any(-1).sum())
+        weight = np.asarray(source[name].data, dtype=np.float64).reshape(-1)
+        for i, tensor in enumerate((mine, theirs[name])):
+            errors[i] += float(((dequantize(tensor.data, tensor.tensor_type).reshape(-1) - weight) ** 2).sum())
+    return differing / blocks, errors[0] / errors[1]
+
+
+@pytest.mark.parametrize("scheme", K_SCHEMES)
+def test_k_quant_files_match_llama_cpp_quantizer_and_load_in_llama_cpp(scheme, k_model, llama_python, tmp_path):
+    """Our K-quant file and llama-quantize's (from our f32 file, no imatrix): the same type for every tensor, the
+    same bytes in all but a few blocks, no more error; llama.cpp loads ours and agrees with transformers' load-back."""
+    f32 = export_gguf(k_model, tmp_path / "model-f32.gguf", "f32")
+    ours = export_gguf(k_model, tmp_path / f"ours-{scheme}.gguf", scheme)
+    theirs = llama_quantize(llama_python, f32, tmp_path / f"llama-{scheme}.gguf", scheme)
+    mine, reference = _tensors(ours), _tensors(theirs)
+    assert {n: t.tensor_type.name for n, t in mine.items()} == {n: t.tensor_type.name for n, t in reference.items()}
+    mismatch, error_ratio = _compare_blocks(mine, reference, _tensors(f32))
+    print(f"{scheme}: {mismatch:.4f} of blocks differ from llama.cpp's bytes; squared error ours/llama.cpp "
+          f"{error_ratio:.6f}")
+    assert mismatch <= K_BLOCK_MISMATCH_BOUND and error_ratio <= K_ERROR_RATIO_BOUND
+    ids = [AutoTokenizer.from_pretrained(k_model)(text)["input_ids"] for text in TEXTS[:2]]
+    [logits] = run_llama(llama_python, ours, [_logits_task(ids, tmp_path / "logits.npz")], threads=1, kv_f32=True)
+    load_back = AutoModelForCausalLM.from_pretrained(ours.parent, gguf_file=ours.name, dtype=torch.float32).eval()
+    kl = _mean_kl(_logits(load_back, ids), _arrays(logits))
+    print(f"{scheme}: KL(transformers load-back || llama.cpp) {kl:.3g}")
+    assert kl < K_KL_BOUND
+
+
+def test_llama_cpp_times_a_gguf_file(k_model, llama_python, tmp_path):
+    path = export_gguf(k_model, tmp_path / "model-q4_k_m.gguf", "q4_k_m")
+    speeds = llama_speed(llama_python, path, list(range(1, 33)), new_tokens=8, thread_counts=[1], repeats=1)
+    row = speeds[1]
+    assert set(row) == {"prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s"}
+    assert all(value > 0 for value in row.values())
+    assert row["prefill_tokens_per_s"] == pytest.approx(32 / row["time_to_first_token_s"])
+
+
+def test_eval_times_gguf_exports_in_llama_cpp(llama_python, tiny_teacher_dir, tmp_path, monkeypatch):
+    """`distill eval` fills a GGUF export's speed columns from llama.cpp (all threads and one) and says so."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}?",
+                                        "response": f"The answer is {2 * i}."}) + "\n" for i in range(16)))
+    recipe = recipe_from_dict(tiny_recipe(tmp_path / "run", tiny_teacher_dir, data, train={"steps": 2},
+                                          eval={"speed_threads": 2}))
+    stages.prepare_run_dir(recipe)
+    stages.train(recipe, progress=False)
+    monkeypatch.setenv("DISTILL_LLAMA_PYTHON", llama_python)
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    export_model(recipe.run_dir, None, "gguf", "q8_0", verify=False)
+    report = stages.evaluate(recipe, progress=False)
+    row = report["exports"]["gguf-q8_0"]
+    assert "speed_not_measured" not in row
+    assert (row["speed_runtime"], row["speed_threads"]) == ("llama.cpp", 2)
+    assert row["decode_tokens_per_s"] > 0 and row["decode_tokens_per_s_1_thread"] > 0
+    assert row["prefill_tokens_per_s"] > 0 and row["time_to_first_token_s"] > 0
+    assert row["ratios"]["speedup"] == pytest.approx(row["decode_tokens_per_s"]
+                                                     / report["teacher"]["decode_tokens_per_s"])
+    assert "gguf-q8_0: speed in llama.cpp on 2 threads; 1 thread:" in format_table(report)

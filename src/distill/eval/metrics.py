@@ -155,11 +155,15 @@ def agreement(
 # ---------------------------------------------------------------- speed
 
 
+def speed_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt_tokens: int) -> list[int]:
+    """prompt_tokens ids of real text, the fixed passage tiled as needed: the prompt every speed row decodes after."""
+    ids = tokenizer(SPEED_TEXT, add_special_tokens=False)["input_ids"]
+    return (ids * (prompt_tokens // len(ids) + 1))[:prompt_tokens]
+
+
 def _speed_prompt(tokenizer: PreTrainedTokenizerBase, prompt_tokens: int, batch_size: int) -> torch.Tensor:
     """A [batch_size, prompt_tokens] prompt of real text ids, the fixed passage tiled as needed."""
-    ids = tokenizer(SPEED_TEXT, add_special_tokens=False)["input_ids"]
-    tiled = (ids * (prompt_tokens // len(ids) + 1))[:prompt_tokens]
-    return torch.tensor([tiled] * batch_size, dtype=torch.long)
+    return torch.tensor([speed_prompt_ids(tokenizer, prompt_tokens)] * batch_size, dtype=torch.long)
 
 
 def _sync(device: torch.device) -> None:

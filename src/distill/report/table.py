@@ -192,9 +192,18 @@ def export_rows(report: dict) -> tuple[list[str], list[list[str]], list[str]]:
             notes.append(f"{name}: not measured ({export['error']})")
         elif export.get("speed_not_measured"):
             notes.append(f"{name}: speed not measured ({export['speed_not_measured']})")
+        elif export.get("speed_runtime"):
+            notes.append(_runtime_note(name, export))
         if export.get("older_than_student"):
             notes.append(f"{name}: written before the student was last saved; export it again")
     return ["model", "format"] + [header for header, _ in columns], rows, notes
+
+
+def _runtime_note(name: str, export: dict) -> str:
+    """Where an export's speed was measured (llama.cpp for GGUF), and its one-thread decode speed."""
+    note = f"{name}: speed in {export['speed_runtime']} on {export.get('speed_threads')} threads"
+    alone = export.get("decode_tokens_per_s_1_thread")
+    return note + (f"; 1 thread: {alone:.1f} decode tok/s" if isinstance(alone, (int, float)) else "")
 
 
 def _export_lines(report: dict) -> list[str]:

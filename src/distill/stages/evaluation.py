@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -17,6 +18,7 @@ from distill.data.tokenize import encode_all, padding_id
 from distill.errors import DistillError
 from distill.eval.cross_tokenizer import token_byte_lengths
 from distill.eval.judge import pairwise_judge
+from distill.eval.llama_runtime import find_llama_python, llama_speed
 from distill.eval.lm_eval_bridge import parse_task_specs, run_lm_eval
 from distill.eval.measure import (
     GENERAL_TEXT,
@@ -30,6 +32,7 @@ from distill.eval.measure import (
     before_training_row,
     measure_model,
 )
+from distill.eval.metrics import speed_prompt_ids
 from distill.eval.report import build_report, write_report
 from distill.eval.suites import load_suite, run_suite
 from distill.export import older_than
@@ -54,9 +57,9 @@ from distill.teachers.backend import SamplingParams, as_judge
 
 log = logging.getLogger("distill")
 
-# Why a GGUF export has no speed row (report.json's `speed_not_measured`).
-GGUF_SPEED = ("transformers runs a GGUF file dequantized to float, which says nothing of its speed in llama.cpp "
-              "(bench/bench_export.py measures that)")
+# Why a GGUF export has no speed row without llama.cpp (report.json's `speed_not_measured`).
+SPEED_KEYS = ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s")
+GGUF_SPEED = "transformers runs a GGUF file dequantized to float, which says nothing of its speed in llama.cpp"
 
 
 def measure_settings(recipe: Recipe) -> MeasureSettings:
@@ -173,10 +176,26 @@ def _export_row(run_dir: Path, export: Export, ref: Reference, teacher_row: dict
     said = answers(model, reading.tokenizer, ref.data.conversations, ref.settings, f"{export.name} answers", progress)
     row = measure_model(model, export.path, said, ref, reading, speed=export.kind != "gguf")
     row.pop("calibration", None)  # the reliability bins are drawn for teacher and student; the ECE stays
+    speed_note = {}
+    if export.kind == "gguf" and ref.settings.measure_speed:
+        speed_note = _llama_cpp_speed(export.path, reading.tokenizer, ref.settings)
+        row.update({k: v for k, v in speed_note.items() if k in SPEED_KEYS})  # the speed columns, now llama.cpp's
     # the student's null rules and ratios, for this model
     measured = build_report(teacher_row, row, meta={}, tokenizers_differ=ref.difference is not None)
-    speed_note = {"speed_not_measured": GGUF_SPEED} if export.kind == "gguf" and ref.settings.measure_speed else {}
     return {**head, **measured["student"], **speed_note, "ratios": measured["ratios"]}
+
+
+def _llama_cpp_speed(path: Path, tokenizer, settings: MeasureSettings) -> dict:
+    """A GGUF export's speed in llama.cpp, on all threads and on one, or why it was not measured."""
+    python, why_not = find_llama_python()
+    if python is None:
+        return {"speed_not_measured": f"{GGUF_SPEED}, and {why_not}"}
+    threads = settings.speed_threads or os.cpu_count() or 1
+    prompt = speed_prompt_ids(tokenizer, settings.speed_prompt_tokens)
+    log.info("eval: timing %s in llama.cpp (%s threads and 1)", path.name, threads)
+    speeds = llama_speed(python, path, prompt, settings.speed_new_tokens, sorted({threads, 1}, reverse=True))
+    alone = {f"{key}_1_thread": value for key, value in speeds[1].items()}
+    return {**speeds[threads], **alone, "speed_runtime": "llama.cpp", "speed_threads": threads}
 
 
 def reading(recipe: Recipe, tokenizer, held_out: list[Example], where: torch.device) -> Reading:
