@@ -18,7 +18,7 @@ from distill.export import export_model, imatrix_from_tokens
 from distill.export.gguf import check_imatrix, export_gguf, verify_gguf
 from distill.export.imatrix import read_imatrix, write_imatrix
 from distill.export.kquants import K_TYPES, WEIGHTED_LEGACY, quantize, weighted_error
-from distill.export.modelfile import CHATML_TEMPLATE, default_system, modelfile_text
+from distill.export.modelfile import CHATML_TEMPLATE, LLAMA3_TEMPLATE, default_system, modelfile_text
 from distill.export.quant_mix import ModelShape, tensor_type
 
 # Relative RMS error of N(0, 1) weights after a round trip, measured: q2_k 0.296, q3_k 0.152, q4_k 0.071,
@@ -218,23 +218,45 @@ def _smollm2_template() -> str:
     return GGUFReader(smol_dir / SMOL_GGUF).fields["tokenizer.chat_template"].contents()
 
 
-@pytest.mark.parametrize("template", ["fixture", "smollm2"])
+# Llama 3's chat template, and a Llama 3.1-style one that adds a dated default system prompt (shortened)
+LLAMA3_JINJA = (
+    "{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
+    "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+LLAMA31_JINJA = (
+    "{{ bos_token }}{% if messages[0]['role'] != 'system' %}{{ '<|start_header_id|>system<|end_header_id|>\n\n"
+    "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024<|eot_id|>' }}{% endif %}"
+    "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + "
+    "message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+TEMPLATES = {"fixture": (None, "chatml"), "smollm2": ("smollm2", "chatml"), "llama3": (LLAMA3_JINJA, "llama3"),
+             "llama3.1": (LLAMA31_JINJA, "llama3")}
+
+
+@pytest.mark.parametrize("template", list(TEMPLATES))
 def test_modelfile_template_renders_like_the_chat_template(tmp_path, tiny_tokenizer_dir, template):
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    if template == "smollm2":
-        tok.chat_template = _smollm2_template()  # ChatML with a default system prompt
+    jinja, family_name = TEMPLATES[template]
+    if jinja is not None:  # smollm2: ChatML with a default system prompt
+        tok.chat_template = _smollm2_template() if jinja == "smollm2" else jinja
     model_dir = make_tiny_llama(tmp_path / "m", tiny_tokenizer_dir)
     tok.save_pretrained(model_dir)
     text, family = modelfile_text(model_dir, "model-q4_k_m.gguf")
-    assert family == "chatml" and f'TEMPLATE """{CHATML_TEMPLATE}"""' in text
+    ollama_template = CHATML_TEMPLATE if family_name == "chatml" else LLAMA3_TEMPLATE
+    assert family == family_name and f'TEMPLATE """{ollama_template}"""' in text
     system = default_system(tok)
-    assert (system is not None) == (template == "smollm2")
+    assert (system is not None) == (template in ("smollm2", "llama3.1"))
     if system:
-        assert f'SYSTEM """{system}"""' in text and "SmolLM" in system
-    assert 'PARAMETER stop "<|im_end|>"' in text
+        assert f'SYSTEM """{system}"""' in text and ("SmolLM" in system or "Knowledge" in system)
+    assert ('PARAMETER stop "<|im_end|>"' if family == "chatml" else 'PARAMETER stop "<|eot_id|>"') in text
     for conversation in CONVERSATIONS:
         expected = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        assert _render_ollama(CHATML_TEMPLATE, conversation, system) == expected
+        if family == "llama3":  # its template writes the bos, which llama.cpp adds when it tokenizes instead
+            expected = expected.removeprefix(tok.bos_token)
+        assert _render_ollama(ollama_template, conversation, system) == expected
 
 
 def test_modelfile_without_a_known_template_has_no_template(tmp_path, tiny_tokenizer_dir, caplog):

@@ -1,14 +1,17 @@
 """An Ollama Modelfile beside a GGUF export, so `ollama create NAME -f model-TYPE.Modelfile` works.
 
 Ollama renders prompts with Go templates, not the Jinja chat template in the GGUF. The Modelfile's TEMPLATE is
-derived here for the chat-template families recognised (ChatML, as SmolLM2 and Qwen use); a template of another
-family gets no TEMPLATE (Ollama then falls back to what it detects in the GGUF) and a log line says so.
-A default system prompt the Jinja template inserts when a conversation has none becomes Ollama's SYSTEM.
+derived here for the chat-template families recognised by rendering a probe conversation: ChatML (SmolLM2, Qwen)
+and Llama 3 (header ids and <|eot_id|>); a template of another family (Gemma's, which renames roles and folds the
+system prompt into the first user turn, needs conditionals) gets no TEMPLATE (Ollama then falls back to what it
+detects in the GGUF) and a log line says so. A default system prompt the Jinja template inserts when a
+conversation has none becomes Ollama's SYSTEM. The bos token is left out: llama.cpp adds it when tokenizing.
 """
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,29 +25,59 @@ CHATML_TEMPLATE = (
     "{{ end }}<|im_start|>assistant\n"
 )
 CHATML_STOPS = ("<|im_start|>", "<|im_end|>")
+LLAMA3_TEMPLATE = (
+    "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
+    "{{ .Content }}<|eot_id|>"
+    "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+LLAMA3_STOPS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+@dataclass(frozen=True)
+class ChatFamily:
+    """A chat-template family: how one turn renders, its Ollama template and stop strings."""
+
+    name: str
+    turn_head: str  # the text before a turn's content, {role} for the role
+    turn_end: str
+    template: str
+    stops: tuple[str, ...]
+
+    def turn(self, role: str, content: str) -> str:
+        return self.turn_head.format(role=role) + content + self.turn_end
+
+
+FAMILIES = (
+    ChatFamily("chatml", "<|im_start|>{role}\n", "<|im_end|>\n", CHATML_TEMPLATE, CHATML_STOPS),
+    ChatFamily("llama3", "<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", LLAMA3_TEMPLATE,
+               LLAMA3_STOPS),
+)
 MAX_CONTEXT = 8192  # num_ctx default: the model's context, capped so a small device is not asked for more
 _PROBE = "distill-probe-7f3a"
 
 
-def chat_family(tokenizer: Any) -> Optional[str]:
-    """'chatml' when the tokenizer's chat template renders ChatML turns, else None."""
+def chat_family(tokenizer: Any) -> Optional[ChatFamily]:
+    """The family whose turns the tokenizer's chat template renders (a probe user turn), else None."""
     template = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else None
-    if not template or "<|im_start|>" not in template:
+    if not template:
         return None
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": _PROBE}], tokenize=False,
                                              add_generation_prompt=True)
-    return "chatml" if f"<|im_start|>user\n{_PROBE}<|im_end|>\n" in rendered else None
+    return next((f for f in FAMILIES if f.turn("user", _PROBE) in rendered), None)
 
 
-def default_system(tokenizer: Any) -> Optional[str]:
-    """The system prompt a ChatML template adds to a conversation without one (SmolLM2's "You are ..."), if any."""
+def default_system(tokenizer: Any, family: Optional[ChatFamily] = None) -> Optional[str]:
+    """The system prompt the chat template adds to a conversation without one (SmolLM2's "You are ..."), if any."""
+    family = family or chat_family(tokenizer)
+    if family is None:
+        return None
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": _PROBE}], tokenize=False,
                                              add_generation_prompt=False)
-    head = "<|im_start|>system\n"
+    head = family.turn_head.format(role="system")
     start = rendered.find(head)
-    if start < 0 or start > rendered.find(f"<|im_start|>user\n{_PROBE}"):
+    if start < 0 or start > rendered.find(family.turn("user", _PROBE)):
         return None
-    return rendered[start + len(head): rendered.index("<|im_end|>", start)]
+    return rendered[start + len(head): rendered.index(family.turn_end, start)]
 
 
 def modelfile_text(model_dir: Path, gguf_name: str) -> tuple[str, Optional[str]]:
@@ -54,20 +87,19 @@ def modelfile_text(model_dir: Path, gguf_name: str) -> tuple[str, Optional[str]]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     family = chat_family(tokenizer)
     lines = [f"FROM ./{gguf_name}", ""]
-    if family == "chatml":
-        lines += [f'TEMPLATE """{CHATML_TEMPLATE}"""', ""]
-        system = default_system(tokenizer)
+    stops: list[str] = []
+    if family is not None:
+        lines += [f'TEMPLATE """{family.template}"""', ""]
+        system = default_system(tokenizer, family)
         if system:
             lines += [f'SYSTEM """{system}"""', ""]
-        stops = list(CHATML_STOPS)
-    else:
-        stops = []
+        stops = list(family.stops)
     eos = getattr(tokenizer, "eos_token", None)
     if isinstance(eos, str) and eos not in stops:
         stops.append(eos)
     lines += [f'PARAMETER stop "{stop}"' for stop in stops]
     lines += [f"PARAMETER {key} {value}" for key, value in _parameters(model_dir).items()]
-    return "\n".join(lines) + "\n", family
+    return "\n".join(lines) + "\n", family.name if family else None
 
 
 def _parameters(model_dir: Path) -> dict[str, Any]:
@@ -89,12 +121,12 @@ def write_modelfile(model_dir: Path, gguf_path: Path) -> Path:
     """Write `<gguf stem>.Modelfile` beside gguf_path; returns its path."""
     text, family = modelfile_text(Path(model_dir), gguf_path.name)
     if family is None:
-        log.info("ollama: %s: the chat template is not ChatML; the Modelfile has no TEMPLATE (Ollama will use what "
-                 "it detects in the GGUF)", gguf_path.name)
+        log.info("ollama: %s: the chat template is neither ChatML nor Llama 3; the Modelfile has no TEMPLATE (Ollama "
+                 "will use what it detects in the GGUF)", gguf_path.name)
     out = gguf_path.with_name(gguf_path.stem + ".Modelfile")
     with atomic_file(out) as tmp:
         Path(tmp).write_text(text)
     return out
 
 
-__all__ = ["CHATML_TEMPLATE", "chat_family", "default_system", "modelfile_text", "write_modelfile"]
+__all__ = ["CHATML_TEMPLATE", "FAMILIES", "LLAMA3_TEMPLATE", "ChatFamily", "chat_family", "default_system", "modelfile_text", "write_modelfile"]
