@@ -232,14 +232,16 @@ K_BLOCK_MISMATCH_BOUND, K_ERROR_RATIO_BOUND = 0.06, 1.001
 K_KL_BOUND = 0.005
 
 
-@pytest.fixture(scope="module")
-def k_model(llama_python, tmp_path_factory) -> Path:
-    """A random 8-layer Llama whose every row is a multiple of 256 (K-quant blocks everywhere), on stories260K's
-    tokenizer, so llama.cpp's per-tensor mix rules and block quantizers all come into play."""
+@pytest.fixture(scope="module", params=[256, 384])
+def k_model(request, llama_python, tmp_path_factory) -> Path:
+    """A random 8-layer Llama on stories260K's tokenizer, 256 wide (K-quant blocks everywhere: llama.cpp's mix
+    rules and block quantizers all come into play) or 384 wide with a tied head (as the quickstart student: the
+    fallbacks)."""
     tokenizer = AutoTokenizer.from_pretrained(require_shared(STORIES260K))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=8,
-                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512,
-                         tie_word_embeddings=False, initializer_range=0.06, bos_token_id=tokenizer.bos_token_id,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=request.param, intermediate_size=512,
+                         num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=1,
+                         max_position_embeddings=512, tie_word_embeddings=request.param == 384,
+                         initializer_range=0.06, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("k_model")
