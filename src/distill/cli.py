@@ -126,11 +126,12 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path,
                    help="directory to write (hf), or a .gguf file / a directory for model-QUANT.gguf (gguf); "
                         "default for a run: <run>/exports/FORMAT[-QUANT], where `distill eval` measures it")
-    p.add_argument("--format", dest="fmt", default="hf", help="output format: hf (default) or gguf")
+    p.add_argument("--format", dest="fmt", default="hf", help="output format: hf (default), gguf or executorch")
     p.add_argument("--quant", default=None,
                    help="hf: int8 or int4 (weight-only; pip install distill[quantize]); "
                         "gguf: f32, f16 (default), bf16, q8_0, q5_1, q5_0, q4_1, q4_0, or a K-quant mix as "
-                        "llama.cpp's: q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k")
+                        "llama.cpp's: q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k; "
+                        "executorch: fp32 (default), int8, int4 (pip install distill[executorch])")
     p.add_argument("--imatrix", default=None,
                    help="gguf: importance matrix: auto (a run's export.imatrix; for a run, by default computed "
                         "for K-quants over its training data), none, or an imatrix GGUF file")
@@ -327,8 +328,8 @@ def _export(args: argparse.Namespace) -> None:
     from distill.export import export_model, load_imatrix, parse_target
 
     setup_logging()
-    if args.fmt == "gguf":
-        parse_target(f"gguf:{args.quant}" if args.quant else "gguf")  # an unknown type fails before any work
+    if args.fmt in ("gguf", "executorch"):  # an unknown type, or executorch not installed, fails before any work
+        parse_target(f"{args.fmt}:{args.quant}" if args.quant else args.fmt)
     imatrix = None
     if args.fmt == "gguf" and args.imatrix not in ("none",):
         recipe_file = Path(args.source) / "recipe.yaml"

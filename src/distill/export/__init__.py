@@ -7,7 +7,16 @@ from pathlib import Path
 import torch
 
 from distill.errors import DistillError
-from distill.export.gguf import export_gguf, is_k_quant, llama_arch, parse_qtype, verify_gguf
+from distill.export.executorch import EXECUTORCH_QUANTS, export_executorch, require_executorch, verify_executorch
+from distill.export.gguf import (
+    DEFAULT_TEXTS,
+    GREEDY_PROMPTS,
+    export_gguf,
+    is_k_quant,
+    llama_arch,
+    parse_qtype,
+    verify_gguf,
+)
 from distill.export.hf import export_hf, model_card, model_dir_of
 from distill.export.imatrix import Imatrix, collect_imatrix, read_imatrix, write_imatrix
 from distill.export.modelfile import write_modelfile
@@ -16,8 +25,8 @@ from distill.runtime import atomic_write_json
 
 log = logging.getLogger("distill")
 
-FORMATS = ("hf", "gguf")
-DEFAULT_QUANT = {"hf": None, "gguf": "f16"}
+FORMATS = ("hf", "gguf", "executorch")
+DEFAULT_QUANT = {"hf": None, "gguf": "f16", "executorch": "fp32"}
 HF_QUANTS = {"int8": 8, "int4": 4}  # weight-only, optimum-quanto (pip install distill[quantize])
 EXPORTS_DIR = "exports"  # a run's exports live in <run>/exports/, where `distill eval` finds and measures them
 
@@ -47,6 +56,11 @@ def parse_target(target: str) -> tuple[str, str | None]:
     quant = quant or DEFAULT_QUANT[fmt]
     if fmt == "gguf":
         parse_qtype(quant)
+    elif fmt == "executorch":
+        if quant not in EXECUTORCH_QUANTS:
+            raise DistillError(f"{target}: unknown quantization {quant!r} for executorch (supported: "
+                               f"{', '.join(EXECUTORCH_QUANTS)})")
+        require_executorch()
     elif quant is not None and quant not in HF_QUANTS:
         raise DistillError(f"{target}: unknown quantization {quant!r} for hf (supported: {', '.join(HF_QUANTS)})")
     return fmt, quant
@@ -65,6 +79,10 @@ def export_model(source: Path, out: Path | None = None, fmt: str = "hf", quant: 
     out = Path(out) if out is not None else _default_out(Path(source), fmt, quant)
     if fmt == "gguf":
         return _export_gguf(Path(source), Path(out), quant, verify, imatrix)
+    if imatrix is not None:
+        raise DistillError("--imatrix: only for --format gguf")
+    if fmt == "executorch":
+        return _export_executorch(Path(source), Path(out), quant, verify)
     if imatrix is not None:
         raise DistillError("--imatrix: only for --format gguf")
     if quant is None:
@@ -108,6 +126,24 @@ def load_imatrix(path: Path) -> Imatrix:
     if not Path(path).is_file():
         raise DistillError(f"--imatrix {path}: no such file")
     return read_imatrix(Path(path))
+
+
+def _export_executorch(source: Path, out: Path, quant: str, verify: bool) -> Path:
+    parse_target(f"executorch:{quant}")  # unknown quantization or executorch missing: before any work
+    model_dir = model_dir_of(source)
+    written = export_executorch(model_dir, out, quant)
+    if verify:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        sequences = [tokenizer(text)["input_ids"][:128] for text in DEFAULT_TEXTS]
+        prompts = [tokenizer(text)["input_ids"] for text in GREEDY_PROMPTS]
+        check = verify_executorch(model_dir, written, sequences, prompts)
+        atomic_write_json(written.with_name(written.name + ".verify.json"), check)
+        log.info("verified %s in the ExecuTorch runtime: mean KL %.3g nats/token, top-1 agreement %.3f; greedy "
+                 "answers identical on %d of %d prompts", written.name, check["mean_kl"], check["top1_agreement"],
+                 check["greedy"]["same"], check["greedy"]["prompts"])
+    return written
 
 
 def _export_gguf(source: Path, out: Path, quant: str, verify: bool, imatrix: Imatrix | None = None) -> Path:

@@ -24,13 +24,14 @@ class Export:
 
     name: str  # the folder's (or file's) name; "folder/file.gguf" when a folder holds several .gguf files
     path: Path  # the HF directory or the .gguf file
-    kind: Literal["hf", "quanto", "gguf"]
-    quant: Optional[str]  # None for a float HF export; "int8" / "int4"; the GGUF file type ("f16", "q8_0", ...)
+    kind: Literal["hf", "quanto", "gguf", "executorch"]
+    quant: Optional[str]  # None for a float HF export; "int8" / "int4"; the GGUF file type ("f16", "q8_0", ...);
+    # an ExecuTorch program's fp32 / int8 / int4 (from its name, model-<quant>.pte)
 
     @property
     def fmt(self) -> str:
         """`--format` that wrote it: a quanto directory is an `hf` export with `--quant int8|int4`."""
-        return "gguf" if self.kind == "gguf" else "hf"
+        return self.kind if self.kind in ("gguf", "executorch") else "hf"
 
 
 def find_exports(run_dir: Path) -> list[Export]:
@@ -44,7 +45,8 @@ def find_exports(run_dir: Path) -> list[Export]:
             continue  # an export being written: atomic writes fill a hidden temp file or folder first
         recognised = _recognise(path)
         if not recognised:
-            log.info("eval: skipping %s: not an export (an HF or quantized model directory, or .gguf files)", path)
+            log.info("eval: skipping %s: not an export (an HF or quantized model directory, .gguf or .pte files)",
+                     path)
         found += recognised
     return found
 
@@ -58,6 +60,10 @@ def _recognise(path: Path) -> list[Export]:
         return [Export(path.name, path, "quanto", _quanto_quant(path / INFO_FILE))]
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return [Export(path.name, path, "hf", None)]
+    programs = sorted(path.glob("*.pte"))
+    if programs:
+        return [Export(f"{path.name}/{file.name}" if len(programs) > 1 else path.name, file, "executorch",
+                       file.stem.removeprefix("model-")) for file in programs]
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return [_gguf(path.name, ggufs[0])]
@@ -90,6 +96,9 @@ def _gguf_type(file: Path) -> Optional[str]:
 
 def load_export(export: Export, dtype: torch.dtype, device: torch.device, shared_vocab: int) -> torch.nn.Module:
     """The export as a causal LM; a GGUF file comes back dequantized, so it scores the quality of its weights."""
+    if export.kind == "executorch":
+        raise DistillError("an ExecuTorch program is checked against the student when exported (its .verify.json); "
+                           "distill eval does not run it yet")
     if export.kind == "quanto":
         # quanto's int4 weights fail under inference_mode (which the metrics use) unless they were made in it
         # (optimum-quanto#304); loaded there, they work in it and give the numbers no_grad gives.
