@@ -261,3 +261,25 @@ def test_bad_judged_recipes_are_one_line_naming_the_key_and_exit_2(tmp_path, tin
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_distill_pairs_samples_teacher_and_student_and_asks_the_teacher_as_judge(tmp_path, capsys):
+    import yaml
+
+    model_dir = require_shared(STORIES260K)  # teacher, student and (by default) judge: the real plumbing, no script
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", STORY_PROMPTS[:5])
+    raw = judged_recipe(tmp_path, model_dir, prompts, "run", sample_from="both", samples=1,
+                        judge={"max_new_tokens": 8, "rubric": "Prefer the kinder story."})
+    recipe = recipe_from_dict(raw)
+    generate(recipe, progress=False)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["pairs", str(path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    lines = records_on_disk(recipe.run_dir)
+    assert lines and all(r["source"] == "judged" for r in lines)
+    assert {s["from"] for r in lines for s in r["samples"]} == {"teacher", "student"}
+    counts = re.search(r"judged: (\d+) kept, (\d+) ties, (\d+) unparseable", out)
+    assert counts, out
+    reasons = [r.get("reason", "ok") for r in lines]
+    assert [int(c) for c in counts.groups()] == [reasons.count(k) for k in ("ok", TIE, UNPARSEABLE)]

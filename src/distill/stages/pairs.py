@@ -360,16 +360,17 @@ def _sample_answers(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, student:
     spec = pairs_spec(recipe)
     base = SamplingParams(max_new_tokens=_student_tokens(recipe), temperature=spec.temperature, seed=recipe.seed)
     out: list[Optional[list[tuple[str, str]]]] = [[] for _ in conversations]
-    for who in ("teacher", "student") if spec.sample_from == "both" else (spec.sample_from,):
-        for sample in range(spec.samples):
-            params = replace(base, seed=base.seed + sample)  # each sample number draws with its own seed
-            if who == "student":
-                results = generate_texts(student, tokenizer, conversations, params=params)
-            else:
-                results = helpers.teacher.generate(conversations, params)
-            for row, result in enumerate(results):
-                if out[row] is not None:
-                    out[row] = out[row] + [(who, result.text)] if isinstance(result, Completion) else None
+    samplers = ("teacher", "student") if spec.sample_from == "both" else (spec.sample_from,)
+    whos = [who for who in samplers for _ in range(spec.samples)]
+    for number, who in enumerate(whos):
+        params = replace(base, seed=base.seed + number)  # each sample of a prompt draws with its own seed
+        if who == "student":
+            results = generate_texts(student, tokenizer, conversations, params=params)
+        else:
+            results = helpers.teacher.generate(conversations, params)
+        for row, result in enumerate(results):
+            if out[row] is not None:
+                out[row] = out[row] + [(who, result.text)] if isinstance(result, Completion) else None
     return out
 
 
