@@ -218,12 +218,19 @@ def build_pairs(recipe: Recipe, *, progress: bool = True, stop_after: Optional[i
         writer.append(records)
     log.info("pairs (%s): %d planned, %d already built, %d built now, dropped %s -> %s", spec.source, stats.planned,
              stats.existing, stats.built, stats.dropped or "none", directory)
+    _count_and_filter(recipe, planned, stats)
+    return stats
+
+
+def _count_and_filter(recipe: Recipe, planned: list[PlannedPair], stats: PairStats) -> None:
+    """Count every planned record on disk (judged: kept, ties, unparseable) and run the filter section over them."""
+    directory = run_files(recipe).pairs
     built = latest_records(directory) if shard_paths(directory) else {}
     records = [built[p.id] for p in planned if p.id in built]
     for record in records:
         key = OK if record.get("status") == OK else record.get("reason", DROPPED)
         stats.totals[key] = stats.totals.get(key, 0) + 1
-    if spec.source == "judged":
+    if stats.source == "judged":
         log.info("pairs (judged, all runs): %d kept, %d ties, %d unparseable, %d other dropped of %d planned%s",
                  stats.totals.get(OK, 0), stats.totals.get(TIE, 0), stats.totals.get(UNPARSEABLE, 0),
                  len(records) - sum(stats.totals.get(k, 0) for k in (OK, TIE, UNPARSEABLE)), stats.planned,
@@ -234,7 +241,6 @@ def build_pairs(recipe: Recipe, *, progress: bool = True, stop_after: Optional[i
         atomic_write_json(run_files(recipe).pairs_filter_report, result.report())
         log.info("pairs filter: kept %d of %d built pairs\n%s", result.total_out, result.total_in,
                  format_filter_report(result))
-    return stats
 
 
 class _Helpers:
