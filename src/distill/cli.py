@@ -298,6 +298,11 @@ def _pairs(args: argparse.Namespace) -> None:
     dropped = ", ".join(f"{n} {reason}" for reason, n in stats.dropped.items()) or "none"
     print(f"pairs ({stats.source}): {stats.planned} planned, {stats.existing} already built, {stats.built} built "
           f"now; dropped: {dropped} -> {recipe.run_dir / 'pairs'}")
+    if stats.source == "judged":  # over every run's records: what the judge or verifier decided
+        t = stats.totals
+        print(f"judged: {t.get('ok', 0)} kept, {t.get('tie', 0)} ties, {t.get('unparseable', 0)} unparseable")
+    if stats.filtered:
+        print("filtered out of training: " + ", ".join(f"{n} by {name}" for name, n in stats.filtered.items()))
 
 
 def _student(args: argparse.Namespace) -> None:

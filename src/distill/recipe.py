@@ -328,14 +328,49 @@ class MethodSpec(Section):
         return self.kind in ("kd", "on_policy")
 
 
+class PairJudgeSpec(Endpoint):
+    """The judge of `pairs.source: judged` (pairwise, each comparison asked in both orders, as eval.judge)."""
+
+    model: Optional[str] = None  # default: the recipe's teacher (local weights or teacher.endpoint)
+    rubric: Optional[str] = None  # default: distill.eval.judge.DEFAULT_RUBRIC
+    max_new_tokens: Int = Field(default=64, gt=0)  # the verdict is asked for on the last line
+    batch_size: Int = Field(default=8, gt=0)  # conversations per judge call (a local judge's batch)
+
+
+JUDGED_ONLY = ("samples", "sample_from", "temperature", "scorer", "judge")  # keys only pairs.source: judged reads
+
+
 class PairsSpec(Section):
     """Where method.kind: dpo gets its preference pairs (`distill pairs` builds them; docs/preference.md)."""
 
     # file: the ready pairs of data.pairs; teacher_vs_student: chosen = the teacher's answer to each of
-    # data.prompts (its teacher data), rejected = the starting student's greedy answer to the same prompt
-    source: Literal["file", "teacher_vs_student"] = "file"
+    # data.prompts (its teacher data), rejected = the starting student's greedy answer to the same prompt;
+    # judged: `samples` answers per prompt scored by the judge or the verifier, chosen = best, rejected = worst
+    source: Literal["file", "teacher_vs_student", "judged"] = "file"
     max_new_tokens: Optional[Int] = Field(default=None, gt=0)  # the student's answers; default generate's
     batch_size: Int = Field(default=8, gt=0)  # pairs per batch of student generation and reference log-probs
+    samples: Int = Field(default=4, gt=0)  # judged: answers per prompt from each sampler
+    sample_from: Literal["teacher", "student", "both"] = "teacher"  # judged: who writes the answers
+    temperature: Float = Field(default=1.0, ge=0.0)  # judged: sampling temperature (0 = greedy)
+    scorer: Literal["judge", "verifier"] = "judge"  # judged: pairwise LLM judge, or the final-number check
+    judge: Optional[PairJudgeSpec] = None  # judged with scorer judge: default the teacher, default rubric
+
+    @model_validator(mode="after")
+    def _judged_settings(self) -> "PairsSpec":
+        if self.source != "judged":
+            given = next((k for k in JUDGED_ONLY if k in self.model_fields_set), None)
+            if given is not None:
+                raise ValueError(f"pairs.{given}: only pairs.source: judged reads it (source is {self.source})")
+            return self
+        if self.judge is not None and self.scorer != "judge":
+            raise ValueError("pairs.judge: only pairs.scorer: judge reads it; remove it for the verifier")
+        candidates = self.samples * (2 if self.sample_from == "both" else 1)
+        if candidates < 2:
+            raise ValueError("pairs.samples: judged pairs need at least 2 answers per prompt (best vs worst)")
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError("pairs.temperature: pairs.samples > 1 needs temperature > 0 (greedy answers are all "
+                             "the same)")
+        return self
 
 
 class LoraSpec(Section):

@@ -71,6 +71,11 @@ class RunDir:
         return self.stage_root / "pairs"
 
     @property
+    def pairs_filter_report(self) -> Path:
+        """What the filter section dropped of the built pairs, per filter (`distill pairs` with `filter:`)."""
+        return self.stage_root / "pairs.filter.report.json"
+
+    @property
     def student_init(self) -> Path:
         """The student as built before training (cut from the teacher, or new)."""
         return self.root / "student_init"

@@ -47,6 +47,8 @@ REFUSAL_PATTERNS = (  # lower case: they search the lower-cased answer
 
 FILTER_ORDER = ("truncated", "garbled", "length", "refusal", "repetition", "verify", "contamination",
                 "exact_dedup", "near_dedup", "judge")
+# What applies to preference pairs: the other filters would drop a pair for its rejected side's very faults.
+PAIR_FILTER_ORDER = ("length", "contamination", "exact_dedup", "near_dedup")
 
 
 # ---------------------------------------------------------------- results
@@ -392,15 +394,20 @@ def _build_filters(
         "exact_dedup": lambda rs: check_exact_duplicates(rs, scope),
         "near_dedup": lambda rs: check_near_duplicates(rs, spec.near_dedup, scope),
     }
-    if spec.contamination.enabled and eval_texts and any(eval_texts.values()):
-        checks["contamination"] = _Contamination(eval_texts, spec.contamination.n)
-    else:
-        checks["contamination"] = lambda rs: Verdicts([None] * len(rs), 0, "no eval files given")
+    checks["contamination"] = _contamination_check(spec, eval_texts)
     if spec.judge.enabled:
         if judge is None:
             raise DistillError("filter.judge is enabled but no judge model was given")
         checks["judge"] = lambda rs: check_with_judge(rs, spec.judge, judge)
     return checks
+
+
+def _contamination_check(
+    spec: FilterSpec, eval_texts: Optional[dict[str, list[str]]]
+) -> Callable[[list[dict]], Verdicts]:
+    if spec.contamination.enabled and eval_texts and any(eval_texts.values()):
+        return _Contamination(eval_texts, spec.contamination.n)
+    return lambda rs: Verdicts([None] * len(rs), 0, "no eval files given")
 
 
 @contextmanager
@@ -419,12 +426,11 @@ def _collector_paused() -> Iterator[None]:
 
 def _run_filters(
     records: list[dict], total_in: int, spec: FilterSpec,
-    judge: Optional[Judge], eval_texts: Optional[dict[str, list[str]]], started: float,
+    checks: dict[str, Callable[[list[dict]], Verdicts]], started: float, order: tuple[str, ...] = FILTER_ORDER,
 ) -> FilterResult:
-    checks = _build_filters(spec, judge, eval_texts)
     failed = total_in - len(records)
     stats = []
-    for name in FILTER_ORDER:
+    for name in order:
         if not getattr(spec, name).enabled:
             stats.append(FilterStats(name, enabled=False))
             continue
@@ -458,7 +464,7 @@ def filter_records(
     started = time.perf_counter()
     with _collector_paused():
         answered, total = _answered((f"record {i + 1}", r) for i, r in enumerate(records))
-    return _run_filters(answered, total, spec, judge, eval_texts, started)
+    return _run_filters(answered, total, spec, _build_filters(spec, judge, eval_texts), started)
 
 
 def _answered(located: Iterable[tuple[str, Any]]) -> tuple[list[dict], int]:
@@ -505,16 +511,55 @@ def filter_to_file(
 ) -> FilterResult:
     """Filter (where, record) pairs into out_path (atomically) and write `<out>.report.json` beside it."""
     out_path = Path(out_path)
-    if eval_texts is None and spec.contamination.enabled and spec.contamination.eval_files:
-        base = Path(base_dir or ".")
-        eval_texts = load_eval_texts(p if Path(p).is_absolute() else base / p for p in spec.contamination.eval_files)
+    if eval_texts is None:
+        eval_texts = spec_eval_texts(spec, base_dir)
     started = time.perf_counter()
     with _collector_paused():
         answered, total = _answered(located)
-    result = _run_filters(answered, total, spec, judge, eval_texts, started)
+    result = _run_filters(answered, total, spec, _build_filters(spec, judge, eval_texts), started)
     atomic_write_text(out_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.kept))
     report = {"input": source, "output": str(out_path), **result.report(), "spec": spec.model_dump(mode="json")}
     atomic_write_json(report_path(out_path), report)
+    return result
+
+
+def spec_eval_texts(spec: FilterSpec, base_dir: str | Path | None = None) -> Optional[dict[str, list[str]]]:
+    """The eval sets of filter.contamination.eval_files (relative paths against base_dir); None when not checked."""
+    if not (spec.contamination.enabled and spec.contamination.eval_files):
+        return None
+    base = Path(base_dir or ".")
+    return load_eval_texts(p if Path(p).is_absolute() else base / p for p in spec.contamination.eval_files)
+
+
+def _pair_length(spec: LengthFilter) -> Callable[[list[dict]], Verdicts]:
+    """The length bounds on each side of a pair: either side outside them drops the pair."""
+    def side_reason(record: dict) -> Optional[str]:
+        for side in ("chosen", "rejected"):
+            reason = length_reason(record[side], spec)
+            if reason is not None:
+                return f"{side}: {reason}"
+        return None
+
+    return lambda records: Verdicts([side_reason(r) for r in records])
+
+
+def filter_pairs(
+    pairs: Iterable[dict], spec: FilterSpec, *, eval_texts: Optional[dict[str, list[str]]] = None,
+) -> FilterResult:
+    """Apply the filters that fit preference pairs (PAIR_FILTER_ORDER) to {id, prompt, chosen, rejected} records.
+
+    Length bounds each answer; contamination checks the prompt and both answers; the dedup filters compare
+    `prompt + chosen + rejected` (dedup_scope prompt_response) or the two answers (response), keeping the first.
+    """
+    started = time.perf_counter()
+    records = [{**p, "response": f"{p['chosen']}\n{p['rejected']}"} for p in pairs]
+    scope = spec.dedup_scope
+    checks = {"length": _pair_length(spec.length), "contamination": _contamination_check(spec, eval_texts),
+              "exact_dedup": lambda rs: check_exact_duplicates(rs, scope),
+              "near_dedup": lambda rs: check_near_duplicates(rs, spec.near_dedup, scope)}
+    with _collector_paused():
+        result = _run_filters(records, len(records), spec, checks, started, PAIR_FILTER_ORDER)
+    result.kept = [{k: v for k, v in r.items() if k != "response"} for r in result.kept]
     return result
 
 
