@@ -17,8 +17,8 @@ from distill.data.tokenize import EncodedExample, encode_example, example_text, 
 from distill.errors import DistillError
 from distill.eval.measure import SpanAlignment
 from distill.losses.cross_tokenizer import vocab_split
-from distill.models.alignment import has_offsets, shared_vocabulary
 from distill.models import load_tokenizer
+from distill.models.alignment import has_offsets, shared_vocabulary
 from distill.models.compat import tokenizer_difference
 from distill.recipe import Recipe
 from distill.signals.cross_tokenizer import (
