@@ -111,17 +111,17 @@ def test_empty_dataset_exit_2(tmp_path, tiny_teacher_dir):
 
 
 def test_cross_tokenizer_method_that_cannot_apply_refused(tmp_path, tiny_teacher_dir, pairs_jsonl):
-    """Differing tokenizers train (method.cross_tokenizer, docs/cross_tokenizer.md), but logit KD across them needs
-    a live teacher: with teacher.cache it is one line and exit 2, before anything is written."""
+    """Differing tokenizers train (method.cross_tokenizer, docs/cross_tokenizer.md), but `text` learns no logits:
+    with teacher.cache it is one line and exit 2, before anything is written."""
     from conftest import STORIES260K, require_shared
 
     other = require_shared(STORIES260K)
     recipe = tiny_recipe(tmp_path / "run", tiny_teacher_dir, pairs_jsonl, student={"model": str(other),
                                                                                     "config": None},
-                         method={"cross_tokenizer": "uld"}, teacher={"cache": str(tmp_path / "cache")})
+                         method={"cross_tokenizer": "text"}, teacher={"cache": str(tmp_path / "cache")})
     result = _cli("train", str(_recipe_file(tmp_path, recipe)), "--no-progress")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "needs a live teacher" in result.stderr
+    assert "text trains on the teacher's text alone" in result.stderr
     assert not (tmp_path / "run" / "student").exists()
 
 

@@ -210,17 +210,22 @@ def test_align_refused_for_a_tokenizer_without_offsets(tmp_path, tiny_teacher_di
         crossing(recipe, load_tokenizer(str(tiny_tokenizer_dir)), ByT5Tokenizer())
 
 
-def test_uld_with_teacher_cache_or_hidden_is_refused(tmp_path, tiny_teacher_dir, tiny_tokenizer_dir,
-                                                     sp_tokenizer_dir, pairs_jsonl):
+def test_text_with_teacher_cache_or_uld_with_hidden_is_refused(tmp_path, tiny_teacher_dir, tiny_tokenizer_dir,
+                                                               sp_tokenizer_dir, pairs_jsonl):
     teacher, student = load_tokenizer(str(tiny_tokenizer_dir)), load_tokenizer(str(sp_tokenizer_dir))
     cached = write_recipe(tmp_path, tiny_teacher_dir, tiny_teacher_dir, pairs_jsonl, cross_tokenizer="uld")
     spec = yaml.safe_load(cached.read_text())
     spec["teacher"]["cache"] = str(tmp_path / "cache")
     cached.write_text(yaml.safe_dump(spec))
-    with pytest.raises(DistillError, match="needs a live teacher"):
-        crossing(load_recipe(cached), teacher, student)
+    assert crossing(load_recipe(cached), teacher, student).mode == "uld"  # from the cache (test_cross_tokenizer_cache)
+    for text in ({"cross_tokenizer": "text"}, {}):  # set, or the default
+        spec["method"] = {key: value for key, value in spec["method"].items() if key != "cross_tokenizer"} | text
+        cached.write_text(yaml.safe_dump(spec))
+        with pytest.raises(DistillError, match="^method.cross_tokenizer: text trains on the teacher's text alone"):
+            crossing(load_recipe(cached), teacher, student)
     spec.pop("teacher")
     spec["teacher"] = {"model": str(tiny_teacher_dir)}
+    spec["method"]["cross_tokenizer"] = "uld"
     spec["method"]["hidden"] = {"weight": 1.0}
     cached.write_text(yaml.safe_dump(spec))
     with pytest.raises(DistillError, match="method.hidden"):

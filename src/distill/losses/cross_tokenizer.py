@@ -18,8 +18,9 @@ a time under activation checkpointing, so neither model's full [N, V] logits eve
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -27,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from distill.errors import DistillError
 from distill.losses.divergences import log_probs
+from distill.losses.sparse import FLOOR
 from distill.losses.objective import (
     IGNORE_INDEX,
     LossOutput,
@@ -138,6 +140,53 @@ def group_distance(
     return out
 
 
+@dataclass(frozen=True)
+class DenseTeacherRows:
+    """A live teacher's final hidden states [Nt, Dt] on its own tokens and its head [Vt, Dt]."""
+
+    hidden: Tensor
+    head: Tensor
+
+    def rows(self, index: Tensor) -> "DenseTeacherRows":
+        """The rows `index` (the head is shared)."""
+        return DenseTeacherRows(self.hidden[index], self.head)
+
+    def tempered_log_probs(self, temperature: float) -> Tensor:
+        """[n, Vt] log-softmax of the logits divided by the temperature."""
+        return log_probs(wide(tempered(self.hidden, temperature) @ self.head.t()))
+
+
+@dataclass(frozen=True)
+class SparseTeacherRows:
+    """A teacher's cached rows at its aligned positions: top-k ids and log-probs [Nt, k] (log-softmax over `vocab`
+    entries at T = 1) and the log mass outside them [Nt]."""
+
+    ids: Tensor
+    log_probs: Tensor
+    tail: Tensor
+    vocab: int
+
+    def rows(self, index: Tensor) -> "SparseTeacherRows":
+        """The rows `index`."""
+        return SparseTeacherRows(self.ids[index], self.log_probs[index], self.tail[index], self.vocab)
+
+    def whole(self) -> Tensor:
+        """[n, vocab] log-probs: the kept ids' values, every other id an equal share of the tail."""
+        n, k = self.ids.shape
+        values = wide(self.log_probs)
+        rest = self.vocab - k
+        share = wide(self.tail) - math.log(rest) if rest > 0 else torch.full_like(values[:, 0], FLOOR)
+        out = share[:, None].expand(n, self.vocab).clone()
+        return out.scatter_(1, self.ids.long(), values).clamp(min=FLOOR)
+
+    def tempered_log_probs(self, temperature: float) -> Tensor:
+        """[n, vocab] log-softmax of the whole rows divided by the temperature (at T = 1: the whole rows)."""
+        return log_probs(tempered(self.whole(), temperature))
+
+
+TeacherRows = Union[DenseTeacherRows, SparseTeacherRows]
+
+
 def _student_tokens(labels: Tensor, rows: Tensor) -> Tensor:
     return torch.where(rows >= 0, labels[rows.clamp(min=0)], rows)
 
@@ -184,6 +233,19 @@ def cross_tokenizer_loss_chunked(
 ) -> LossOutput:
     """The same objective from hidden states and heads, about `chunk_size` trained student rows (whole groups) at
     a time; each chunk's logits are recomputed in backward instead of kept (activation checkpointing)."""
+    teacher = DenseTeacherRows(teacher_hidden.detach(), teacher_head.detach())
+    return cross_tokenizer_loss_on_rows(student_hidden, student_head, teacher, labels, groups, split,
+                                        divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
+                                        skew=skew, chunk_size=chunk_size, top_k=top_k)
+
+
+def cross_tokenizer_loss_on_rows(
+    student_hidden: Tensor, student_head: Tensor, teacher: TeacherRows, labels: Tensor, groups: AlignedGroups,
+    split: VocabSplit, *, divergence: str = "forward_kl", temperature: float = 1.0, alpha: float = 0.5,
+    beta: float = 0.5, skew: float = 0.1, chunk_size: int = 192, top_k: Optional[int] = None,
+) -> LossOutput:
+    """The chunked objective against a live teacher's rows or its cached top-k rows (`groups.teacher_rows`
+    index `teacher`'s rows)."""
     objective = build_objective(divergence, temperature, alpha, beta, skew)
     if chunk_size <= 0:
         raise DistillError(f"method.chunk_size: must be > 0, got {chunk_size}")
@@ -199,7 +261,6 @@ def cross_tokenizer_loss_chunked(
     student_rows = torch.where(groups.student_rows >= 0, position[groups.student_rows.clamp(min=0)],
                                groups.student_rows)
     hidden, labels = student_hidden[valid], labels[valid]
-    teacher_hidden, teacher_head = teacher_hidden.detach(), teacher_head.detach()
     split = split.to(hidden.device)
     totals = []
     for rows, group_slice in _chunks(student_rows, n, chunk_size):
@@ -209,8 +270,8 @@ def cross_tokenizer_loss_chunked(
         needed = torch.unique(teacher_rows[teacher_rows >= 0])
         local_teacher = torch.where(teacher_rows >= 0, torch.searchsorted(needed, teacher_rows), teacher_rows)
         chunk = _ChunkGroups(local_student, local_teacher, groups.teacher_tokens[group_slice])
-        args = (hidden[rows], student_head, teacher_hidden[needed], teacher_head, labels[rows], chunk, split,
-                objective, top_k, n, max(groups.count, 1))
+        args = (hidden[rows], student_head, teacher.rows(needed), labels[rows], chunk, split, objective, top_k, n,
+                max(groups.count, 1))
         if torch.is_grad_enabled() and (hidden.requires_grad or student_head.requires_grad):
             totals.append(checkpoint(_chunk_sums, *args, use_reentrant=False))
         else:
@@ -242,8 +303,8 @@ def _chunks(student_rows: Tensor, n: int, chunk_size: int) -> list[tuple[slice, 
 
 
 def _chunk_sums(
-    hidden: Tensor, head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor, labels: Tensor,
-    groups: _ChunkGroups, split: VocabSplit, objective: Objective, top_k: Optional[int], n: int, n_groups: int,
+    hidden: Tensor, head: Tensor, teacher: TeacherRows, labels: Tensor, groups: _ChunkGroups, split: VocabSplit,
+    objective: Objective, top_k: Optional[int], n: int, n_groups: int,
 ) -> Tensor:
     """[3]: this chunk's share of the mean loss, its summed CE and its summed T^2 * group distance."""
     student = wide(hidden @ head.t())
@@ -252,7 +313,7 @@ def _chunk_sums(
     if groups.student_rows.numel():
         t = objective.temperature
         student_lp = log_probs(tempered(student, t))
-        teacher_lp = log_probs(wide(tempered(teacher_hidden, t) @ teacher_head.t()))
+        teacher_lp = teacher.tempered_log_probs(t)
         merged_student = merged_log_probs(student_lp, groups.student_rows,
                                           _student_tokens(labels, groups.student_rows))
         merged_teacher = merged_log_probs(teacher_lp, groups.teacher_rows, groups.teacher_tokens)
@@ -275,4 +336,20 @@ class CrossTokenizerTargets:
     def chunked_loss(self, hidden: Tensor, head: Tensor, labels: Tensor, settings: LossSettings) -> LossOutput:
         """The cross-tokenizer objective against this teacher, `settings.chunk_size` student rows at a time."""
         return cross_tokenizer_loss_chunked(hidden, head, self.hidden, self.head, labels, self.groups, self.split,
+                                            top_k=self.top_k, **settings.divergence_keywords())
+
+
+@dataclass
+class CachedCrossTokenizerTargets:
+    """One micro-batch's teacher signal across tokenizers from the top-k cache: the teacher's rows at its aligned
+    positions (`groups.teacher_rows` index them), the aligned groups and the vocabulary split."""
+
+    rows: SparseTeacherRows
+    groups: AlignedGroups
+    split: VocabSplit
+    top_k: Optional[int] = None
+
+    def chunked_loss(self, hidden: Tensor, head: Tensor, labels: Tensor, settings: LossSettings) -> LossOutput:
+        """The cross-tokenizer objective against the cached rows, `settings.chunk_size` student rows at a time."""
+        return cross_tokenizer_loss_on_rows(hidden, head, self.rows, labels, self.groups, self.split,
                                             top_k=self.top_k, **settings.divergence_keywords())

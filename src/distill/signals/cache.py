@@ -90,6 +90,9 @@ class CacheHeader:
     shard_examples: int
     temperature: float = 1.0  # log-probs are stored at T = 1; the loss re-applies the recipe's temperature
     teacher_files: str = ""  # size and mtime of the teacher's weight files at capture ("" when not local)
+    # Across tokenizers: a hash of the student's tokenizer and template whose rendering the teacher read ("": the
+    # teacher's own tokenization of the student's examples, one tokenizer on both sides)
+    aligned_to: str = ""
     encoding_version: int = ENCODING_VERSION
     format: str = FORMAT
 

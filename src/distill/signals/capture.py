@@ -22,7 +22,14 @@ from distill.errors import DistillError
 from distill.losses.divergences import log_probs
 from distill.models import decoder_hidden_states, output_head
 from distill.runtime import barrier, gather_from_ranks
-from distill.signals.cache import CacheHeader, TopKCacheWriter, dataset_hash, example_hash, trained_positions
+from distill.signals.cache import (
+    CacheHeader,
+    TopKCacheWriter,
+    dataset_hash,
+    example_hash,
+    next_tokens,
+    trained_positions,
+)
 from distill.signals.encoding import TopKRows
 from distill.signals.from_generation import FROM_GENERATION, kept_vocab_size, reused_rows
 from distill.signals.provenance import chat_template_hash, tokenizer_hash, weights_hash
@@ -47,12 +54,23 @@ class CaptureStats:
     forced: int = 0  # examples of the new shards that were teacher-forced
 
 
-def top_k_rows(hidden: torch.Tensor, head: torch.Tensor, k: int, chunk_size: int = 192) -> TopKRows:
-    """Top-k ids and log-probs (log-softmax over the whole head first) and the log tail mass of [n, D] states."""
+def top_k_rows(
+    hidden: torch.Tensor, head: torch.Tensor, k: int, chunk_size: int = 192, labels: Optional[torch.Tensor] = None,
+) -> TopKRows:
+    """Top-k ids and log-probs (log-softmax over the whole head first) and the log tail mass of [n, D] states.
+
+    With `labels` [n] every row keeps its label: one outside the top-k takes the k-th place (its log-prob is below
+    every kept one, so the row stays sorted), which a cross-tokenizer group needs for its later tokens.
+    """
     ids, values, tails = [], [], []
     for start in range(0, hidden.size(0), chunk_size):
         lp = log_probs(hidden[start:start + chunk_size] @ head.t()).float()
         top, idx = lp.topk(k, dim=1)
+        if labels is not None:
+            label = labels[start:start + chunk_size].to(idx.device)
+            missing = ~(idx == label[:, None]).any(dim=1)
+            idx[missing, -1] = label[missing]
+            top[missing, -1] = lp[missing, label[missing]]
         # Summing the rest directly (not 1 - sum(top)) keeps the tail exact when it is tiny.
         tails.append(lp.scatter(1, idx, float("-inf")).logsumexp(dim=1))
         ids.append(idx)
@@ -73,6 +91,11 @@ class CaptureJob:
     chunk_size: int
     shard_examples: int = SHARD_EXAMPLES
     teacher_files: str = ""  # the teacher's weight files' fingerprint (provenance.files_fingerprint)
+    # Across tokenizers (docs/cross_tokenizer.md): log-softmax over the head's first `head_rows` rows (the
+    # teacher tokenizer's entries), every row keeps its label, and the header names the student's tokenizer.
+    head_rows: Optional[int] = None
+    keep_labels: bool = False
+    aligned_to: str = ""
 
 
 def capture_cache(
@@ -91,7 +114,7 @@ def capture_cache(
     rank, world = ranks
     began = time.perf_counter()
     hashes = [example_hash(e.input_ids, e.labels) for e in encoded]
-    teacher = _Teacher(load_teacher)
+    teacher = _Teacher(load_teacher, job.head_rows)
     if kept:  # the header must not depend on whether some example later needs the teacher loaded
         vocab_size, weights = kept_vocab_size(next(iter(kept.values())), tokenizer), FROM_GENERATION
     else:
@@ -103,7 +126,7 @@ def capture_cache(
         teacher=job.teacher, teacher_weights=weights, tokenizer=tokenizer_hash(tokenizer),
         chat_template=chat_template_hash(tokenizer), vocab_size=vocab_size, k=k, step=job.step,
         compressor="lzma2", dataset=dataset_hash(hashes), n_examples=len(encoded),
-        shard_examples=job.shard_examples, teacher_files=job.teacher_files,
+        shard_examples=job.shard_examples, teacher_files=job.teacher_files, aligned_to=job.aligned_to,
     )
     writer = TopKCacheWriter(job.path, header, owner=rank == 0)  # every rank refuses a mismatched header alike
     if world > 1:
@@ -130,7 +153,8 @@ def capture_cache(
         for start in range(0, len(forced), job.batch_size):
             batch = forced[start:start + job.batch_size]
             rows.update(zip(batch, batch_rows(teacher.model, teacher.checked_head(vocab_size),
-                                              [encoded[i] for i in batch], k, pad_id, job.chunk_size, device)))
+                                              [encoded[i] for i in batch], k, pad_id, job.chunk_size, device,
+                                              keep_labels=job.keep_labels)))
         for i in header.shard_range(shard):
             writer.add(i, hashes[i], rows[i], encoded[i].labels)
             bar.update(len(rows[i]))
@@ -173,8 +197,8 @@ def _log_stats(stats: CaptureStats, from_generation: bool) -> None:
 class _Teacher:
     """The teacher's weights, loaded on first use: a cache built from generation may never need them."""
 
-    def __init__(self, load: Callable[[], torch.nn.Module]):
-        self.load = load
+    def __init__(self, load: Callable[[], torch.nn.Module], rows: Optional[int] = None):
+        self.load, self.rows = load, rows
 
     @cached_property
     def model(self) -> torch.nn.Module:
@@ -182,7 +206,8 @@ class _Teacher:
 
     @cached_property
     def head(self) -> torch.Tensor:
-        return output_head(self.model).detach()
+        head = output_head(self.model).detach()
+        return head if self.rows is None else head[: self.rows]
 
     def checked_head(self, vocab_size: int) -> torch.Tensor:
         if self.head.size(0) != vocab_size:
@@ -192,12 +217,16 @@ class _Teacher:
 
 
 @torch.no_grad()
-def batch_rows(teacher, head, examples, k: int, pad_id: int, chunk_size: int, device) -> list[TopKRows]:
-    """Each example's rows: teacher hidden states at its trained positions, turned into top-k in chunks."""
+def batch_rows(
+    teacher, head, examples, k: int, pad_id: int, chunk_size: int, device, *, keep_labels: bool = False
+) -> list[TopKRows]:
+    """Each example's rows: teacher hidden states at its trained positions, turned into top-k in chunks (with
+    `keep_labels`, each row keeps the token that follows)."""
     batch = {key: v.to(device) for key, v in collate(examples, pad_id).items()}
     hidden = decoder_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
     positions = [trained_positions(e.labels) for e in examples]
     states = torch.cat([hidden[b, torch.as_tensor(p, device=device)] for b, p in enumerate(positions)])
-    rows = top_k_rows(states, head, k, chunk_size)
+    labels = torch.as_tensor(np.concatenate([next_tokens(e.labels) for e in examples])) if keep_labels else None
+    rows = top_k_rows(states, head, k, chunk_size, labels)
     bounds = np.cumsum([0] + [len(p) for p in positions])
     return [TopKRows(rows.ids[a:b], rows.log_probs[a:b], rows.tail[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]

@@ -3,6 +3,9 @@ own tokenizer, runs on its own ids, and gives the groups of tokens both tokeniza
 
 Views are built once per training set: for each encoded student example, the teacher's ids of the same text (cut
 where the student's tokens end) and the aligned groups whose student tokens are all trained.
+
+A cached teacher (`CachedCrossTokenizerTeacher`) reads instead the top-k rows `distill capture` wrote for each view
+(`teacher_examples`: the view's ids, labelled at the teacher tokens of its groups), and runs no model.
 """
 from __future__ import annotations
 
@@ -16,10 +19,17 @@ from transformers import PreTrainedTokenizerBase
 
 from distill.data.tokenize import IGNORE, EncodedExample
 from distill.errors import DistillError
-from distill.losses.cross_tokenizer import AlignedGroups, CrossTokenizerTargets, VocabSplit
+from distill.losses.cross_tokenizer import (
+    AlignedGroups,
+    CachedCrossTokenizerTargets,
+    CrossTokenizerTargets,
+    SparseTeacherRows,
+    VocabSplit,
+)
 from distill.models import output_head
 from distill.models.alignment import Group, align_spans, spans_of_ids
 from distill.models.heads import decoder_layer_outputs
+from distill.signals.reader import TeacherCacheReader
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +83,16 @@ def _trained(group: Group, labels: list[int]) -> bool:
             and all(labels[j] != IGNORE for j in group.student))
 
 
+def teacher_examples(views: Sequence[TeacherView]) -> list[EncodedExample]:
+    """Each view as the teacher's own training example: its ids, labelled where a group's teacher token is (the
+    positions a cache keeps rows for; the example hash then covers the ids and the alignment)."""
+    out = []
+    for view in views:
+        aligned = {k for group in view.groups for k in group.teacher}
+        out.append(EncodedExample(list(view.ids), [t if k in aligned else IGNORE for k, t in enumerate(view.ids)]))
+    return out
+
+
 @dataclass
 class CrossTokenizerTeacher:
     """A frozen teacher model on its own tokenization of each example (dense logits, chunk by chunk)."""
@@ -111,15 +131,53 @@ class CrossTokenizerTeacher:
                                      self.top_k), {}
 
 
-def batch_groups(views: Sequence[TeacherView], student_width: int, teacher_width: int) -> AlignedGroups:
-    """The views' groups as flat rows of the batch: student token j of row b is predicted at b * width + j - 1."""
+def batch_groups(
+    views: Sequence[TeacherView], student_width: int, teacher_width: Optional[int] = None
+) -> AlignedGroups:
+    """The views' groups as flat rows of the batch: student token j of row b is predicted at b * width + j - 1;
+    teacher token k at b * teacher_width + k - 1, or without a teacher width at its row among the batch's cached
+    rows (the rows of `teacher_examples`, view after view, in position order)."""
     s_rows, t_rows, t_tokens = [], [], []
+    cached = 0
     for b, view in enumerate(views):
+        if teacher_width is None:
+            positions = sorted({k for group in view.groups for k in group.teacher})
+            row_of = {k: cached + r for r, k in enumerate(positions)}
+            cached += len(positions)
+        else:
+            row_of = {k: b * teacher_width + k - 1 for group in view.groups for k in group.teacher}
         for group in view.groups:
             s_rows.append([b * student_width + j - 1 for j in group.student])
-            t_rows.append([b * teacher_width + k - 1 for k in group.teacher])
+            t_rows.append([row_of[k] for k in group.teacher])
             t_tokens.append([view.ids[k] for k in group.teacher])
     return AlignedGroups(_padded(s_rows), _padded(t_rows), _padded(t_tokens))
+
+
+@dataclass
+class CachedCrossTokenizerTeacher:
+    """The teacher's top-k rows on its own tokenization of each example, read from a verified cache (distill
+    capture); no model is run or held."""
+
+    reader: TeacherCacheReader
+    views: list[TeacherView]
+    split: VocabSplit
+    top_k: Optional[int] = None
+
+    def for_batch(
+        self, batch: dict[str, Tensor], indices: Optional[Sequence[int]] = None, layers: Sequence[int] = ()
+    ) -> tuple[CachedCrossTokenizerTargets, dict[int, Tensor]]:
+        """The cached rows of the batch's examples `indices` and their aligned groups."""
+        if layers:
+            raise DistillError(HIDDEN_ACROSS_TOKENIZERS)
+        if "position_ids" in batch:
+            raise DistillError(PACKING_ACROSS_TOKENIZERS)
+        if indices is None:
+            raise DistillError("teacher.cache: the cached teacher needs the batch's example indices")
+        where = batch["input_ids"].device
+        sparse = self.reader.targets(indices, where)
+        rows = SparseTeacherRows(sparse.ids, sparse.log_probs, sparse.tail, sparse.vocab_size)
+        groups = batch_groups([self.views[i] for i in indices], batch["input_ids"].size(1) - 1)
+        return CachedCrossTokenizerTargets(rows, groups.to(where), self.split.to(where), self.top_k), {}
 
 
 def _padded(rows: list[list[int]]) -> Tensor:

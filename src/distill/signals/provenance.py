@@ -28,6 +28,12 @@ def chat_template_hash(tokenizer) -> str:
     return _hash(json.dumps(template, sort_keys=True)) if template else "none"
 
 
+def alignment_hash(student_tokenizer) -> str:
+    """What a cross-tokenizer cache's rows are aligned to: the student's tokenizer and chat template, which render
+    and split the text the teacher reads."""
+    return _hash(tokenizer_hash(student_tokenizer) + chat_template_hash(student_tokenizer))
+
+
 def files_fingerprint(files: list[Path]) -> str:
     """Name, size and modification time of each weight file: changes when a teacher is replaced at the same path."""
     stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(files)]
@@ -43,10 +49,13 @@ def weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def check_provenance(header: CacheHeader, path: Path, teacher: str, tokenizer, teacher_files: str = "") -> None:
+def check_provenance(
+    header: CacheHeader, path: Path, teacher: str, tokenizer, teacher_files: str = "", aligned_to: str = ""
+) -> None:
     """Refuse a cache made by another teacher (reference `teacher`), tokenizer or chat template, naming what differs.
 
-    `teacher_files` (see `files_fingerprint`) catches a teacher whose weights were replaced at the same path.
+    `teacher_files` (see `files_fingerprint`) catches a teacher whose weights were replaced at the same path;
+    `aligned_to` (see `alignment_hash`, "" for one tokenizer) a cache aligned to another student's tokenizer.
     """
     found = {
         "teacher": (header.teacher, teacher),
@@ -57,6 +66,14 @@ def check_provenance(header: CacheHeader, path: Path, teacher: str, tokenizer, t
         if cached != wanted:
             raise DistillError(f"{path}: the cache was captured with a different {what} ({cached!r}, the recipe's "
                                f"is {wanted!r}); capture it again with `distill capture`")
+    if header.aligned_to != aligned_to:
+        if not header.aligned_to:
+            what = "on the teacher's own tokenization, but the recipe's student has a tokenizer of its own"
+        elif not aligned_to:
+            what = "aligned to a student on another tokenizer, but the recipe's student uses the teacher's"
+        else:
+            what = "aligned to another student tokenizer or chat template than the recipe's student's"
+        raise DistillError(f"{path}: the cache was captured {what}; capture it again with `distill capture`")
     if header.teacher_files and teacher_files and header.teacher_files != teacher_files:
         raise DistillError(f"{path}: the teacher's weight files changed since this cache was captured (same path, "
                            "other files); capture it again with `distill capture`")

@@ -31,10 +31,12 @@ class TeacherCacheReader:
 
 
 def open_teacher_cache(
-    path: Path, teacher: str, tokenizer, encoded: Sequence, teacher_files: str = ""
+    path: Path, teacher: str, tokenizer, encoded: Sequence, teacher_files: str = "", aligned_to: str = ""
 ) -> TeacherCacheReader:
-    """The cache at `path`, refused (one DistillError line) unless complete and made by this teacher on this data."""
+    """The cache at `path`, refused (one DistillError line) unless complete and made by this teacher on this data
+    (`encoded`: the examples as the teacher read them; `aligned_to`: the student tokenizer's alignment_hash across
+    tokenizers, else "")."""
     cache = TopKCache(Path(path))
-    check_provenance(cache.header, Path(path), teacher, tokenizer, teacher_files)
+    check_provenance(cache.header, Path(path), teacher, tokenizer, teacher_files, aligned_to)
     hashes = [example_hash(e.input_ids, e.labels) for e in encoded]
     return TeacherCacheReader(cache, hashes, [e.labels for e in encoded])

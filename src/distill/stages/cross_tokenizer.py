@@ -1,7 +1,8 @@
 """What training does when the teacher's and the student's tokenizers differ (method.cross_tokenizer), decided
 before the teacher loads: `text` trains on the teacher's text alone, `uld` and `align` distil logits across the two
-vocabularies through a live teacher that reads each example with its own tokenizer (docs/cross_tokenizer.md); the
-eval stage aligns the held-out examples the same way for agreement and KL on aligned spans."""
+vocabularies through a teacher that reads each example with its own tokenizer, live or from its top-k cache
+(`distill capture` writes the rows of those same teacher views; docs/cross_tokenizer.md); the eval stage aligns
+the held-out examples the same way for agreement and KL on aligned spans."""
 from __future__ import annotations
 
 import logging
@@ -12,26 +13,42 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.data.layouts import Example
-from distill.data.tokenize import encode_example, example_text, padding_id
+from distill.data.tokenize import EncodedExample, encode_example, example_text, padding_id
 from distill.errors import DistillError
 from distill.eval.measure import SpanAlignment
 from distill.losses.cross_tokenizer import vocab_split
+from distill.models import load_tokenizer
 from distill.models.alignment import has_offsets, shared_vocabulary
 from distill.models.compat import tokenizer_difference
 from distill.recipe import Recipe
 from distill.signals.cross_tokenizer import (
     HIDDEN_ACROSS_TOKENIZERS,
     PACKING_ACROSS_TOKENIZERS,
+    CachedCrossTokenizerTeacher,
     CrossTokenizerTeacher,
+    TeacherView,
+    teacher_examples,
     teacher_views,
 )
-from distill.stages.data import TrainingSet
-from distill.stages.facts import uses_teacher_cache
+from distill.signals.provenance import alignment_hash
+from distill.signals.reader import open_teacher_cache
+from distill.signals.teacher_signal import TeacherSignal
+from distill.stages.data import TrainingSet, training_set
+from distill.stages.facts import (
+    cache_path,
+    model_source,
+    named_by,
+    teacher_files,
+    teacher_id,
+    uses_teacher_cache,
+)
+from distill.stages.student import own_tokenizer
 
 log = logging.getLogger("distill")
 
-CROSS_WITH_CACHE = ("method.cross_tokenizer: {mode} needs a live teacher (the top-k cache keeps the teacher's ids "
-                    "for its own tokenization only); remove teacher.cache or use cross_tokenizer: text")
+TEXT_WITH_CACHE = ("method.cross_tokenizer: text trains on the teacher's text alone, so teacher.cache (the teacher's "
+                   "log-probs) would go unused; set method.cross_tokenizer: uld or align to distil them across the "
+                   "tokenizers, or remove teacher.cache")
 
 
 @dataclass(frozen=True)
@@ -63,6 +80,8 @@ def crossing(
                      "logit KD runs as usual", wanted)
         return None
     mode = wanted or "text"
+    if mode == "text" and uses_teacher_cache(recipe):
+        raise DistillError(TEXT_WITH_CACHE)
     if mode == "text":
         log.info("teacher and student tokenizers differ (%s): logit KD is off, the student learns the teacher's "
                  "text (method.cross_tokenizer: text; uld or align distil logits across vocabularies)", difference)
@@ -76,8 +95,6 @@ def crossing(
 def _check_logit_crossing(
     recipe: Recipe, mode: str, teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase
 ) -> None:
-    if uses_teacher_cache(recipe):
-        raise DistillError(CROSS_WITH_CACHE.format(mode=mode))
     if recipe.method.weighting != "none":
         raise DistillError(f"method.weighting: {recipe.method.weighting} is not supported with method.cross_tokenizer: "
                            f"{mode} yet; set method.weighting: none")
@@ -96,23 +113,73 @@ def _check_logit_crossing(
 
 def crossing_signal(
     recipe: Recipe, cross: Crossing, teacher: Optional[PreTrainedModel], student_rows: int, data: TrainingSet
-) -> Optional[CrossTokenizerTeacher]:
-    """The live teacher on its own tokenization for uld/align; None for text (the student trains on labels).
-    `student_rows` is the student head's size (rows past its tokenizer are padding, compared by ULD)."""
-    if not cross.logits or teacher is None:
+) -> Optional[TeacherSignal]:
+    """The teacher on its own tokenization for uld/align (live, or its top-k cache with teacher.cache); None for
+    text (the student trains on labels). `student_rows` is the student head's size (rows past its tokenizer are
+    padding, compared by ULD)."""
+    cached = uses_teacher_cache(recipe)
+    if not cross.logits or (teacher is None and not cached):
         return None
     student_tok, teacher_tok = cross.student_tokenizer, cross.teacher_tokenizer
-    d = recipe.data
-    texts = [example_text(e, student_tok, d.max_length, d.system_prompt) for e in data.examples
-             if encode_example(e, student_tok, d.max_length, d.system_prompt) is not None]
-    views = teacher_views(student_tok, teacher_tok, texts, data.encoded)
+    views = cross_views(recipe, cross, data)
     shared_student, shared_teacher = shared_vocabulary(student_tok, teacher_tok) if cross.mode == "align" else ([], [])
     split = vocab_split(student_rows, len(teacher_tok), shared_student, shared_teacher)
     log.info("cross-tokenizer %s: %d vocabulary entries shared (divergence), %d student and %d teacher entries "
              "compared by ULD", cross.mode, len(shared_student), split.rest_student.numel(),
              split.rest_teacher.numel())
+    if cached:
+        reader = open_teacher_cache(cache_path(recipe), teacher_id(recipe), teacher_tok, teacher_examples(views),
+                                    teacher_files(recipe), alignment_hash(student_tok))
+        k = reader.cache.header.k
+        log.info("teacher: top-%d cache %s on its own tokenization (the teacher is not run)", k, reader.cache.path)
+        if recipe.method.uld_top_k is None or recipe.method.uld_top_k > k:
+            log.warning("method.uld_top_k (%s) compares more teacher entries than teacher.cache_k (%d) keeps; the "
+                        "rest are the tail spread evenly (set uld_top_k <= cache_k to compare kept entries only)",
+                        recipe.method.uld_top_k or "all", k)
+        return CachedCrossTokenizerTeacher(reader, views, split, recipe.method.uld_top_k)
     pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else teacher_tok.eos_token_id
     return CrossTokenizerTeacher(teacher, views, pad, len(teacher_tok), split, recipe.method.uld_top_k)
+
+
+def cross_views(recipe: Recipe, cross: Crossing, data: TrainingSet) -> list[TeacherView]:
+    """The teacher's view of each encoded training example: the same text as the student's template renders it,
+    through the teacher's tokenizer, and the aligned groups."""
+    student_tok, d = cross.student_tokenizer, recipe.data
+    texts = [example_text(e, student_tok, d.max_length, d.system_prompt) for e in data.examples
+             if encode_example(e, student_tok, d.max_length, d.system_prompt) is not None]
+    return teacher_views(student_tok, cross.teacher_tokenizer, texts, data.encoded)
+
+
+@dataclass(frozen=True)
+class CrossCapture:
+    """What `distill capture` caches across tokenizers: the teacher's own examples (its ids of each training text,
+    labelled at the aligned tokens) and the student tokenizer they are aligned to."""
+
+    examples: list[EncodedExample]
+    aligned_to: str
+
+
+def cross_capture(recipe: Recipe, teacher_tok: PreTrainedTokenizerBase) -> Optional[CrossCapture]:
+    """The capture of a uld/align recipe whose student has a tokenizer of its own; None when the student reads the
+    teacher's tokenizer (an ordinary cache); refused with one line where the crossing cannot apply."""
+    student_tok = student_tokenizer(recipe, teacher_tok)
+    cross = crossing(recipe, teacher_tok, student_tok) if student_tok is not None else None
+    if cross is None:
+        return None
+    data = training_set(recipe, student_tok)
+    views = cross_views(recipe, cross, data)
+    return CrossCapture(teacher_examples(views), alignment_hash(student_tok))
+
+
+def student_tokenizer(
+    recipe: Recipe, teacher_tok: PreTrainedTokenizerBase
+) -> Optional[PreTrainedTokenizerBase]:
+    """The student's own tokenizer (student.model's, or student.tokenizer); None for a new student on the
+    teacher's."""
+    if recipe.student.model is not None:
+        with named_by("student.model"):
+            return load_tokenizer(*model_source(recipe, recipe.student))
+    return own_tokenizer(recipe, teacher_tok)
 
 
 def span_alignment(
