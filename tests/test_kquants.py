@@ -187,6 +187,16 @@ def test_cli_unknown_quant_lists_the_known_ones(kq_model, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_cli_imatrix_auto_without_calibration_data_is_one_line(kq_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["export", str(kq_model), "--format", "gguf", "--quant", "q4_k_m", "--imatrix", "auto",
+                 "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--imatrix auto: no calibration data" in err[0] and "--imatrix none" in err[0]
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------------------------------------- Ollama
 
 

@@ -330,7 +330,7 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from distill.export import export_model, load_imatrix, parse_target
+    from distill.export import export_model, is_k_quant, load_imatrix, parse_target
 
     setup_logging()
     if args.fmt in ("gguf", "executorch"):  # an unknown type, or executorch not installed, fails before any work
@@ -344,6 +344,9 @@ def _export(args: argparse.Namespace) -> None:
             from distill.stages.exports import gguf_imatrix
 
             imatrix = gguf_imatrix(load_recipe(recipe_file), args.quant, args.imatrix, args.imatrix_tokens)
+        if args.imatrix == "auto" and imatrix is None and is_k_quant(args.quant or ""):  # asked for, none to make
+            raise DistillError(f"--imatrix auto: no calibration data in {args.source} (a run directory with training "
+                               "data has it); give --imatrix FILE (e.g. from llama-imatrix) or --imatrix none")
     elif args.imatrix not in (None, "none"):
         raise DistillError("--imatrix: only for --format gguf")
     out = export_model(args.source, args.out, args.fmt, args.quant, verify=not args.no_verify, imatrix=imatrix)
