@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import SHARED, require_shared, tiny_recipe
+from conftest import SHARED, STORIES260K, require_shared, tiny_recipe
 
 from distill.cli import main
-from distill.data.examples import read_labelled
+from distill.data.examples import read_labelled, read_pairs
 from distill.data.layouts import Example
 from distill.data.teacher_records import latest_records
 from distill.data.tokenize import encode_example
@@ -20,9 +20,14 @@ from distill.errors import DistillError
 from distill.losses.preference import KtoSettings, kto_batch_loss
 from distill.models import load_model, load_tokenizer
 from distill.recipe import recipe_from_dict
-from distill.stages import build_preference_data, recipe_examples, train, train_stages
+from distill.report.html import write_report
+from distill.report.table import format_table
+from distill.stages import build_preference_data, evaluate, generate, recipe_examples, train, train_stages
+from distill.stages.held_out_pairs import held_out_pairs, reward_accuracy_section
 from distill.stages.kto import planned_answers
 from distill.stages.pairs import weights_fingerprint
+from distill.teachers.backend import SamplingParams
+from distill.teachers.local import generate_texts
 
 KTO_DEMO = SHARED / "data" / "llamafactory" / "kto_en_demo.json"
 
@@ -253,3 +258,72 @@ def test_a_bad_labelled_file_stops_the_pairs_command_with_file_and_line(tmp_path
     code, err = run_cli(tmp_path, raw, "pairs", capsys)
     assert code == 2 and f"{data}:6: {message}" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "run" / "pairs").exists()
+
+
+# ---------------------------------------------------------------- reward accuracy on held-out pairs (dpo eval)
+
+
+def pair_rows(n: int) -> list[dict]:
+    return [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f"The answer is {2 * i}.",
+             "rejected": f"I think it is {2 * i + 1}, or maybe not."} for i in range(n)]
+
+
+def test_reward_accuracy_on_held_out_pairs_equals_a_direct_computation(tmp_path, tiny_teacher_dir, tiny_student_dir):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(30))
+    raw = kto_recipe(tmp_path, tiny_teacher_dir, tiny_student_dir, pairs, method={"kind": "dpo", "beta": 0.5},
+                     train={"steps": 4, "lr": 1e-2, "batch_size": 4})
+    raw["data"]["eval_fraction"] = 0.3
+    raw["eval"].update(measure_speed=False, general_text=False)
+    recipe = recipe_from_dict(raw)
+    build_preference_data(recipe, progress=False)
+    train(recipe, progress=False)
+    report = evaluate(recipe, progress=False)
+
+    _, held_out = recipe_examples(recipe)
+    wanted = {e.id for e in held_out}
+    held = [p for p in read_pairs(pairs) if p.id in wanted]
+    policy = load_model(str(recipe.run_dir / "student"), None, dtype=torch.float32, device=torch.device("cpu"))
+    reference = load_model(str(tiny_student_dir), None, dtype=torch.float32, device=torch.device("cpu"))
+    tokenizer = load_tokenizer(str(tiny_student_dir), None)
+
+    def reward(p, answer: str) -> float:
+        return 0.5 * (live_log_prob(policy, tokenizer, p.messages, answer)
+                      - live_log_prob(reference, tokenizer, p.messages, answer))
+
+    margins = [reward(p, p.chosen) - reward(p, p.rejected) for p in held]
+    section = report["preference"]
+    assert section["pairs"] == len(held) >= 3 and section["beta"] == 0.5
+    assert section["reward_accuracy"] == pytest.approx(sum(m > 0 for m in margins) / len(held))
+    assert section["reward_margin"] == pytest.approx(sum(margins) / len(held), abs=1e-3)
+    assert report["student"]["reward_accuracy"] == section["reward_accuracy"]
+    assert "reward accuracy, held-out pairs" in format_table(report)
+    assert "reward accuracy, held-out pairs" in write_report(recipe.run_dir).read_text()  # the HTML report's table
+    saved = json.loads((recipe.run_dir / "report.json").read_text())
+    assert saved["preference"]["reward_margin"] == pytest.approx(section["reward_margin"])
+
+
+def test_teacher_vs_student_held_out_pairs_reject_the_references_greedy_answer(tmp_path):
+    model_dir = require_shared(STORIES260K)  # a real (tiny) model writes real answers; random ones write blanks
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about {w}."} for w in
+                                                       ("the sea", "the sky", "a fox", "a robot", "Paris", "fruit",
+                                                        "a poem", "a cat", "the moon", "a tree")])
+    raw = kto_recipe(tmp_path, model_dir, model_dir, prompts, method={"kind": "dpo"}, train={"steps": 2})
+    raw["data"] = {"prompts": str(prompts), "max_length": 64, "eval_fraction": 0.3}
+    raw["generate"] = {"max_new_tokens": 8, "batch_size": 4, "temperature": 1.0}  # sampled: unlike greedy
+    raw["pairs"] = {"source": "teacher_vs_student", "max_new_tokens": 8, "batch_size": 4}
+    recipe = recipe_from_dict(raw)
+    generate(recipe, progress=False)
+    build_preference_data(recipe, progress=False)
+    train(recipe, progress=False)
+    model = load_model(str(model_dir), None, dtype=torch.float32, device=torch.device("cpu"))
+    tokenizer = load_tokenizer(str(model_dir), None)
+    pairs = held_out_pairs(recipe, model, tokenizer)
+    _, held_out = recipe_examples(recipe)
+    greedy = generate_texts(model, tokenizer, [e.messages[:-1] for e in held_out],
+                            params=SamplingParams(max_new_tokens=8, temperature=0.0))
+    expected = [(e.messages[:-1], e.messages[-1]["content"], a.text) for e, a in zip(held_out, greedy)
+                if a.text.strip() and a.text.strip() != e.messages[-1]["content"].strip()]
+    assert pairs == expected and pairs
+    section = reward_accuracy_section(recipe)
+    assert section["pairs"] == len(pairs) and section["source"] == "teacher_vs_student"
+    assert 0.0 <= section["reward_accuracy"] <= 1.0
