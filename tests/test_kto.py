@@ -193,8 +193,8 @@ def test_the_kl_reference_point_is_the_clamped_mean_log_ratio_of_the_mismatched_
     out = kto_batch_loss(logp, ref, desirable, kl_logp, kl_ref, settings)
     z = max(float((kl_logp - kl_ref).mean()), 0.0)
     r = logp - ref
-    expected = [1.5 * (1 - torch.sigmoid(0.3 * (r[i] - z))) if desirable[i] else 0.5 * (1 - torch.sigmoid(0.3 * (z - r[i])))
-                for i in range(6)]
+    expected = [1.5 * (1 - torch.sigmoid(0.3 * (r[i] - z))) if desirable[i]
+                else 0.5 * (1 - torch.sigmoid(0.3 * (z - r[i]))) for i in range(6)]
     assert float(out.kl) == pytest.approx(z)
     assert float(out.loss) == pytest.approx(float(sum(expected)) / (1.5 * 3 + 0.5 * 3))
     assert float(out.desirable_reward) == pytest.approx(float(0.3 * r[desirable].mean()))

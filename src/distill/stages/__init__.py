@@ -29,7 +29,8 @@ from distill.stages.teacher_data import filter_data, generate
 from distill.stages.training import train
 
 __all__ = ["prepare_run_dir", "generate", "filter_data", "capture", "build_student", "check_pairs", "build_pairs",
-           "build_preference_data", "train", "stage_recipes", "train_stages", "export_targets", "export", "evaluate", "report", "run"]
+           "build_preference_data", "train", "stage_recipes", "train_stages", "export_targets", "export", "evaluate",
+           "report", "run"]
 
 log = logging.getLogger("distill")
 

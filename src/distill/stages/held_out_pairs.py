@@ -13,6 +13,7 @@ import logging
 from typing import Optional
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.data.examples import read_pairs
 from distill.data.tokenize import padding_id
@@ -21,7 +22,7 @@ from distill.losses.preference import PreferenceSettings, pair_loss
 from distill.models import load_model
 from distill.recipe import Recipe
 from distill.stages.data import recipe_examples
-from distill.stages.facts import device, run_files
+from distill.stages.facts import device, run_files, teacher_tokenizer
 from distill.stages.pairs import encode_pair, pairs_spec, reference_student
 from distill.teachers.backend import SamplingParams
 from distill.teachers.local import generate_texts
@@ -36,13 +37,15 @@ def dpo_stage(recipe: Recipe) -> Optional[Recipe]:
     return stages[-1] if stages else None
 
 
-def held_out_pairs(recipe: Recipe, reference, tokenizer) -> list[tuple[list, str, str]]:
+def held_out_pairs(recipe: Recipe, reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+                   ) -> list[tuple[list, str, str]]:
     """(prompt messages, chosen, rejected) of the pairs' held-out split; teacher_vs_student's rejected answers are
     the reference's greedy answers (pairs.max_new_tokens), pairs whose answer is empty or the chosen one left out."""
     _, held_out = recipe_examples(recipe)
     if pairs_spec(recipe).source == "file":
         wanted = {e.id for e in held_out}
-        return [(p.messages, p.chosen, p.rejected) for p in read_pairs(recipe.path(recipe.data.pairs)) if p.id in wanted]
+        pairs = read_pairs(recipe.path(recipe.data.pairs))
+        return [(p.messages, p.chosen, p.rejected) for p in pairs if p.id in wanted]
     prompts = [(e.messages[:-1], e.messages[-1]["content"]) for e in held_out
                if e.messages and e.messages[-1]["role"] == "assistant"]
     if not prompts:
@@ -54,7 +57,8 @@ def held_out_pairs(recipe: Recipe, reference, tokenizer) -> list[tuple[list, str
             if a.text.strip() and a.text.strip() != chosen.strip()]
 
 
-def pair_rewards(recipe: Recipe, policy, reference, tokenizer, pairs: list[tuple[list, str, str]]) -> Optional[dict]:
+def pair_rewards(recipe: Recipe, policy: PreTrainedModel, reference: PreTrainedModel,
+                 tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[list, str, str]]) -> Optional[dict]:
     """Reward accuracy, mean margin and loss of `policy` against `reference` on the pairs (None when none encodes)."""
     items = [PairItem(*encoded, 0.0, 0.0) for encoded in
              (encode_pair(recipe, tokenizer, m, c, r) for m, c, r in pairs) if encoded is not None]
@@ -77,6 +81,14 @@ def _answer_tokens(labels: list[int]) -> int:
     return sum(t != IGNORE_INDEX for t in labels[1:])
 
 
+def _reference(stage: Recipe) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """(tokenizer, the stage's starting student): a built student_init is read back without loading the teacher."""
+    built = run_files(stage).student_init
+    if stage.student.model is None and (built / "config.json").is_file():
+        return teacher_tokenizer(stage), load_model(str(built), None, dtype=torch.float32, device=device(stage))
+    return reference_student(stage)
+
+
 def reward_accuracy_section(recipe: Recipe) -> dict:
     """report.json's `preference` section for a run with a dpo stage: the held-out pairs' count, reward accuracy,
     mean reward margin and loss; {} for other runs, or when the held-out split has no pair."""
@@ -84,7 +96,7 @@ def reward_accuracy_section(recipe: Recipe) -> dict:
     student_dir = run_files(stage).student if stage is not None else None
     if stage is None or not (student_dir / "config.json").is_file():
         return {}
-    tokenizer, reference = reference_student(stage)
+    tokenizer, reference = _reference(stage)
     pairs = held_out_pairs(stage, reference, tokenizer)
     policy = load_model(str(student_dir), None, dtype=torch.float32, device=device(recipe))  # as the reference
     measured = pair_rewards(stage, policy, reference, tokenizer, pairs) if pairs else None
