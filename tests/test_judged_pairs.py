@@ -11,7 +11,6 @@ import torch
 from conftest import STORIES260K, require_shared, tiny_recipe
 
 from distill.cli import main
-from distill.data.teacher_records import latest_records
 from distill.eval.best_worst import KEPT, TIE, UNPARSEABLE, judge_best_worst, verify_best_worst
 from distill.eval.judge import DEFAULT_RUBRIC
 from distill.models import load_model, load_tokenizer

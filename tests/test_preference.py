@@ -206,7 +206,7 @@ def run_cli(tmp_path: Path, raw: dict, command: str, capsys) -> tuple[int, str]:
 @pytest.mark.parametrize("change, message", [
     (lambda raw: raw["data"].pop("pairs") and raw["data"].update(train=raw["data"]["eval_file"]),
      "method.kind: dpo needs preference pairs"),
-    (lambda raw: raw["method"].update(kind="orpo"), "method.kind: Input should be 'kd', 'on_policy', 'sft' or 'dpo'"),
+    (lambda raw: raw["method"].update(kind="orpo"), "method.kind: Input should be 'kd', 'on_policy', 'sft', 'dpo' or 'kto'"),
     (lambda raw: raw["method"].update(loss="hinge", label_smoothing=0.1), "method.label_smoothing applies"),
 ])
 def test_bad_dpo_recipes_are_one_line_and_exit_2_before_writing(tmp_path, tiny_teacher_dir, tiny_student_dir,

@@ -56,7 +56,7 @@ def test_a_recipe_without_stages_is_its_own_only_stage_and_dumps_as_before(tmp_p
     ([], "stages: Value error, an empty list"),
     ([{"name": "a"}, {"name": "a"}], "the stage name 'a' is used twice"),
     ([{"name": "kd"}, {"name": "x", "method": {"kind": "orpo"}}],
-     "stages[1].method.kind: Input should be 'kd', 'on_policy', 'sft' or 'dpo'"),
+     "stages[1].method.kind: Input should be 'kd', 'on_policy', 'sft', 'dpo' or 'kto'"),
     ([{"name": "kd", "train": {"stepz": 3}}], "stages[0].train.stepz: unknown key"),
     ([{"name": "kd", "teacher": {"model": "x"}}], "stages[0].teacher: unknown key"),
     ([{"name": "../up"}], "stages[0].name: String should match pattern"),

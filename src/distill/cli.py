@@ -294,7 +294,7 @@ def _pairs(args: argparse.Namespace) -> None:
         raise DistillError(f"{args.recipe}: a `stages:` recipe builds each dpo stage's pairs from the stage before's "
                            "student; run `distill train` or `distill run`")
     _prepare_run(recipe, args)
-    stats = _stages().build_pairs(recipe, progress=not args.no_progress)
+    stats = _stages().build_preference_data(recipe, progress=not args.no_progress)  # dpo pairs or kto answers
     dropped = ", ".join(f"{n} {reason}" for reason, n in stats.dropped.items()) or "none"
     print(f"pairs ({stats.source}): {stats.planned} planned, {stats.existing} already built, {stats.built} built "
           f"now; dropped: {dropped} -> {recipe.run_dir / 'pairs'}")

@@ -180,7 +180,8 @@ class DataSpec(Section):
     prompts_split: str = "train"  # for hf:// prompts: the dataset split
     prompts_config: Optional[str] = None  # for hf:// prompts: the dataset configuration (e.g. "main" for gsm8k)
     train: Optional[str] = None  # JSONL of prompt/response, messages, or text; or a .txt file
-    pairs: Optional[str] = None  # preference pairs (chosen/rejected) for method.kind: dpo
+    # preference pairs (chosen/rejected) for method.kind: dpo; labelled single answers (label/kto_tag) for kto
+    pairs: Optional[str] = None
     eval: Optional[str] = None  # held-out examples; default: a split of the training data
     eval_fraction: Float = Field(default=0.1, ge=0.0, lt=1.0)
     max_eval_examples: Int = Field(default=64, gt=0)
@@ -261,17 +262,18 @@ class OnPolicySampling(Section):
 
 PreferenceLoss = Literal["sigmoid", "ipo", "hinge", "simpo"]  # distill.losses.preference.PAIR_LOSSES
 DEFAULT_JSD_BETA, DEFAULT_DPO_BETA = 0.5, 0.1
+PREFERENCE_KINDS = ("dpo", "kto")  # method kinds whose beta is the preference loss's, read from <run>/pairs/
 
 
 class MethodSpec(Section):
     """What the student learns from: teacher logits on the teacher's text (kd) or on its own samples (on_policy),
-    only teacher text (sft), or preference pairs (dpo)."""
+    only teacher text (sft), preference pairs (dpo), or answers labelled desirable or not (kto)."""
 
-    kind: Literal["kd", "on_policy", "sft", "dpo"] = "kd"
+    kind: Literal["kd", "on_policy", "sft", "dpo", "kto"] = "kd"
     divergence: Divergence = "forward_kl"  # on_policy: reverse_kl unless set
     temperature: Float = Field(default=1.0, gt=0.0)
     alpha: Float = Field(default=0.5, ge=0.0, le=1.0)  # weight of cross-entropy on labels; 1-alpha on KD
-    # JSD mixing weight (kd, below 1; default 0.5), or DPO's beta (dpo; default 0.1)
+    # JSD mixing weight (kd, below 1; default 0.5), or DPO's or KTO's beta (dpo, kto; default 0.1)
     beta: Optional[Float] = Field(default=None, gt=0.0)
     skew: Float = Field(default=0.1, ge=0.0, lt=1.0)  # skew KL mixing weight
     chunk_size: Int = Field(default=192, gt=0)  # positions per chunk in the memory-safe loss (see docs/benchmarks.md)
@@ -292,6 +294,9 @@ class MethodSpec(Section):
     label_smoothing: Float = Field(default=0.0, ge=0.0, lt=0.5)  # sigmoid and simpo: the share of flipped labels
     sft_weight: Float = Field(default=0.0, ge=0.0)  # RPO: weight of an NLL term on the chosen responses
     simpo_gamma: Float = Field(default=0.5, ge=0.0)  # SimPO's target reward margin
+    # method.kind: kto: the weights of desirable and undesirable answers' losses (docs/preference.md)
+    desirable_weight: Float = Field(default=1.0, gt=0.0)
+    undesirable_weight: Float = Field(default=1.0, gt=0.0)
     # Teacher and student tokenizers differ: text (CE on the teacher's text, the default), uld or align (logit KD
     # across vocabularies; docs/cross_tokenizer.md). A same-tokenizer pair ignores it (ordinary logit KD).
     cross_tokenizer: Optional[Literal["text", "uld", "align"]] = None
@@ -300,13 +305,13 @@ class MethodSpec(Section):
     @model_validator(mode="after")
     def _beta_for_kind(self) -> "MethodSpec":
         if self.beta is None:
-            self.beta = DEFAULT_DPO_BETA if self.kind == "dpo" else DEFAULT_JSD_BETA
-        elif self.kind != "dpo" and self.beta >= 1.0:
+            self.beta = DEFAULT_DPO_BETA if self.kind in PREFERENCE_KINDS else DEFAULT_JSD_BETA
+        elif self.kind not in PREFERENCE_KINDS and self.beta >= 1.0:
             raise ValueError(f"method.beta: the JSD mixing weight must be below 1, got {self.beta:g}")
         if self.kind == "dpo" and self.label_smoothing and self.loss not in ("sigmoid", "simpo"):
             raise ValueError(f"method.label_smoothing applies to method.loss sigmoid or simpo, not {self.loss}")
-        if self.kind == "dpo" and self.hidden is not None:
-            raise ValueError("method.hidden: hidden-state KD needs method.kind: kd, not dpo")
+        if self.kind in PREFERENCE_KINDS and self.hidden is not None:
+            raise ValueError(f"method.hidden: hidden-state KD needs method.kind: kd, not {self.kind}")
         return self
 
     @model_validator(mode="after")

@@ -9,10 +9,12 @@ from typing import Any, Callable
 from distill.data.layouts import (
     EmptyAnswer,
     Example,
+    LabelledExample,
     PreferencePair,
     Prompt,
     RecordError,
     example_from_record,
+    labelled_from_record,
     map_fields,
     pair_from_record,
     prompt_from_record,
@@ -111,6 +113,19 @@ def read_pairs(path: str | Path) -> list[PreferencePair]:
     for where, record in json_records(path):
         collector.add(where, record, pair_from_record)
     return collector.finish("preference pairs")
+
+
+def read_labelled(path: str | Path) -> list[LabelledExample]:
+    """KTO examples (a prompt, one answer, a boolean label) from .jsonl/.json (distill.data.layouts.LABELLED_LAYOUTS);
+    a bad record is file:line."""
+    path = Path(path)
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        raise DistillError(f"{path}: unsupported file type {path.suffix!r} for labelled examples "
+                           "(expected .jsonl or .json)")
+    collector = _Collector(path)
+    for where, record in json_records(path):
+        collector.add(where, record, labelled_from_record)
+    return collector.finish("labelled examples")
 
 
 def read_prompts(

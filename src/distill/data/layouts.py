@@ -322,3 +322,69 @@ def pair_from_record(record: Any) -> PreferencePair:
     messages = _with_system(record, prompt)
     return PreferencePair(id=_record_id(record, [messages, better, worse]), messages=messages, chosen=better,
                           rejected=worse)
+
+
+# ---------------------------------------------------------------- labelled single answers (KTO)
+
+LABELLED_LAYOUTS = (
+    "prompt/completion/label (TRL's unpaired format; prompt a string or messages, completion a string or message)",
+    "instruction/input/output + label (Alpaca)",
+    "messages or conversations (ShareGPT) ending with the answer + label or kto_tag (LLaMA-Factory)",
+)
+LABEL_KEYS = ("label", "kto_tag")  # TRL's and LLaMA-Factory's names of the desirable flag
+
+
+@dataclass
+class LabelledExample:
+    """A prompt (`messages`, ending with a user turn), one answer to it, and whether the answer is desirable."""
+
+    id: str
+    messages: Messages
+    answer: str
+    desirable: bool
+
+
+def _label(record: dict) -> bool:
+    for key in LABEL_KEYS:
+        if key in record:
+            value = record[key]
+            if not isinstance(value, bool):
+                raise RecordError(f"{key!r} must be true or false, got {json.dumps(value)}")
+            return value
+    raise RecordError("missing 'label' (a KTO example needs a boolean label or kto_tag: true = desirable)")
+
+
+def labelled_from_record(record: Any) -> LabelledExample:
+    """One KTO example from a parsed record of any LABELLED_LAYOUTS; raises RecordError naming what is wrong
+    (an empty answer is an error here, not a skipped record: its label would say nothing)."""
+    record = _as_dict(record)
+    desirable = _label(record)
+    if "completion" in record:
+        prompt = _pair_prompt(record)
+        if prompt is None:
+            raise _unknown_layout(record, LABELLED_LAYOUTS)
+        turns = _side_turns(record["completion"], "completion")
+        answer = _answer_of(turns, "completion")
+    else:
+        conversation = _conversation(record)
+        if conversation is not None:
+            messages, names = conversation
+            if messages[-1]["role"] != "assistant":
+                raise RecordError("the conversation does not end with the assistant answer the label is about")
+            if not messages[-1]["content"].strip():
+                raise RecordError(f"{names[-1]}: empty answer")
+            _check_contents(messages[:-1], names[:-1])
+            prompt, answer = messages[:-1], messages[-1]["content"]
+        elif (question := _question(record)) is not None:
+            try:
+                answer = _answer(record)
+            except EmptyAnswer as err:
+                raise RecordError(f"{err} (an empty answer)") from None
+            prompt = [{"role": "user", "content": question}]
+        else:
+            raise _unknown_layout(record, LABELLED_LAYOUTS)
+    if not prompt or prompt[-1]["role"] != "user":
+        raise RecordError("the prompt does not end with a user turn")
+    messages = _with_system(record, prompt)
+    return LabelledExample(id=_record_id(record, [messages, answer, desirable]), messages=messages, answer=answer,
+                           desirable=desirable)

@@ -122,3 +122,37 @@ def kto_loss(
     losses = torch.where(good, 1 - torch.sigmoid(beta * (ratio - z)), 1 - torch.sigmoid(beta * (z - ratio)))
     weights = torch.where(good, torch.full_like(ratio, desirable_weight), torch.full_like(ratio, undesirable_weight))
     return (weights * losses).sum() / weights.sum()
+
+
+@dataclass(frozen=True)
+class KtoSettings:
+    """method.kind: kto's beta, desirable_weight and undesirable_weight as plain values."""
+
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    chunk_size: int = 192
+
+
+@dataclass
+class LabelledLoss:
+    """A batch of labelled answers' KTO loss and its detached terms."""
+
+    loss: Tensor
+    kl: Tensor  # the reference point z0: the batch's mean policy-to-reference log-ratio on mismatched answers, >= 0
+    desirable_reward: Tensor  # mean b * log-ratio of the desirable answers (nan when the batch has none)
+    undesirable_reward: Tensor  # the same of the undesirable answers
+
+
+def kto_batch_loss(
+    logp: Tensor, ref_logp: Tensor, desirable: Tensor, kl_logp: Tensor, kl_ref_logp: Tensor, settings: KtoSettings
+) -> LabelledLoss:
+    """KTO on a batch: z0 = mean(kl_logp - kl_ref_logp) over the batch (each prompt with another example's answer,
+    as TRL's KTOTrainer estimates KL(policy || reference)), detached and clamped at 0; then kto_loss."""
+    kl = (kl_logp - kl_ref_logp).detach().mean().clamp(min=0)
+    loss = kto_loss(logp, ref_logp, desirable, kl, beta=settings.beta, desirable_weight=settings.desirable_weight,
+                    undesirable_weight=settings.undesirable_weight)
+    rewards, good = settings.beta * (logp - ref_logp).detach(), desirable.bool()
+    nan = torch.full((), float("nan"), dtype=rewards.dtype, device=rewards.device)
+    return LabelledLoss(loss=loss, kl=kl, desirable_reward=rewards[good].mean() if good.any() else nan,
+                        undesirable_reward=rewards[~good].mean() if (~good).any() else nan)

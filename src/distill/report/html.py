@@ -36,7 +36,9 @@ CURVE_LABELS = {"loss": "total loss", "kd": "KD loss", "ce": "cross-entropy", "h
                 "agreement": "top-1 agreement with the teacher",
                 "margin": "DPO reward margin (chosen - rejected)", "accuracy": "DPO reward accuracy (chosen > rejected)",
                 "chosen_logp": "log-prob of chosen answers", "rejected_logp": "log-prob of rejected answers",
-                "sft": "NLL of chosen answers"}
+                "sft": "NLL of chosen answers", "kl": "KTO reference point z0 (KL estimate)",
+                "desirable_reward": "KTO reward of desirable answers",
+                "undesirable_reward": "KTO reward of undesirable answers"}
 EVAL_PREFIXES = ("eval_", "eval/")  # metrics keys logged on held-out data: drawn beside their training curve
 SERIES_NAMES = {"eval": "held-out"}  # a curve's lines, as its legend names them
 EVAL_SPLIT = "eval"  # metrics.jsonl rows of held-out evaluations (train.eval_every) carry "split": "eval"

@@ -38,6 +38,8 @@ ROWS = (
     Row("rougeL_ref", "ROUGE-L vs reference", _fixed(3), HIGHER, True),
     Row("rougeL_teacher", "ROUGE-L vs teacher", _fixed(3), HIGHER, False),
     Row("loop_share", "answers that loop", _fixed(3), LOWER, False),
+    Row("reward_accuracy", "reward accuracy, held-out pairs", _fixed(3), HIGHER, False),
+    Row("reward_margin", "reward margin, held-out pairs", _fixed(3), HIGHER, False),
     Row("distinct_2", "distinct word bigrams", _fixed(3), HIGHER, True),
     Row("ece", "calibration error (ECE)", _fixed(3), LOWER, True),
     Row("prefill_tokens_per_s", "prefill tok/s", _fixed(1), HIGHER, True),

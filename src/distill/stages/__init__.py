@@ -17,7 +17,7 @@ from distill.errors import DistillError
 from distill.recipe import Recipe
 from distill.runtime import atomic_write_text, barrier, continue_alone, is_main_process
 from distill.stages.cache import capture
-from distill.stages.chain import check_stages, stage_recipes, train_stages
+from distill.stages.chain import build_preference_data, check_stages, stage_recipes, train_stages
 from distill.stages.data import recipe_examples
 from distill.stages.evaluation import evaluate
 from distill.stages.exports import export, export_targets
@@ -29,7 +29,8 @@ from distill.stages.teacher_data import filter_data, generate
 from distill.stages.training import train
 
 __all__ = ["prepare_run_dir", "generate", "filter_data", "capture", "build_student", "check_pairs", "build_pairs",
-           "train", "stage_recipes", "train_stages", "export_targets", "export", "evaluate", "report", "run"]
+           "build_preference_data", "train", "stage_recipes", "train_stages", "export_targets", "export", "evaluate",
+           "report", "run"]
 
 log = logging.getLogger("distill")
 

@@ -15,7 +15,8 @@ from distill.runtime import barrier, is_main_process
 from distill.stages.cache import capture
 from distill.stages.data import recipe_examples
 from distill.stages.facts import uses_teacher_cache
-from distill.stages.pairs import build_pairs
+from distill.stages.kto import build_labelled
+from distill.stages.pairs import PairStats, build_pairs
 from distill.stages.student import build_student
 from distill.stages.teacher_data import filter_data, generate
 from distill.stages.training import TrainResult, check_recipe, train
@@ -57,9 +58,15 @@ def prepare_stage(stage: Recipe, *, progress: bool = True) -> None:
     if is_main_process():
         if stage.student.model is None:
             build_student(stage)
-        if stage.method.kind == "dpo":  # resumable: built pairs are kept
-            build_pairs(stage, progress=progress)
+        if stage.method.kind in ("dpo", "kto"):  # resumable: built pairs are kept
+            build_preference_data(stage, progress=progress)
     barrier()
+
+
+def build_preference_data(recipe: Recipe, *, progress: bool = True, stop_after: Optional[int] = None) -> PairStats:
+    """`distill pairs`: dpo's preference pairs, or kto's labelled answers, with their reference log-probs."""
+    build = build_labelled if recipe.method.kind == "kto" else build_pairs
+    return build(recipe, progress=progress, stop_after=stop_after)
 
 
 def train_stages(recipe: Recipe, *, progress: bool = True, stop_after: Optional[int] = None

@@ -6,8 +6,15 @@ from typing import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from distill.data.examples import load_teacher_data, read_examples, read_pairs, read_prompts, split_train_eval
-from distill.data.layouts import Example, PreferencePair, Prompt
+from distill.data.examples import (
+    load_teacher_data,
+    read_examples,
+    read_labelled,
+    read_pairs,
+    read_prompts,
+    split_train_eval,
+)
+from distill.data.layouts import Example, LabelledExample, PreferencePair, Prompt
 from distill.data.tokenize import EncodedExample, encode_all
 from distill.errors import DistillError
 from distill.recipe import Recipe
@@ -74,17 +81,28 @@ def recipe_examples(recipe: Recipe) -> tuple[list[Example], list[Example]]:
         examples += read_examples(recipe.path(recipe.data.train))
     if recipe.data.pairs is not None and recipe.method.kind == "dpo":  # the preferred answers: eval text
         examples += [chosen_example(p) for p in read_pairs(recipe.path(recipe.data.pairs))]
+    undesirable: set[str] = set()  # kto: held-out answers labelled undesirable are not eval text
+    if recipe.data.pairs is not None and recipe.method.kind == "kto":
+        labelled = read_labelled(recipe.path(recipe.data.pairs))
+        examples += [labelled_example(x) for x in labelled]
+        undesirable = {x.id for x in labelled if not x.desirable}
     if not examples:
         raise DistillError("recipe data: no training examples")
     if recipe.data.eval is not None:
         held_out = read_examples(recipe.path(recipe.data.eval))[: recipe.data.max_eval_examples]
         return examples, held_out
-    return split_train_eval(examples, recipe.data.eval_fraction, recipe.seed, recipe.data.max_eval_examples)
+    train, held_out = split_train_eval(examples, recipe.data.eval_fraction, recipe.seed, recipe.data.max_eval_examples)
+    return train, [e for e in held_out if e.id not in undesirable]
 
 
 def chosen_example(pair: PreferencePair) -> Example:
     """A pair's prompt with its chosen answer, under the pair's id (what eval measures; dpo trains the rest)."""
     return Example(id=pair.id, messages=pair.messages + [{"role": "assistant", "content": pair.chosen}])
+
+
+def labelled_example(example: LabelledExample) -> Example:
+    """A labelled answer as a conversation under its id (a desirable held-out one is what eval measures)."""
+    return Example(id=example.id, messages=example.messages + [{"role": "assistant", "content": example.answer}])
 
 
 def encode(recipe: Recipe, examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase) -> list[EncodedExample]:

@@ -53,6 +53,7 @@ from distill.stages.facts import (
     run_files,
     teacher_tokenizer,
 )
+from distill.stages.held_out_pairs import reward_accuracy_section
 from distill.teachers.backend import SamplingParams, as_judge
 
 log = logging.getLogger("distill")
@@ -122,6 +123,7 @@ def evaluate(recipe: Recipe, *, progress: bool = True) -> dict:
     report.update(calibration)
     report.update(_before_training(recipe, reference))
     report.update(_earlier_stages(recipe, reference, progress))
+    report.update(_preference_section(recipe, report["student"]))
     report.update(_suite_sections(recipe, suites, {"teacher": teacher, "student": student}, tokenizers, progress))
     report.update(_judge_section(recipe, teacher, data, student_answers, teacher_answers))
     report.update(_contamination_section(recipe, train_examples, held_out))
@@ -254,6 +256,16 @@ def _earlier_stages(recipe: Recipe, reference: Reference, progress: bool) -> dic
         row.pop("calibration", None)  # the reliability bins are drawn for teacher and student; the ECE stays
         section[stage.stage] = row
     return {"stages": section, "final_stage": stages[-1].stage}
+
+
+def _preference_section(recipe: Recipe, student_row: dict) -> dict:
+    """A dpo run's reward accuracy and margin on held-out pairs: report.json's `preference`, and two rows of the
+    student's column (reward_accuracy, reward_margin) in the table."""
+    section = reward_accuracy_section(recipe)
+    if not section:
+        return {}
+    student_row.update(reward_accuracy=section["reward_accuracy"], reward_margin=section["reward_margin"])
+    return {"preference": section}
 
 
 def _calibration_section(rows: dict) -> dict:

@@ -88,8 +88,13 @@ def pairs_spec(recipe: Recipe) -> PairsSpec:
 
 
 def check_pairs(recipe: Recipe) -> None:
-    """What method.kind: dpo needs, refused before any model loads."""
+    """What method.kind: dpo (or kto) needs, refused before any model loads."""
     spec = pairs_spec(recipe)
+    if recipe.method.kind == "kto" and (recipe.data.pairs is None or spec.source != "file"):
+        raise DistillError("method.kind: kto needs labelled answers: set data.pairs (records with a prompt, one "
+                           "answer and a boolean label or kto_tag) and leave pairs.source at file")
+    if recipe.method.kind == "kto" and recipe.train.packing:
+        raise DistillError("train.packing: labelled answers are not packed; remove it for method.kind: kto")
     if recipe.method.kind != "dpo":
         return
     if spec.source == "file" and recipe.data.pairs is None:

@@ -16,7 +16,7 @@ from distill.data.tokenize import collate, padding_id
 from distill.errors import DistillError
 from distill.losses.hidden import HiddenStateMatcher, check_layer_map, default_layer_map
 from distill.losses.objective import LossSettings
-from distill.losses.preference import PreferenceSettings
+from distill.losses.preference import KtoSettings, PreferenceSettings
 from distill.models import check_tokenizers, count_params, load_tokenizer, save_model
 from distill.models.heads import base_model, decoder_layers
 from distill.recipe import MethodSpec, Recipe
@@ -49,6 +49,7 @@ from distill.stages.facts import (
     teacher_tokenizer,
     uses_teacher_cache,
 )
+from distill.stages.kto import labelled_hash, labelled_training_items
 from distill.stages.pairs import check_pairs, pair_training_items
 from distill.stages.student import initial_student, own_tokenizer
 from distill.teachers.local import stop_ids
@@ -64,7 +65,7 @@ from distill.training.checkpoint import (
 from distill.training.held_out import BestSoFar, HeldOut
 from distill.training.loop import LoopSettings, MetricsLog, Training, check_finite, last_logged_loss, run_loop
 from distill.training.on_policy import ResponseSampler, SamplingSettings
-from distill.training.preference import PairItem, PairObjective, collate_pairs
+from distill.training.preference import KtoObjective, PairItem, PairObjective, collate_labelled, collate_pairs
 from distill.training.schedule import lr_multiplier
 from distill.training.step import BatchObjective
 from distill.training.trackers import check_trackers, open_trackers
@@ -287,7 +288,11 @@ def _what_batches_draw(
     teacher: Optional[PreTrainedModel], student: PreTrainedModel, cross: Optional[Crossing], pairs: bool,
 ) -> tuple[Optional[TeacherSignal], list, object, str]:
     """(teacher signal, batch items, collate function, training-set hash): preference pairs for method.kind dpo
-    (built by the pairs stage), else the encoded examples with the teacher signal of their tokenizers."""
+    (labelled answers for kto; built by the pairs stage), else the encoded examples with the teacher signal of their
+    tokenizers."""
+    if pairs and recipe.method.kind == "kto":
+        items = labelled_training_items(recipe, student, tokenizer)
+        return None, items, collate_labelled, labelled_hash(items)
     if pairs:
         items = pair_training_items(recipe, student, tokenizer)
         return None, items, collate_pairs, pairs_hash(items)
@@ -320,8 +325,11 @@ def batch_objective(m: MethodSpec) -> BatchObjective:
                           hidden_weight=m.hidden.weight if m.hidden is not None else None)
 
 
-def preference_objective(m: MethodSpec) -> Optional[PairObjective]:
-    """method.kind: dpo's pair loss from the method section; None for the other kinds."""
+def preference_objective(m: MethodSpec) -> Optional[PairObjective | KtoObjective]:
+    """method.kind: dpo's pair loss (kto's labelled-answer loss) from the method section; None for the other kinds."""
+    if m.kind == "kto":
+        return KtoObjective(KtoSettings(beta=m.beta, desirable_weight=m.desirable_weight,
+                                        undesirable_weight=m.undesirable_weight, chunk_size=m.chunk_size))
     if m.kind != "dpo":
         return None
     return PairObjective(PreferenceSettings(loss=m.loss, beta=m.beta, label_smoothing=m.label_smoothing,

@@ -22,7 +22,7 @@ from distill.training.checkpoint import list_checkpoints, save_checkpoint
 from distill.training.distributed import Ranks
 from distill.training.held_out import EVAL_SPLIT, BestSoFar, HeldOut, evaluate_held_out, is_eval_row
 from distill.training.on_policy import ResponseSampler
-from distill.training.preference import PAIR_TERMS, PairObjective
+from distill.training.preference import KtoObjective, PairObjective
 from distill.training.step import BatchObjective, loss_on_batch
 
 log = logging.getLogger("distill")
@@ -71,7 +71,8 @@ class Training:
     sampler: Optional[ResponseSampler] = None  # method.kind on_policy: samples responses for its micro-batches
     held_out: Optional[HeldOut] = None  # what train.eval_every evaluates on
     best: Optional[BestSoFar] = None  # train.keep_best's best-so-far
-    pair_objective: Optional[PairObjective] = None  # method.kind: dpo: items are pairs, and this is their loss
+    # method.kind dpo (kto): items are pairs (labelled answers), and this is their loss
+    pair_objective: Optional[PairObjective | KtoObjective] = None
 
 
 @dataclass
@@ -96,7 +97,7 @@ def accumulate_gradients(t: Training, step: int) -> StepResult:
     s, ranks = t.settings, t.ranks
     terms = ["loss", "kd", "ce", *(["hidden"] if t.matcher is not None else [])]
     if t.pair_objective is not None:
-        terms = list(PAIR_TERMS)
+        terms = list(t.pair_objective.terms)
     weighted, tokens = dict.fromkeys(terms, 0.0), 0  # this rank's share of each term's mean over the step
     for micro in range(s.grad_accum):
         idx = ranks.share(batch_indices(len(t.items), s.batch_size, s.seed, step * s.grad_accum + micro))
