@@ -115,7 +115,7 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, tiny_student_dir, capsys,
         "missing": (tmp_path / "nope", [], "nope"),
         "no_student": (_bad_run(tmp_path), [], "student"),
         "not_a_model": (tmp_path, [], str(tmp_path)),
-        "onnx": (tiny_student_dir, ["--format", "onnx"], "onnx: not supported (supported: hf, gguf)"),
+        "onnx": (tiny_student_dir, ["--format", "onnx"], "onnx: not supported (supported: hf, gguf, executorch)"),
         "quant": (tiny_student_dir, ["--format", "gguf", "--quant", "q3_k"], "unknown GGUF type (supported: f32,"),
         "into_source": (tiny_student_dir, [], "would replace the source"),
     }[case]
