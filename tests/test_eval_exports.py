@@ -5,7 +5,10 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -224,3 +227,58 @@ def test_a_bad_export_target_fails_before_anything_runs(tmp_path, tiny_teacher_d
     with pytest.raises(DistillError, match=message):
         stages.run(recipe, progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+FAKE_LLAMA_CPP = '''
+import numpy as np
+
+class Llama:
+    """Stands in for llama_cpp.Llama: the calls distill's worker makes, no model (FAIL in FILE.mode fails to load)."""
+
+    def __init__(self, path, n_ctx, n_threads, n_threads_batch, logits_all, verbose):
+        if "FAIL" in open(path + ".mode").read():
+            raise ValueError("unknown model architecture: 'nope'")
+        self.n_tokens, self.scores = 0, np.zeros((n_ctx, 8), np.float32)
+
+    def reset(self):
+        self.n_tokens = 0
+
+    def eval(self, tokens):
+        for token in tokens:
+            self.scores[self.n_tokens, token % 8] = 1.0
+            self.n_tokens += 1
+'''
+
+
+def _fake_llama_python(tmp_path) -> str:
+    """A python whose `llama_cpp` is FAKE_LLAMA_CPP (a wrapper script over this interpreter)."""
+    package = tmp_path / "fake" / "llama_cpp"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(FAKE_LLAMA_CPP)
+    script = tmp_path / "python"
+    script.write_text(f'#!/bin/sh\nPYTHONPATH={package.parent} exec {sys.executable} "$@"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.parametrize("mode", ["runs", "FAIL"])
+def test_eval_times_gguf_files_in_llama_cpp_when_it_is_found(evaluated, tmp_path, monkeypatch, mode):
+    """The whole path (find the python, run the worker, fill the row) with a stand-in llama_cpp; a file llama.cpp
+    cannot run leaves the row's speed empty with the reason, and eval goes on."""
+    recipe, _, written, _ = evaluated
+    gguf = written["gguf-f32"]
+    Path(str(gguf) + ".mode").write_text(mode)
+    monkeypatch.setenv("DISTILL_LLAMA_PYTHON", _fake_llama_python(tmp_path))
+    monkeypatch.setenv("DISTILL_CACHE", str(recipe.run_dir.parent / "cache"))
+    try:
+        row = stages.evaluate(recipe, progress=False)["exports"]["gguf-f32"]
+    finally:
+        Path(str(gguf) + ".mode").unlink()
+    if mode == "FAIL":
+        assert row["decode_tokens_per_s"] is None
+        assert "could not run it: ValueError: unknown model architecture: 'nope'" in row["speed_not_measured"]
+        return
+    assert "speed_not_measured" not in row and row["speed_runtime"] == "llama.cpp"
+    assert row["speed_threads"] == (recipe.eval.speed_threads or os.cpu_count())
+    assert row["decode_tokens_per_s"] > 0 and row["decode_tokens_per_s_1_thread"] > 0
+    assert row["prefill_tokens_per_s"] == pytest.approx(recipe.eval.speed_prompt_tokens / row["time_to_first_token_s"])

@@ -195,7 +195,11 @@ def _llama_cpp_speed(path: Path, tokenizer, settings: MeasureSettings) -> dict:
     threads = settings.speed_threads or os.cpu_count() or 1
     prompt = speed_prompt_ids(tokenizer, settings.speed_prompt_tokens)
     log.info("eval: timing %s in llama.cpp (%s threads and 1)", path.name, threads)
-    speeds = llama_speed(python, path, prompt, settings.speed_new_tokens, sorted({threads, 1}, reverse=True))
+    try:
+        speeds = llama_speed(python, path, prompt, settings.speed_new_tokens, sorted({threads, 1}, reverse=True))
+    except DistillError as err:  # a file llama.cpp refuses is a finding for the report, not the end of eval
+        log.warning("eval: %s", err)
+        return {"speed_not_measured": str(err)}
     alone = {f"{key}_1_thread": value for key, value in speeds[1].items()}
     return {**speeds[threads], **alone, "speed_runtime": "llama.cpp", "speed_threads": threads}
 
