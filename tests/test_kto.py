@@ -21,7 +21,7 @@ from distill.losses.preference import KtoSettings, kto_batch_loss
 from distill.models import load_model, load_tokenizer
 from distill.recipe import recipe_from_dict
 from distill.report.html import write_report
-from distill.report.table import format_table
+from distill.report.table import format_table, preference_note
 from distill.stages import build_preference_data, evaluate, generate, recipe_examples, train, train_stages
 from distill.stages.held_out_pairs import held_out_pairs, reward_accuracy_section
 from distill.stages.kto import planned_answers
@@ -300,6 +300,10 @@ def test_reward_accuracy_on_held_out_pairs_equals_a_direct_computation(tmp_path,
     assert "reward accuracy, held-out pairs" in write_report(recipe.run_dir).read_text()  # the HTML report's table
     saved = json.loads((recipe.run_dir / "report.json").read_text())
     assert saved["preference"]["reward_margin"] == pytest.approx(section["reward_margin"])
+    # what it trained on: every training pair of the file built (none dropped), said in the table and the HTML
+    assert section["source"] == "file" and section["training_pairs"] == {"built": 30 - len(held), "dropped": {}}
+    note = f"preference pairs (file): {30 - len(held)} built; reward accuracy on {len(held)} held-out pairs"
+    assert note in format_table(report) and note in write_report(recipe.run_dir).read_text()
 
 
 def test_teacher_vs_student_held_out_pairs_reject_the_references_greedy_answer(tmp_path):
@@ -327,3 +331,12 @@ def test_teacher_vs_student_held_out_pairs_reject_the_references_greedy_answer(t
     section = reward_accuracy_section(recipe)
     assert section["pairs"] == len(pairs) and section["source"] == "teacher_vs_student"
     assert 0.0 <= section["reward_accuracy"] <= 1.0
+
+
+def test_preference_note_says_what_was_dropped_and_filtered():
+    report = {"preference": {"source": "judged", "training_pairs": {"built": 5, "dropped": {"tie": 2,
+                                                                                        "unparseable": 1},
+                                                                     "after_filter": 4}}}
+    assert preference_note(report) == ("preference pairs (judged): 5 built; dropped: tie 2, unparseable 1; "
+                                       "4 after the filter; no held-out pair")
+    assert preference_note({}) == "" and "preference pairs" not in format_table({"teacher": {}, "student": {}})

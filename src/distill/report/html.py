@@ -20,6 +20,7 @@ from distill.report.table import (
     extra_columns,
     format_table,
     lm_eval_rows,
+    preference_note,
     ratio_cell,
     student_header,
 )
@@ -463,9 +464,15 @@ def _exports(report: dict) -> Optional[str]:
     return text + table + "".join(f'<p class="note">{_esc(n)}</p>' for n in notes)
 
 
+def _preference(report: dict) -> Optional[str]:
+    """What a dpo run trained on (the pairs' source and counts) and on how many held-out pairs it was scored."""
+    note = preference_note(report)
+    return f"<p>{_esc(note)}</p>" if note else None
+
+
 OPTIONAL_PARTS = (("exports", "Exported files", _exports), ("calibration", "Calibration", _calibration),
                   ("suites", "Task suites", _suites), ("lm_eval", "lm-evaluation-harness", _lm_eval),
-                  ("judge", "Judge win rate", _judge))
+                  ("judge", "Judge win rate", _judge), ("preference", "Preference pairs", _preference))
 
 
 # ---------------------------------------------------------------- sample answers

@@ -157,6 +157,25 @@ def _judge_lines(report: dict) -> list[str]:
                 f"each pair judged in both orders)"]
 
 
+def preference_note(report: dict) -> str:
+    """One line on what a dpo run trained on: the pairs' source, how many were built, dropped (why), filtered."""
+    section = report.get("preference")
+    if not isinstance(section, dict) or not isinstance(section.get("training_pairs"), dict):
+        return ""
+    counts = section["training_pairs"]
+    dropped = ", ".join(f"{reason} {n}" for reason, n in sorted((counts.get("dropped") or {}).items()))
+    line = f"preference pairs ({section.get('source')}): {counts.get('built', 0)} built"
+    line += f"; dropped: {dropped}" if dropped else ""
+    line += f"; {counts['after_filter']} after the filter" if counts.get("after_filter") is not None else ""
+    held_out = section.get("pairs")
+    return line + (f"; reward accuracy on {held_out} held-out pairs" if held_out else "; no held-out pair")
+
+
+def _preference_lines(report: dict) -> list[str]:
+    note = preference_note(report)
+    return ["", note] if note else []
+
+
 def _contamination_lines(report: dict) -> list[str]:
     c = report.get("contamination")
     if not c or not c.get("overlapping"):
@@ -242,5 +261,5 @@ def format_table(report: dict) -> str:
                           student_header(report), differ)
     lines += ["", "ratios"] + _ratio_lines(report.get("ratios", {})) + _tokenizer_lines(report)
     lines += _export_lines(report) + _suite_lines(report) + _lm_eval_lines(report) + _judge_lines(report)
-    lines += _contamination_lines(report)
+    lines += _preference_lines(report) + _contamination_lines(report)
     return "\n".join(lines) + "\n"

@@ -268,7 +268,8 @@ def _preference_section(recipe: Recipe, student_row: dict) -> dict:
     section = reward_accuracy_section(recipe)
     if not section:
         return {}
-    student_row.update(reward_accuracy=section["reward_accuracy"], reward_margin=section["reward_margin"])
+    if "reward_accuracy" in section:
+        student_row.update(reward_accuracy=section["reward_accuracy"], reward_margin=section["reward_margin"])
     return {"preference": section}
 
 

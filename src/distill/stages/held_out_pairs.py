@@ -23,7 +23,7 @@ from distill.models import load_model
 from distill.recipe import Recipe
 from distill.stages.data import recipe_examples
 from distill.stages.facts import device, run_files, teacher_tokenizer
-from distill.stages.pairs import encode_pair, pairs_spec, reference_student
+from distill.stages.pairs import encode_pair, pair_counts, pairs_spec, reference_student
 from distill.teachers.backend import SamplingParams
 from distill.teachers.local import generate_texts
 from distill.training.preference import PairItem, reference_log_probs
@@ -90,8 +90,9 @@ def _reference(stage: Recipe) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]
 
 
 def reward_accuracy_section(recipe: Recipe) -> dict:
-    """report.json's `preference` section for a run with a dpo stage: the held-out pairs' count, reward accuracy,
-    mean reward margin and loss; {} for other runs, or when the held-out split has no pair."""
+    """report.json's `preference` section for a run with a trained dpo stage: the pairs' source and the training
+    pairs on disk (built, dropped by reason, after the filter), and on the held-out pairs their count, reward
+    accuracy, mean reward margin and loss (absent when the held-out split has no pair); {} for other runs."""
     stage = dpo_stage(recipe)
     student_dir = run_files(stage).student if stage is not None else None
     if stage is None or not (student_dir / "config.json").is_file():
@@ -100,11 +101,11 @@ def reward_accuracy_section(recipe: Recipe) -> dict:
     pairs = held_out_pairs(stage, reference, tokenizer)
     policy = load_model(str(student_dir), None, dtype=torch.float32, device=device(recipe))  # as the reference
     measured = pair_rewards(stage, policy, reference, tokenizer, pairs) if pairs else None
+    section = {"stage": getattr(stage, "stage", None), "source": pairs_spec(stage).source,
+               "loss_type": stage.method.loss, "beta": stage.method.beta, "training_pairs": pair_counts(stage)}
     if measured is None:
         log.warning("eval: no held-out preference pair to measure reward accuracy on (data.eval_fraction)")
-        return {}
+        return section
     log.info("eval: reward accuracy %.3f, mean margin %.3f on %d held-out pairs", measured["reward_accuracy"],
              measured["reward_margin"], measured["pairs"])
-    section = {"stage": getattr(stage, "stage", None), "source": pairs_spec(stage).source,
-               "loss_type": stage.method.loss, "beta": stage.method.beta, **measured}
-    return section
+    return {**section, **measured}

@@ -227,6 +227,24 @@ def build_pairs(recipe: Recipe, *, progress: bool = True, stop_after: Optional[i
     return stats
 
 
+def pair_counts(recipe: Recipe) -> dict:
+    """What the pairs stage left on disk: pairs built ("built"), dropped by reason, and the filter section's
+    kept count when it ran ("after_filter"); {} before any pair is built."""
+    files = run_files(recipe)
+    if not shard_paths(files.pairs):
+        return {}
+    counts: dict = {"built": 0, "dropped": {}}
+    for record in latest_records(files.pairs).values():
+        if record.get("status") == OK:
+            counts["built"] += 1
+        else:
+            reason = record.get("reason", DROPPED)
+            counts["dropped"][reason] = counts["dropped"].get(reason, 0) + 1
+    if recipe.filter is not None and files.pairs_filter_report.is_file():
+        counts["after_filter"] = json.loads(files.pairs_filter_report.read_text()).get("total_out")
+    return counts
+
+
 def _count_and_filter(recipe: Recipe, planned: list[PlannedPair], stats: PairStats) -> None:
     """Count every planned record on disk (judged: kept, ties, unparseable) and run the filter section over them."""
     directory = run_files(recipe).pairs
