@@ -28,7 +28,16 @@ from distill.recipe import Recipe
 from distill.signals.cache import dataset_hash, example_hash
 from distill.stages.data import recipe_examples
 from distill.stages.facts import run_files
-from distill.stages.pairs import DROPPED, OK, PairStats, check_pairs, pairs_spec, reference_student, weights_fingerprint
+from distill.stages.pairs import (
+    DROPPED,
+    OK,
+    PairStats,
+    built_records,
+    check_pairs,
+    pairs_spec,
+    reference_student,
+    weights_fingerprint,
+)
 from distill.training.preference import LabelledItem, labelled_reference_log_probs
 
 log = logging.getLogger("distill")
@@ -137,11 +146,7 @@ def labelled_training_items(recipe: Recipe, student: PreTrainedModel,
     """
     planned = planned_answers(recipe, weights_fingerprint(student))
     directory = run_files(recipe).pairs
-    built = latest_records(directory) if shard_paths(directory) else {}
-    missing = sum(p.id not in built for p in planned)
-    if missing:
-        raise DistillError(f"{directory}: {missing} of {len(planned)} planned labelled answers are not built for this "
-                           "student; run `distill pairs RECIPE` (or `distill run`) first")
+    built = built_records(recipe, [p.id for p in planned], "labelled answers")
     items = []
     for planned_answer in planned:
         record = built[planned_answer.id]

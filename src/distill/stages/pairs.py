@@ -413,6 +413,17 @@ def _distinct(samples: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return kept
 
 
+def built_records(recipe: Recipe, planned_ids: list[str], noun: str) -> dict[str, dict]:
+    """The records in <run>/pairs/ by id; refused with one line while any planned id is not built yet."""
+    directory = run_files(recipe).pairs
+    built = latest_records(directory) if shard_paths(directory) else {}
+    missing = sum(i not in built for i in planned_ids)
+    if missing:
+        raise DistillError(f"{directory}: {missing} of {len(planned_ids)} planned {noun} are not built for this "
+                           "student; run `distill pairs RECIPE` (or `distill run`) first")
+    return built
+
+
 def pair_training_items(recipe: Recipe, student: PreTrainedModel,
                         tokenizer: PreTrainedTokenizerBase) -> list[PairItem]:
     """The built pairs the recipe trains on, encoded, with their stored reference log-probs (refused if missing).
@@ -421,11 +432,7 @@ def pair_training_items(recipe: Recipe, student: PreTrainedModel,
     """
     planned = planned_pairs(recipe, weights_fingerprint(student))
     directory = run_files(recipe).pairs
-    built = latest_records(directory) if shard_paths(directory) else {}
-    missing = sum(p.id not in built for p in planned)
-    if missing:
-        raise DistillError(f"{directory}: {missing} of {len(planned)} planned pairs are not built for this student; "
-                           "run `distill pairs RECIPE` (or `distill run`) first")
+    built = built_records(recipe, [p.id for p in planned], "pairs")
     reference_free = recipe.method.loss in REFERENCE_FREE
     records = [built[p.id] for p in planned if built[p.id].get("status") == OK]
     if recipe.filter is not None:  # the same filtering build_pairs reported
