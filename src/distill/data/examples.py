@@ -105,27 +105,23 @@ def read_examples(path: str | Path) -> list[Example]:
 
 def read_pairs(path: str | Path) -> list[PreferencePair]:
     """Preference pairs from .jsonl/.json (layouts: distill.data.layouts.PAIR_LAYOUTS); a bad record is file:line."""
-    path = Path(path)
-    if path.suffix.lower() not in (".jsonl", ".json"):
-        raise DistillError(f"{path}: unsupported file type {path.suffix!r} for preference pairs "
-                           "(expected .jsonl or .json)")
-    collector = _Collector(path)
-    for where, record in json_records(path):
-        collector.add(where, record, pair_from_record)
-    return collector.finish("preference pairs")
+    return _read_json_records(Path(path), pair_from_record, "preference pairs")
 
 
 def read_labelled(path: str | Path) -> list[LabelledExample]:
     """KTO examples (a prompt, one answer, a boolean label) from .jsonl/.json (distill.data.layouts.LABELLED_LAYOUTS);
     a bad record is file:line."""
-    path = Path(path)
+    return _read_json_records(Path(path), labelled_from_record, "labelled examples")
+
+
+def _read_json_records(path: Path, parse: Callable, what: str) -> list:
+    """Every record of a .jsonl/.json file parsed by `parse`, collected (duplicates counted, errors file:line)."""
     if path.suffix.lower() not in (".jsonl", ".json"):
-        raise DistillError(f"{path}: unsupported file type {path.suffix!r} for labelled examples "
-                           "(expected .jsonl or .json)")
+        raise DistillError(f"{path}: unsupported file type {path.suffix!r} for {what} (expected .jsonl or .json)")
     collector = _Collector(path)
     for where, record in json_records(path):
-        collector.add(where, record, labelled_from_record)
-    return collector.finish("labelled examples")
+        collector.add(where, record, parse)
+    return collector.finish(what)
 
 
 def read_prompts(

@@ -30,8 +30,7 @@ def find_llama_python() -> tuple[Optional[str], str]:
             return None, f"{LLAMA_PYTHON_ENV}={named} cannot run ({err.strerror})"
         if probe.returncode == 0:
             return named, ""
-        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
-        return None, f"{LLAMA_PYTHON_ENV}={named} cannot import llama_cpp ({last})"
+        return None, f"{LLAMA_PYTHON_ENV}={named} cannot import llama_cpp ({_last_line(probe.stderr)})"
     if importlib.util.find_spec("llama_cpp") is not None:
         return sys.executable, ""
     return None, INSTALL_HINT
@@ -44,9 +43,13 @@ def run_llama(python: str, gguf: Path, tasks: list[dict], *, threads: int, kv_f3
     # OMP/MKL settings are torch's; llama.cpp takes its thread count from the request
     done = subprocess.run([python, llama_worker.__file__], input=json.dumps(request), capture_output=True, text=True)
     if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise DistillError(f"{gguf}: llama.cpp ({python}) could not run it: {last}")
+        raise DistillError(f"{gguf}: llama.cpp ({python}) could not run it: {_last_line(done.stderr)}")
     return json.loads(done.stdout)
+
+
+def _last_line(stderr: str) -> str:
+    """What a failed python said last (its exception), for a one-line error."""
+    return (stderr.strip().splitlines() or ["no output"])[-1]
 
 
 def llama_speed(python: str, gguf: Path, prompt: list[int], new_tokens: int, thread_counts: list[int],

@@ -58,7 +58,6 @@ def answer(request: dict) -> list:
 
 def greedy(llm: Any, prompt: list[int], new_tokens: int) -> list[int]:
     """new_tokens greedy ids after prompt (no reuse of an earlier call's cached prefix)."""
-    llm.reset()
     tokens = []
     for token in llm.generate(prompt, temp=0.0, repeat_penalty=1.0, reset=True):
         tokens.append(int(token))

@@ -83,8 +83,6 @@ def export_model(source: Path, out: Path | None = None, fmt: str = "hf", quant: 
         raise DistillError("--imatrix: only for --format gguf")
     if fmt == "executorch":
         return _export_executorch(Path(source), Path(out), quant, verify)
-    if imatrix is not None:
-        raise DistillError("--imatrix: only for --format gguf")
     if quant is None:
         return export_hf(Path(source), Path(out))
     if quant not in HF_QUANTS:

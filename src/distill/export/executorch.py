@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -114,11 +114,11 @@ class PteModel:
 
 
 def verify_executorch(model_dir: Path, pte: Path, sequences: list[list[int]], prompts: list[list[int]],
-                      new_tokens: int = 16, model: Optional[torch.nn.Module] = None) -> dict:
+                      new_tokens: int = 16) -> dict:
     """The .pte against the source model: mean KL and top-1 agreement on sequences, greedy equality on prompts."""
     from transformers import AutoModelForCausalLM
 
-    source = model or AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    source = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     program = PteModel(pte)
     kl_sum, agree, positions = 0.0, 0, 0
     for ids in sequences:

@@ -58,8 +58,8 @@ from distill.teachers.backend import SamplingParams, as_judge
 
 log = logging.getLogger("distill")
 
+SPEED_KEYS = ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s")  # a GGUF row's, from llama.cpp
 # Why a GGUF export has no speed row without llama.cpp (report.json's `speed_not_measured`).
-SPEED_KEYS = ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s")
 GGUF_SPEED = "transformers runs a GGUF file dequantized to float, which says nothing of its speed in llama.cpp"
 
 

@@ -233,15 +233,19 @@ def pair_counts(recipe: Recipe) -> dict:
     files = run_files(recipe)
     if not shard_paths(files.pairs):
         return {}
-    counts: dict = {"built": 0, "dropped": {}}
-    for record in latest_records(files.pairs).values():
-        if record.get("status") == OK:
-            counts["built"] += 1
-        else:
-            reason = record.get("reason", DROPPED)
-            counts["dropped"][reason] = counts["dropped"].get(reason, 0) + 1
+    tally = _tally(latest_records(files.pairs).values())
+    counts: dict = {"built": tally.pop(OK, 0), "dropped": tally}
     if recipe.filter is not None and files.pairs_filter_report.is_file():
         counts["after_filter"] = json.loads(files.pairs_filter_report.read_text()).get("total_out")
+    return counts
+
+
+def _tally(records) -> dict[str, int]:
+    """How many records are built ("ok") and how many were dropped for each reason."""
+    counts: dict[str, int] = {}
+    for record in records:
+        key = OK if record.get("status") == OK else record.get("reason", DROPPED)
+        counts[key] = counts.get(key, 0) + 1
     return counts
 
 
@@ -250,9 +254,7 @@ def _count_and_filter(recipe: Recipe, planned: list[PlannedPair], stats: PairSta
     directory = run_files(recipe).pairs
     built = latest_records(directory) if shard_paths(directory) else {}
     records = [built[p.id] for p in planned if p.id in built]
-    for record in records:
-        key = OK if record.get("status") == OK else record.get("reason", DROPPED)
-        stats.totals[key] = stats.totals.get(key, 0) + 1
+    stats.totals.update(_tally(records))
     if stats.source == "judged":
         log.info("pairs (judged, all runs): %d kept, %d ties, %d unparseable, %d other dropped of %d planned%s",
                  stats.totals.get(OK, 0), stats.totals.get(TIE, 0), stats.totals.get(UNPARSEABLE, 0),
