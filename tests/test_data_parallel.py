@@ -238,11 +238,12 @@ def test_bad_input_stops_every_rank_with_one_line(tmp_path):
                                              "set: launch several processes with torchrun or accelerate launch, "
                                              "which set them"]
     assert not shard_paths(tmp_path / "run" / "teacher_data")
-    # Under torchrun the launcher fails too (its own exit code is 1), with each rank's one line.
+    # Under torchrun the launcher fails too (its own exit code is 1), with the one line of each rank that got to say
+    # it: torchrun stops the other rank as soon as the first one exits, so the second line may never be printed.
     launched = subprocess.run(_command(2, ["generate", str(gen), "--set", "teacher.engine=vllm", "--no-progress"]),
                               cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert launched.returncode != 0
     lines = _error_lines(launched.stderr)
-    assert len(lines) == 2 and all("teacher.engine: vllm" in line and "as one process, not as 2" in line
+    assert 1 <= len(lines) <= 2 and all("teacher.engine: vllm" in line and "as one process, not as 2" in line
                                    for line in lines)
     assert "exitcode  : 2" in launched.stderr

@@ -135,7 +135,9 @@ def test_a_batch_that_does_not_split_across_processes_is_refused_on_every_rank(t
     done = _torchrun([DISTILL, "train", str(_write(spec, tmp_path / "odd.yaml")), "--no-progress"])
     assert done.returncode != 0
     line = "distill: error: train.batch_size: 5 rows do not split across 2 processes; use a multiple of 2"
-    assert done.stderr.count(line) == 2  # each rank says it and exits; none waits for the other
+    # Each rank says it and exits, none waits for the other; torchrun stops the slower rank once the first exits, so
+    # its line may never be printed.
+    assert 1 <= done.stderr.count(line) <= 2
     assert not (tmp_path / "odd" / "checkpoints").exists() and not (tmp_path / "odd" / "student").exists()
 
 
