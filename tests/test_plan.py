@@ -19,7 +19,9 @@ from distill.plan import (
     forward_flops_per_token,
     linear_flops_per_token,
     lora_params,
+    format_stage_plans,
     plan_recipe,
+    plan_stages,
     shape_from_config,
     step_flops,
     student_shape,
@@ -274,6 +276,33 @@ def test_cli_prints_a_plan(tmp_path, tiny_teacher_dir, pairs_jsonl, capsys):
     for words in ("teacher", "student", "FLOPs per step", "Memory at the peak", "tokens/s", "total (6 steps)"):
         assert words in out
     assert "2 sequences" in out  # the override was applied
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # plans time real layers on this machine (a few seconds per stage)
+def test_a_stages_recipe_is_planned_stage_by_stage(tmp_path, tiny_teacher_dir, pairs_jsonl, capsys):
+    spec = tiny_recipe(tmp_path / "run", tiny_teacher_dir, pairs_jsonl)
+    preferences = tmp_path / "preferences.jsonl"
+    preferences.write_text("".join(json.dumps({"prompt": f"Count to {i}.", "chosen": " ".join(map(str, range(i))),
+                                               "rejected": "no"}) + "\n" for i in range(2, 12)))
+    spec["stages"] = [{"name": "kd", "train": {"steps": 3}},
+                      {"name": "dpo", "method": {"kind": "dpo"}, "data": {"pairs": str(preferences)},
+                       "train": {"steps": 2}}]
+    (label_kd, kd), (label_dpo, dpo) = plan_stages(recipe_from_dict(spec))
+    assert (label_kd, label_dpo, kd.steps, dpo.steps) == ("stages[0] (kd)", "stages[1] (dpo)", 3, 2)
+    # dpo starts from kd's student (not trained yet: planned with the first stage's shape), runs no teacher and
+    # two sequences (chosen, rejected) per batch row
+    assert dpo.student_params == kd.student_params
+    assert kd.teacher_online and not dpo.teacher_online and "teacher weights" not in dpo.memory
+    assert dpo.batch.batch_size == 2 * kd.batch.batch_size == 2 * spec["train"]["batch_size"]
+    assert any(note.startswith("method.kind dpo: each batch row is two sequences") for note in dpo.notes)
+    text = format_stage_plans([(label_kd, kd), (label_dpo, dpo)])
+    assert text.index("== stages[0] (kd): 3 steps ==") < text.index("== stages[1] (dpo): 2 steps ==")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "== stages[1] (dpo): 2 steps ==" in out and "All 2 stages: " in out
     assert not (tmp_path / "run").exists()
 
 

@@ -315,10 +315,10 @@ def _student(args: argparse.Namespace) -> None:
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from distill.plan import format_plan, plan_recipe
+    from distill.plan import format_stage_plans, plan_stages
 
-    plan = plan_recipe(load_recipe(args.recipe, args.overrides), processes=args.processes)  # configs and data only
-    print(format_plan(plan))
+    plans = plan_stages(load_recipe(args.recipe, args.overrides), processes=args.processes)  # configs and data only
+    print(format_stage_plans(plans))
 
 
 def _convert(args: argparse.Namespace) -> None:

@@ -38,6 +38,17 @@ def format_plan(plan: Plan) -> str:
     return "\n\n".join("\n".join(lines) for lines in sections) + "".join(f"\nnote: {n}" for n in plan.notes)
 
 
+def format_stage_plans(plans: list[tuple[str, Plan]]) -> str:
+    """One table per training stage under its name, then the stages' total time; a lone plan as format_plan."""
+    if len(plans) == 1 and not plans[0][0]:
+        return format_plan(plans[0][1])
+    parts = [f"== {label}: {plan.steps} steps ==\n{format_plan(plan)}" for label, plan in plans]
+    total = sum(plan.total_seconds for _, plan in plans)
+    parts.append(f"All {len(plans)} stages: {_duration(total)} (the steps alone: no model loading, pair building, "
+                 "checkpoints or eval)")
+    return "\n\n".join(parts)
+
+
 def _models_section(plan: Plan) -> list[str]:
     return ["Models", *_rows([
         ("teacher", f"{_count(plan.teacher_params)} params: {plan.teacher.describe()}"),

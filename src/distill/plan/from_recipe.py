@@ -26,6 +26,7 @@ from distill.plan.timing import baseline_rss, torch_threads
 from distill.recipe import Recipe
 from distill.runtime import process_rank
 from distill.stages import facts
+from distill.stages.chain import stage_label, stage_recipes
 from distill.stages.data import recipe_examples, recipe_prompts
 from distill.stages.facts import model_source, run_files, teacher_tokenizer, uses_teacher_cache
 from distill.stages.presets import preset_config
@@ -98,7 +99,14 @@ def batch_stats(recipe: Recipe, tokenizer, processes: int = 1) -> BatchStats:
     several processes, of one rank's share of each (train.batch_size is the micro-batch of all of them)."""
     lengths, examples, source = _example_lengths(recipe, tokenizer)
     t = recipe.train
-    return sample_batches(lengths, examples, source, t.batch_size, t.steps * t.grad_accum, recipe.seed, processes)
+    sequences = t.batch_size * sequences_per_row(recipe)
+    return sample_batches(lengths, examples, source, sequences, t.steps * t.grad_accum, recipe.seed, processes)
+
+
+def sequences_per_row(recipe: Recipe) -> int:
+    """Sequences the student runs per batch row: 2 for dpo (chosen and rejected) and kto (the answer and its
+    mismatched KL answer), else 1."""
+    return 2 if recipe.method.kind in ("dpo", "kto") else 1
 
 
 def _example_lengths(recipe: Recipe, tokenizer) -> tuple[list[tuple[int, int]], int, str]:
@@ -162,6 +170,21 @@ def processes_from_environment() -> int:
     return process_rank()[1]
 
 
+def plan_stages(recipe: Recipe, processes: Optional[int] = None) -> list[tuple[str, Plan]]:
+    """A plan per training stage (`stages:`), labelled as errors name the stage; [("", plan)] without stages.
+
+    A later stage starts from the student the stage before trains; before that exists, its shape is the first
+    stage's student (a stage changes training, not the architecture).
+    """
+    stages = stage_recipes(recipe)
+    plans = []
+    for stage in stages:
+        if stage.student.model is not None and not stage.path(stage.student.model).exists():
+            stage = stage.model_copy(update={"student": stages[0].student})
+        plans.append((stage_label(stage), plan_recipe(stage, processes)))
+    return plans
+
+
 def plan_recipe(recipe: Recipe, processes: Optional[int] = None) -> Plan:
     """Predict the cost of training `recipe` on this machine; reads configs and data, loads no weights.
 
@@ -212,6 +235,11 @@ def _notes(recipe: Recipe, device: torch.device) -> list[str]:
         notes.append(f"method.kind on_policy: the student's sampling of up to {recipe.method.sampling.max_new_tokens} "
                      f"tokens per example in {recipe.method.lmbda:.0%} of micro-batches is not modelled (it can "
                      "take as long as the step itself)")
+    if sequences_per_row(recipe) == 2:
+        what = "chosen and rejected" if recipe.method.kind == "dpo" else "the answer and a mismatched KL answer"
+        notes.append(f"method.kind {recipe.method.kind}: each batch row is two sequences ({what}), modelled as "
+                     "teacher-answer-long; building the pairs (the student's answers, the reference's log-probs) "
+                     "is not modelled")
     if recipe.method.hidden is not None:
         notes.append("method.hidden (hidden-state KD) is not modelled: its projections add a little time and "
                      "memory")
