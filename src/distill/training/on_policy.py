@@ -100,18 +100,19 @@ class ResponseSampler:
         if on_policy:
             self._count(samples, time.perf_counter() - began)
         if self.across is not None and samples:
-            return self._rebuilt(batch, indices, samples)
+            return self._rebuilt(batch, indices, samples, on_policy)
         return SampledBatch(sampled, on_policy)
 
-    def _rebuilt(self, batch: dict[str, torch.Tensor], indices: Sequence[int], samples: list["Sample"]
-                 ) -> SampledBatch:
-        """The student's samples as examples both tokenizers read, and the teacher on them."""
+    def _rebuilt(
+        self, batch: dict[str, torch.Tensor], indices: Sequence[int], samples: list["Sample"], by_student: bool
+    ) -> SampledBatch:
+        """The samples as examples both tokenizers read, and the teacher on them."""
         if len(indices) != len(samples):
             raise DistillError("on-policy across tokenizers: needs the micro-batch's example indices")
         texts = [self.tokenizer.decode(s.tokens, skip_special_tokens=True) for s in samples]
         rows, signal = self.across.rebuild(indices, texts, [s.ended for s in samples])
         device = batch["input_ids"].device
-        return SampledBatch({k: v.to(device) for k, v in collate(rows, self.pad_id).items()}, True, signal)
+        return SampledBatch({k: v.to(device) for k, v in collate(rows, self.pad_id).items()}, by_student, signal)
 
     def take_metrics(self) -> dict[str, float]:
         """The student's sampling metrics since the last call (empty when it sampled nothing), then a new window."""
