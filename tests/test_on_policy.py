@@ -154,10 +154,11 @@ def test_sampler_replaces_responses_keeps_prompts_and_restores_state(tiny_teache
     assert prompt_parts(batch) == [[5, 6, 7], [11, 12]]
 
     before = torch.random.get_rng_state()
-    sampled, by_student = sampler.batch_for(student, batch, step=3, micro=0)
+    drawn = sampler.batch_for(student, batch, step=3, micro=0)
+    sampled, by_student = drawn.batch, drawn.by_student
     assert by_student and student.training  # back in train mode
     assert torch.equal(torch.random.get_rng_state(), before)  # the run's random state is untouched
-    again, _ = sampler.batch_for(student, batch, step=3, micro=0)
+    again = sampler.batch_for(student, batch, step=3, micro=0).batch
     assert torch.equal(sampled["input_ids"], again["input_ids"])  # (seed, step, micro) decide the samples
     for row, prompt in enumerate([[5, 6, 7], [11, 12]]):
         got = sampled["input_ids"][row].tolist()
@@ -179,9 +180,10 @@ def test_lmbda_decides_which_micro_batches_are_sampled(tiny_teacher_dir, tiny_to
     ids = torch.tensor([[5, 6, 7, 8]])
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([[-100, -100, 7, 8]])}
     never, _ = _sampler(tiny_tokenizer_dir, lmbda=0.0)
-    assert all(never.batch_for(student, batch, s, 0) == (batch, False) for s in range(20))
+    assert all(d.batch is batch and not d.by_student and d.signal is None
+               for d in (never.batch_for(student, batch, s, 0) for s in range(20)))
     half, _ = _sampler(tiny_tokenizer_dir, lmbda=0.5)
-    sampled = [half.batch_for(student, batch, s, 0)[1] for s in range(40)]
+    sampled = [half.batch_for(student, batch, s, 0).by_student for s in range(40)]
     assert 8 <= sum(sampled) <= 32
 
 

@@ -220,6 +220,17 @@ def encode_example(
     return EncodedExample(input_ids=ids, labels=labels, id=example.id)
 
 
+def without_turn_end(encoded: EncodedExample, tokenizer: PreTrainedTokenizerBase) -> EncodedExample:
+    """The example with its last trained token untrained when that is a special token (the end-of-turn marker of
+    an answer that was cut off, not ended: an on-policy sample stopped at the length limit)."""
+    trained = [i for i, label in enumerate(encoded.labels) if label != IGNORE]
+    if not trained or encoded.input_ids[trained[-1]] not in _special_ids(tokenizer):
+        return encoded
+    labels = list(encoded.labels)
+    labels[trained[-1]] = IGNORE
+    return EncodedExample(list(encoded.input_ids), labels, encoded.id)
+
+
 def example_text(
     example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int, system_prompt: str | None = None
 ) -> str:

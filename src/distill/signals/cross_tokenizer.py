@@ -6,18 +6,30 @@ where the student's tokens end) and the aligned groups whose student tokens are 
 
 A cached teacher (`CachedCrossTokenizerTeacher`) reads instead the top-k rows `distill capture` wrote for each view
 (`teacher_examples`: the view's ids, labelled at the teacher tokens of its groups), and runs no model.
+
+On-policy (`CrossTokenizerSamples`): each of the student's sampled responses becomes an example again (its prompt's
+messages, the sample's text as the answer), encoded and viewed as a training example is; the live teacher then
+scores those views, so one path computes the loss on the data's responses and on the student's samples.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from distill.data.tokenize import IGNORE, EncodedExample
+from distill.data.layouts import Example
+from distill.data.tokenize import (
+    IGNORE,
+    EncodedExample,
+    encode_example,
+    example_text,
+    example_token_ids,
+    without_turn_end,
+)
 from distill.errors import DistillError
 from distill.losses.cross_tokenizer import (
     AlignedGroups,
@@ -130,6 +142,10 @@ class CrossTokenizerTeacher:
         return CrossTokenizerTargets(final.reshape(-1, final.shape[-1]), head, groups.to(where), self.split.to(where),
                                      self.top_k), {}
 
+    def on_views(self, views: Sequence[TeacherView]) -> "CrossTokenizerTeacher":
+        """The same teacher on other examples' views (a batch's rebuilt samples: `for_batch` indices 0..n-1)."""
+        return replace(self, views=list(views))
+
 
 def batch_groups(
     views: Sequence[TeacherView], student_width: int, teacher_width: Optional[int] = None
@@ -178,6 +194,48 @@ class CachedCrossTokenizerTeacher:
         rows = SparseTeacherRows(sparse.ids, sparse.log_probs, sparse.tail, sparse.vocab_size)
         groups = batch_groups([self.views[i] for i in indices], batch["input_ids"].size(1) - 1)
         return CachedCrossTokenizerTargets(rows, groups.to(where), self.split.to(where), self.top_k), {}
+
+
+@dataclass
+class CrossTokenizerSamples:
+    """The student's sampled responses as training examples across tokenizers: each drawn example's prompt with the
+    sample's text as its answer, encoded for the student and read by the teacher exactly as a data example is."""
+
+    examples: list[Example]  # the training examples, at the indices of their encodings
+    student_tokenizer: PreTrainedTokenizerBase
+    teacher_tokenizer: PreTrainedTokenizerBase
+    teacher: CrossTokenizerTeacher
+    max_length: int
+    system_prompt: Optional[str] = None
+
+    def rebuild(
+        self, indices: Sequence[int], responses: Sequence[str], ended: Sequence[bool]
+    ) -> tuple[list[EncodedExample], CrossTokenizerTeacher]:
+        """(the student's encoding of each answered example, the teacher on their views) for the examples
+        `indices` answered with `responses`; an answer that did not end (`ended` False) leaves its end-of-turn
+        marker untrained."""
+        answered = [_answered(self.examples[i], text) for i, text in zip(indices, responses)]
+        encoded = [self._encoded(example, done) for example, done in zip(answered, ended)]
+        texts = [example_text(e, self.student_tokenizer, self.max_length, self.system_prompt) for e in answered]
+        views = [_view(self.student_tokenizer, self.teacher_tokenizer, text, e) for text, e in zip(texts, encoded)]
+        return encoded, self.teacher.on_views(views)
+
+    def _encoded(self, example: Example, ended: bool) -> EncodedExample:
+        tok, length, system = self.student_tokenizer, self.max_length, self.system_prompt
+        encoded = encode_example(example, tok, length, system)
+        if encoded is None:  # nothing left to predict: a row that trains nothing
+            ids = example_token_ids(example, tok, length, system)
+            return EncodedExample(ids, [IGNORE] * len(ids), example.id)
+        return encoded if ended else without_turn_end(encoded, tok)
+
+
+def _answered(example: Example, response: str) -> Example:
+    """The example's prompt (its messages before the first answer) answered with `response`; a plain-text
+    example (no prompt) becomes the response's text."""
+    if example.messages is None:
+        return Example(id=example.id, text=response)
+    first = next((i for i, m in enumerate(example.messages) if m["role"] == "assistant"), len(example.messages))
+    return Example(id=example.id, messages=[*example.messages[:first], {"role": "assistant", "content": response}])
 
 
 def _padded(rows: list[list[int]]) -> Tensor:

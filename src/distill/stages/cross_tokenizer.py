@@ -1,8 +1,9 @@
 """What training does when the teacher's and the student's tokenizers differ (method.cross_tokenizer), decided
 before the teacher loads: `text` trains on the teacher's text alone, `uld` and `align` distil logits across the two
 vocabularies through a teacher that reads each example with its own tokenizer, live or from its top-k cache
-(`distill capture` writes the rows of those same teacher views; docs/cross_tokenizer.md); the eval stage aligns
-the held-out examples the same way for agreement and KL on aligned spans."""
+(`distill capture` writes the rows of those same teacher views; docs/cross_tokenizer.md). On-policy (method.kind:
+on_policy) takes uld or align: the student's samples are rebuilt as text and read by both sides the same way. The
+eval stage aligns the held-out examples the same way for agreement and KL on aligned spans."""
 from __future__ import annotations
 
 import logging
@@ -25,6 +26,7 @@ from distill.signals.cross_tokenizer import (
     HIDDEN_ACROSS_TOKENIZERS,
     PACKING_ACROSS_TOKENIZERS,
     CachedCrossTokenizerTeacher,
+    CrossTokenizerSamples,
     CrossTokenizerTeacher,
     TeacherView,
     teacher_examples,
@@ -38,6 +40,7 @@ from distill.stages.facts import (
     cache_path,
     model_source,
     named_by,
+    scores_on_server,
     teacher_files,
     teacher_id,
     uses_teacher_cache,
@@ -49,6 +52,15 @@ log = logging.getLogger("distill")
 TEXT_WITH_CACHE = ("method.cross_tokenizer: text trains on the teacher's text alone, so teacher.cache (the teacher's "
                    "log-probs) would go unused; set method.cross_tokenizer: uld or align to distil them across the "
                    "tokenizers, or remove teacher.cache")
+ON_POLICY_TEXT = ("method.cross_tokenizer: text trains on the teacher's text alone, and method.kind: on_policy needs "
+                  "the teacher's distribution on the student's samples; set method.cross_tokenizer: uld or align "
+                  "(or method.kind: sft)")
+ON_POLICY_SERVED = ("teacher.endpoint: a served teacher scores the student's token ids as its own, and the two "
+                    "tokenizers differ; on-policy across tokenizers needs a local teacher (remove teacher.endpoint)")
+ON_POLICY_SEQ_KD = ("method.seq_kd: the teacher's samples would answer prompts in the student's tokens, which the "
+                    "teacher's tokenizer does not read; set method.seq_kd: false across tokenizers")
+ON_POLICY_SAMPLED_TOKEN = ("method.estimator: sampled_token needs the teacher's log-prob of each student token, "
+                           "which tokenizers that differ do not give; use method.estimator: full (uld or align)")
 
 
 @dataclass(frozen=True)
@@ -70,7 +82,7 @@ def crossing(
 ) -> Optional[Crossing]:
     """None for a same-tokenizer pair or an SFT recipe (a set method.cross_tokenizer is then a log line); else the
     recipe's cross-tokenizer method, refused with one line where it cannot apply."""
-    if recipe.method.kind != "kd":
+    if recipe.method.kind not in ("kd", "on_policy"):
         return None
     difference = tokenizer_difference(teacher_tok, student_tok)
     wanted = recipe.method.cross_tokenizer
@@ -80,6 +92,8 @@ def crossing(
                      "logit KD runs as usual", wanted)
         return None
     mode = wanted or "text"
+    if recipe.method.kind == "on_policy":
+        _check_on_policy_crossing(recipe, mode)
     if mode == "text" and uses_teacher_cache(recipe):
         raise DistillError(TEXT_WITH_CACHE)
     if mode == "text":
@@ -90,6 +104,16 @@ def crossing(
     log.info("teacher and student tokenizers differ (%s): logit KD across vocabularies (method.cross_tokenizer: "
              "%s)", difference, mode)
     return Crossing(mode, teacher_tok, student_tok)
+
+
+def _check_on_policy_crossing(recipe: Recipe, mode: str) -> None:
+    """What on-policy distillation across tokenizers cannot do, refused before the teacher loads."""
+    m = recipe.method
+    refusals = [(mode == "text", ON_POLICY_TEXT), (scores_on_server(recipe), ON_POLICY_SERVED),
+                (m.seq_kd, ON_POLICY_SEQ_KD), (m.estimator == "sampled_token", ON_POLICY_SAMPLED_TOKEN)]
+    for refused, line in refusals:
+        if refused:
+            raise DistillError(line)
 
 
 def _check_logit_crossing(
@@ -145,9 +169,28 @@ def cross_views(recipe: Recipe, cross: Crossing, data: TrainingSet) -> list[Teac
     """The teacher's view of each encoded training example: the same text as the student's template renders it,
     through the teacher's tokenizer, and the aligned groups."""
     student_tok, d = cross.student_tokenizer, recipe.data
-    texts = [example_text(e, student_tok, d.max_length, d.system_prompt) for e in data.examples
-             if encode_example(e, student_tok, d.max_length, d.system_prompt) is not None]
+    texts = [example_text(e, student_tok, d.max_length, d.system_prompt)
+             for e in encoded_examples(recipe, cross, data.examples)]
     return teacher_views(student_tok, cross.teacher_tokenizer, texts, data.encoded)
+
+
+def encoded_examples(recipe: Recipe, cross: Crossing, examples: list[Example]) -> list[Example]:
+    """The training examples the student's tokenizer encodes (those at the indices of the encoded training set)."""
+    tok, d = cross.student_tokenizer, recipe.data
+    return [e for e in examples if encode_example(e, tok, d.max_length, d.system_prompt) is not None]
+
+
+def cross_samples(
+    recipe: Recipe, cross: Optional[Crossing], signal: Optional[TeacherSignal], examples: list[Example]
+) -> Optional[CrossTokenizerSamples]:
+    """On-policy across tokenizers: how the student's samples to the training `examples`' prompts become examples
+    that the live teacher (`signal`) scores as it scores the data's; None for a same-tokenizer pair or another
+    method."""
+    if recipe.method.kind != "on_policy" or cross is None or not isinstance(signal, CrossTokenizerTeacher):
+        return None
+    d = recipe.data
+    return CrossTokenizerSamples(encoded_examples(recipe, cross, examples), cross.student_tokenizer,
+                                 cross.teacher_tokenizer, signal, d.max_length, d.system_prompt)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from distill.models.heads import base_model, decoder_layers
 from distill.recipe import MethodSpec, Recipe
 from distill.runtime import main_process_first, set_seed
 from distill.signals.cache import dataset_hash, example_hash, read_header
+from distill.signals.cross_tokenizer import CrossTokenizerSamples
 from distill.signals.reader import TeacherCacheReader, open_teacher_cache
 from distill.signals.teacher_signal import (
     HIDDEN_WITH_CACHE,
@@ -31,7 +32,7 @@ from distill.signals.teacher_signal import (
     ServedTeacher,
     TeacherSignal,
 )
-from distill.stages.cross_tokenizer import Crossing, crossing, crossing_signal
+from distill.stages.cross_tokenizer import Crossing, cross_samples, crossing, crossing_signal
 from distill.stages.data import TrainingSet, encode, recipe_examples
 from distill.stages.facts import (
     cache_path,
@@ -187,7 +188,7 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
         checkpoint_dir=files.checkpoints, ranks=ranks, wrapped=wrapped,
         metrics=MetricsLog(files.metrics, start, trackers(recipe)) if ranks.main else None, settings=settings,
         pair_objective=pair_objective,
-        sampler=response_sampler(recipe, student, teacher, tokenizer),
+        sampler=response_sampler(recipe, student, teacher, tokenizer, cross_samples(recipe, cross, signal, examples)),
         held_out=held_out_batches(recipe, tokenizer, held_out, signal) if settings.eval_every else None,
         best=best_so_far(recipe, checkpoint, start, student),
     )
@@ -215,9 +216,11 @@ def trackers(recipe: Recipe) -> list:
 
 
 def response_sampler(
-    recipe: Recipe, student: PreTrainedModel, teacher: Optional[PreTrainedModel], tokenizer: PreTrainedTokenizerBase
+    recipe: Recipe, student: PreTrainedModel, teacher: Optional[PreTrainedModel], tokenizer: PreTrainedTokenizerBase,
+    across: Optional[CrossTokenizerSamples] = None,
 ) -> Optional[ResponseSampler]:
-    """method.kind on_policy's sampler of the student's (and with seq_kd the teacher's) responses; else None."""
+    """method.kind on_policy's sampler of the student's (and with seq_kd the teacher's) responses, rebuilt as text
+    for the teacher with `across` (tokenizers that differ); else None."""
     m = recipe.method
     if m.kind != "on_policy":
         return None
@@ -232,7 +235,7 @@ def response_sampler(
              "loss %s on its samples", 100 * m.lmbda, s.max_new_tokens, s.temperature,
              m.divergence if m.estimator == "full" else "sampled-token reverse-KL estimate")
     return ResponseSampler(settings, tokenizer, sorted(stop_ids(base_model(student), tokenizer)),
-                           padding_id(tokenizer), teacher=teacher, compute_dtype=compute_dtype(recipe))
+                           padding_id(tokenizer), teacher=teacher, compute_dtype=compute_dtype(recipe), across=across)
 
 
 def eval_interval(recipe: Recipe, held_out: list) -> int:
@@ -515,13 +518,14 @@ def _models(
     """(the student's tokenizer, frozen teacher or None when the loss needs none, fp32 student, the crossing when
     the two tokenizers differ) as the recipe describes them."""
     tokenizer, cross, student, student_tok = teacher_tokenizer(recipe), None, None, None
-    if recipe.student.model is not None:  # an existing student (it needs no teacher) and its own tokenizer
-        student = initial_student(recipe, None, tokenizer)
+    if recipe.student.model is not None:  # an existing student's own tokenizer
         student_tok = load_tokenizer(*model_source(recipe, recipe.student))
     elif recipe.student.tokenizer is not None:  # a new student on a tokenizer of its own (student.tokenizer)
         student_tok = own_tokenizer(recipe, tokenizer)
     if student_tok is not None:
-        cross = crossing(recipe, tokenizer, student_tok)  # refuses a method that cannot apply, before the teacher
+        cross = crossing(recipe, tokenizer, student_tok)  # refuses a method that cannot apply, before any model
+    if recipe.student.model is not None:  # an existing student needs no teacher
+        student = initial_student(recipe, None, tokenizer)
     text_only = cross is not None and not cross.logits
     # a new student is built from the teacher's shape and embeddings even when only its text is learnt
     teacher = load_teacher(recipe) if needs_teacher_weights(recipe) and (not text_only or student is None) else None

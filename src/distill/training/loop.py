@@ -102,12 +102,15 @@ def accumulate_gradients(t: Training, step: int) -> StepResult:
     for micro in range(s.grad_accum):
         idx = ranks.share(batch_indices(len(t.items), s.batch_size, s.seed, step * s.grad_accum + micro))
         batch = {k: v.to(t.device) for k, v in t.to_batch([t.items[i] for i in idx], t.pad_id).items()}
-        objective = t.objective
+        objective, signal, rows = t.objective, t.signal, idx
         if t.sampler is not None:
-            batch, by_student = t.sampler.batch_for(t.student, batch, step, micro)
-            objective = objective.for_student_samples() if by_student else objective
+            drawn = t.sampler.batch_for(t.student, batch, step, micro, idx)
+            batch = drawn.batch
+            objective = objective.for_student_samples() if drawn.by_student else objective
+            if drawn.signal is not None:  # rebuilt samples across tokenizers: the teacher on their own views
+                signal, rows = drawn.signal, list(range(len(idx)))
         with ranks.syncing(t.wrapped, last_micro_batch=micro == s.grad_accum - 1):
-            out = t.wrapped(partial(_micro_batch_loss, t, batch, idx, objective))
+            out = t.wrapped(partial(_micro_batch_loss, t, batch, objective, signal, rows))
             count = len(idx) if t.pair_objective is not None else out.n_tokens  # what the loss is a mean over
             share = count / max(ranks.sums([count])[0], 1)
             (out.loss * (share * ranks.world) / s.grad_accum).backward()  # share * world is 1.0 alone
@@ -120,11 +123,13 @@ def accumulate_gradients(t: Training, step: int) -> StepResult:
     return StepResult(dict(zip(terms, values)), grad_norm, int(tokens))
 
 
-def _micro_batch_loss(t: Training, batch: dict, idx: list[int], objective: BatchObjective):
-    """The recipe's loss on one micro-batch: the pair loss, or the KD/SFT loss."""
+def _micro_batch_loss(
+    t: Training, batch: dict, objective: BatchObjective, signal: Optional[TeacherSignal], rows: list[int]
+):
+    """The recipe's loss on one micro-batch: the pair loss, or the KD/SFT loss against `signal` (its rows `rows`)."""
     if t.pair_objective is not None:
         return t.pair_objective(t.student, batch, t.compute_dtype)
-    return loss_on_batch(t.student, t.signal, batch, objective, t.compute_dtype, t.matcher, indices=idx)
+    return loss_on_batch(t.student, signal, batch, objective, t.compute_dtype, t.matcher, indices=rows)
 
 
 def run_loop(t: Training, start: int, *, stop_after: Optional[int] = None, progress: bool = True) -> Optional[float]:

@@ -3,6 +3,10 @@ pulls the student toward the teacher on the states it actually visits (GKD, Agar
 
 Which micro-batches are sampled, and the samples themselves, follow from (seed, step, micro-batch) alone, so a
 resumed run draws exactly what an uninterrupted one would: there is no sampling state to checkpoint.
+
+Across tokenizers (method.cross_tokenizer uld or align) each sample is decoded to text and rebuilt into an example
+that both tokenizers read, as the data's examples are (signals.cross_tokenizer.CrossTokenizerSamples); the batch
+then brings its own teacher signal.
 """
 from __future__ import annotations
 
@@ -10,13 +14,16 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.data.tokenize import IGNORE, EncodedExample, collate
+from distill.errors import DistillError
 from distill.eval.metrics import repetition
+from distill.signals.cross_tokenizer import CrossTokenizerSamples
+from distill.signals.teacher_signal import TeacherSignal
 
 log = logging.getLogger("distill")
 
@@ -54,6 +61,17 @@ class SampleWindow:
 
 
 @dataclass
+class SampledBatch:
+    """A micro-batch to train on: its tensors, whether the student sampled its responses, and the teacher signal of
+    its rows when they bring their own (rebuilt samples across tokenizers: indices 0..n-1; None: the run's signal
+    on the drawn examples)."""
+
+    batch: dict[str, torch.Tensor]
+    by_student: bool = False
+    signal: Optional[TeacherSignal] = None
+
+
+@dataclass
 class ResponseSampler:
     """Replaces a micro-batch's responses with sampled ones, as method.lmbda and method.seq_kd say."""
 
@@ -65,21 +83,36 @@ class ResponseSampler:
     compute_dtype: torch.dtype = torch.float32
     window: SampleWindow = field(default_factory=SampleWindow)
     collapse_logged: bool = False  # the no-EOS warning is given once per run, not every window
+    across: Optional[CrossTokenizerSamples] = None  # tokenizers differ: samples are rebuilt as text for both sides
 
     def batch_for(
-        self, student: PreTrainedModel, batch: dict[str, torch.Tensor], step: int, micro: int
-    ) -> tuple[dict[str, torch.Tensor], bool]:
-        """(the batch to train on, whether the student sampled it) for this step's micro-batch."""
+        self, student: PreTrainedModel, batch: dict[str, torch.Tensor], step: int, micro: int,
+        indices: Sequence[int] = (),
+    ) -> SampledBatch:
+        """What this step's micro-batch (of the training examples `indices`) trains on."""
         coin = random.Random(f"on-policy:{self.settings.seed}:{step}:{micro}")
         on_policy = coin.random() < self.settings.lmbda
         if not on_policy and not self.settings.seq_kd:
-            return batch, False
+            return SampledBatch(batch)
         model = student if on_policy else self.teacher
         began = time.perf_counter()
         sampled, samples = self.sample(model, batch, coin.getrandbits(63))
         if on_policy:
             self._count(samples, time.perf_counter() - began)
-        return sampled, on_policy
+        if self.across is not None and samples:
+            return self._rebuilt(batch, indices, samples, on_policy)
+        return SampledBatch(sampled, on_policy)
+
+    def _rebuilt(
+        self, batch: dict[str, torch.Tensor], indices: Sequence[int], samples: list["Sample"], by_student: bool
+    ) -> SampledBatch:
+        """The samples as examples both tokenizers read, and the teacher on them."""
+        if len(indices) != len(samples):
+            raise DistillError("on-policy across tokenizers: needs the micro-batch's example indices")
+        texts = [self.tokenizer.decode(s.tokens, skip_special_tokens=True) for s in samples]
+        rows, signal = self.across.rebuild(indices, texts, [s.ended for s in samples])
+        device = batch["input_ids"].device
+        return SampledBatch({k: v.to(device) for k, v in collate(rows, self.pad_id).items()}, by_student, signal)
 
     def take_metrics(self) -> dict[str, float]:
         """The student's sampling metrics since the last call (empty when it sampled nothing), then a new window."""
