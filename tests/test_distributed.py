@@ -18,7 +18,7 @@ from conftest import logged_evals, logged_steps, tiny_recipe
 from distill.errors import DistillError
 from distill.models import load_model
 from distill.recipe import recipe_from_dict
-from distill.stages import build_pairs, capture, prepare_run_dir, train
+from distill.stages import build_preference_data, capture, prepare_run_dir, train
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +60,16 @@ def _spec(tmp_path: Path, name: str, teacher: Path, data: Path, case: str = "kd"
         spec["data"] = {"pairs": str(pairs), "max_length": 48, "eval_fraction": 0.0}
         spec["method"] = {"kind": "dpo", "beta": 0.5, "chunk_size": 16}
         spec["train"]["eval_every"] = 0
+    if case == "kto":  # the data's answers labelled desirable, reversed ones undesirable, alternately
+        rows = [json.loads(line) for line in data.read_text().splitlines()]
+        labelled = tmp_path / "kto.jsonl"
+        labelled.write_text("".join(json.dumps({"prompt": r["prompt"], "label": i % 2 == 0,
+                                                "completion": r["response"] if i % 2 == 0 else r["response"][::-1]})
+                                    + "\n" for i, r in enumerate(rows)))
+        spec["student"] = {"model": str(teacher)}
+        spec["data"] = {"pairs": str(labelled), "max_length": 48, "eval_fraction": 0.0}
+        spec["method"] = {"kind": "kto", "beta": 0.5, "chunk_size": 16}
+        spec["train"]["eval_every"] = 0
     return spec
 
 
@@ -69,7 +79,8 @@ def _assert_same_run(one: Path, two: Path, tol: float = 1e-5) -> None:
         assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two]
         for a, b in zip(rows_one, rows_two):
             for key in a:
-                if key.startswith(("loss", "kd", "ce", "grad_norm", "eval_", "margin", "accuracy", "chosen", "rejected")):
+                if key.startswith(("loss", "kd", "ce", "grad_norm", "eval_", "margin", "accuracy", "chosen", "rejected",
+                                   "kl")):
                     assert a[key] == pytest.approx(b[key], abs=tol), (a["step"], key)
             assert a.get("tokens") == b.get("tokens")  # each rank trained its share, not the whole micro-batch
     student_one, student_two = load_model(str(one / "student")), load_model(str(two / "student"))
@@ -78,16 +89,17 @@ def _assert_same_run(one: Path, two: Path, tol: float = 1e-5) -> None:
 
 
 @pytest.mark.parametrize("case, parallel", [("kd", "ddp"), ("kd_lora", "ddp"), ("sft", "ddp"), ("kd_cache", "ddp"),
-                                            ("dpo", "ddp"), ("kd", "fsdp"), ("kd_cache", "fsdp"), ("dpo", "fsdp")])
+                                            ("dpo", "ddp"), ("kto", "ddp"), ("kd", "fsdp"), ("kd_cache", "fsdp"),
+                                            ("dpo", "fsdp")])
 def test_two_processes_take_the_same_steps_as_one(tmp_path, tiny_teacher_dir, pairs_jsonl, case, parallel):
     # FSDP: the student's and the live teacher's decoder blocks are sharded across the two processes.
     spec_two = _spec(tmp_path, "two", tiny_teacher_dir, pairs_jsonl, case, parallel=parallel)
     recipe_one = recipe_from_dict(_spec(tmp_path, "one", tiny_teacher_dir, pairs_jsonl, case))
     if case == "kd_cache":
         capture(recipe_one, progress=False)  # one cache, read by both runs
-    if case == "dpo":  # each run's pairs with the reference log-probs, built on one process
-        build_pairs(recipe_from_dict(spec_two), progress=False)
-        build_pairs(recipe_one, progress=False)
+    if case in ("dpo", "kto"):  # each run's pairs (labelled answers) with the reference log-probs, on one process
+        build_preference_data(recipe_from_dict(spec_two), progress=False)
+        build_preference_data(recipe_one, progress=False)
     prepare_run_dir(recipe_one)
     train(recipe_one, progress=False)
 

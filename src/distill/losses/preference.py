@@ -4,6 +4,7 @@ per-sequence log-probs they take: the response tokens' log-probs summed per row,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -145,11 +146,13 @@ class LabelledLoss:
 
 
 def kto_batch_loss(
-    logp: Tensor, ref_logp: Tensor, desirable: Tensor, kl_logp: Tensor, kl_ref_logp: Tensor, settings: KtoSettings
+    logp: Tensor, ref_logp: Tensor, desirable: Tensor, kl_logp: Tensor, kl_ref_logp: Tensor, settings: KtoSettings,
+    mean: Callable[[Tensor], Tensor] = torch.mean,
 ) -> LabelledLoss:
     """KTO on a batch: z0 = mean(kl_logp - kl_ref_logp) over the batch (each prompt with another example's answer,
-    as TRL's KTOTrainer estimates KL(policy || reference)), detached and clamped at 0; then kto_loss."""
-    kl = (kl_logp - kl_ref_logp).detach().mean().clamp(min=0)
+    as TRL's KTOTrainer estimates KL(policy || reference)), detached and clamped at 0; then kto_loss. `mean` is
+    over the whole batch: on several processes, every rank's rows (as TRL gathers them)."""
+    kl = mean((kl_logp - kl_ref_logp).detach()).clamp(min=0)
     loss = kto_loss(logp, ref_logp, desirable, kl, beta=settings.beta, desirable_weight=settings.desirable_weight,
                     undesirable_weight=settings.undesirable_weight)
     rewards, good = settings.beta * (logp - ref_logp).detach(), desirable.bool()

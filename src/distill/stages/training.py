@@ -5,7 +5,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -160,7 +160,7 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
         for model, name in ((student, "student"), (teacher, "teacher")):
             if model is not None:
                 check_packing_support(model, name)
-    pair_objective = preference_objective(recipe.method)
+    pair_objective = preference_objective(recipe.method, ranks.mean)
     signal, items, to_batch, data_hash = _what_batches_draw(recipe, examples, held_out, tokenizer, teacher, student,
                                                            cross, pair_objective is not None)
     if t.lora is not None:
@@ -328,11 +328,15 @@ def batch_objective(m: MethodSpec) -> BatchObjective:
                           hidden_weight=m.hidden.weight if m.hidden is not None else None)
 
 
-def preference_objective(m: MethodSpec) -> Optional[PairObjective | KtoObjective]:
-    """method.kind: dpo's pair loss (kto's labelled-answer loss) from the method section; None for the other kinds."""
+def preference_objective(
+    m: MethodSpec, mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] = torch.mean
+) -> Optional[PairObjective | KtoObjective]:
+    """method.kind: dpo's pair loss (kto's labelled-answer loss, its reference point averaged by `mean_over_ranks`)
+    from the method section; None for the other kinds."""
     if m.kind == "kto":
         return KtoObjective(KtoSettings(beta=m.beta, desirable_weight=m.desirable_weight,
-                                        undesirable_weight=m.undesirable_weight, chunk_size=m.chunk_size))
+                                        undesirable_weight=m.undesirable_weight, chunk_size=m.chunk_size),
+                            mean_over_ranks)
     if m.kind != "dpo":
         return None
     return PairObjective(PreferenceSettings(loss=m.loss, beta=m.beta, label_smoothing=m.label_smoothing,

@@ -128,6 +128,15 @@ class Ranks:
             state[index] = {key: _like(value, param) for key, value in moments.items()}
         return {**full, "state": state}
 
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """The mean of every rank's `values` (detached; ranks may hold different counts)."""
+        if self.accelerator is None:
+            return values.detach().mean()
+        both = torch.stack([values.detach().sum(), torch.tensor(values.numel(), dtype=values.dtype,
+                                                                device=values.device)]).to(torch.float64)
+        total, count = self.accelerator.reduce(both.to(self.accelerator.device), "sum").tolist()
+        return torch.tensor(total / count, dtype=values.dtype, device=values.device)
+
     def sums(self, values: Sequence[float]) -> list[float]:
         """Each value summed over the ranks (float64, so token counts stay exact)."""
         if self.accelerator is None:

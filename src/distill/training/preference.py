@@ -4,7 +4,7 @@ KTO the same on labelled single answers, each with the mismatched answer its KL 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from transformers import PreTrainedModel
@@ -131,9 +131,11 @@ def labelled_reference_log_probs(
 
 @dataclass(frozen=True)
 class KtoObjective:
-    """method.kind: kto's loss on a micro-batch of labelled answers (what the loop calls instead of loss_on_batch)."""
+    """method.kind: kto's loss on a micro-batch of labelled answers (what the loop calls instead of loss_on_batch);
+    `mean_over_ranks` averages the reference point over every process's rows (torch.mean on one process)."""
 
     settings: KtoSettings
+    mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] = torch.mean
     terms: ClassVar[tuple[str, ...]] = KTO_TERMS
 
     def __call__(self, student: PreTrainedModel, batch: dict[str, torch.Tensor],
@@ -142,4 +144,5 @@ class KtoObjective:
         logp, _ = response_log_probs(student, batch, self.settings.chunk_size, compute_dtype)
         with torch.no_grad():
             kl_logp, _ = response_log_probs(student, kl_rows(batch), self.settings.chunk_size, compute_dtype)
-        return kto_batch_loss(logp, batch["ref_logp"], batch["desirable"], kl_logp, batch["ref_kl"], self.settings)
+        return kto_batch_loss(logp, batch["ref_logp"], batch["desirable"], kl_logp, batch["ref_kl"], self.settings,
+                              mean=self.mean_over_ranks)
