@@ -4,8 +4,9 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -124,7 +125,7 @@ def train(
     check_finite(weights)
     steps = stopped or recipe.train.steps
     if training.best is not None:
-        _keep_best(training, files)
+        weights = _keep_best(training, files, weights)
     # The matcher's projections stay behind.
     save_model(training.student, training.tokenizer, files.student, state_dict=weights if ranks.fsdp else None)
     training.ranks.wait()
@@ -133,16 +134,19 @@ def train(
     return TrainResult(student_dir=files.student, steps=steps, final_loss=last, seconds=seconds)
 
 
-def _keep_best(training: Training, files) -> None:
-    """train.keep_best: the last step's student goes to student_last/, the best step's weights into the student."""
-    best = training.best
-    save_model(training.student, training.tokenizer, files.student_last)
+def _keep_best(training: Training, files, last: dict) -> dict:
+    """train.keep_best: the last step's student (whole weights `last`) goes to student_last/; the best step's weights
+    are returned, and loaded into the student unless FSDP shards it (then they are saved from the returned dict)."""
+    best, fsdp = training.best, training.ranks.fsdp
+    save_model(training.student, training.tokenizer, files.student_last, state_dict=last if fsdp else None)
     if best.weights is None:
         log.warning("train.keep_best: no finite %s was measured; %s is the last step's", best.metric, files.student)
-        return
-    training.student.load_state_dict(best.weights)
+        return last
+    if not fsdp:
+        training.student.load_state_dict(best.weights)
     log.info("train.keep_best: %s is step %d (%s %.4f); the last step's student is in %s", files.student,
              best.step, best.metric, best.value, files.student_last)
+    return best.weights
 
 
 def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
@@ -189,7 +193,7 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
         pair_objective=pair_objective,
         sampler=response_sampler(recipe, student, teacher, tokenizer),
         held_out=held_out_batches(recipe, tokenizer, held_out, signal) if settings.eval_every else None,
-        best=best_so_far(recipe, checkpoint, start, student),
+        best=best_so_far(recipe, checkpoint, start, partial(ranks.kept_copy, student)),
     )
     return training, start
 
@@ -258,9 +262,10 @@ def held_out_batches(
     return HeldOut(batches=batches, signal=live)
 
 
-def best_so_far(recipe: Recipe, checkpoint: Optional[Path], start: int, student: torch.nn.Module
-                ) -> Optional[BestSoFar]:
-    """train.keep_best's best-so-far: fresh, or as the resumed checkpoint kept it (with its weights)."""
+def best_so_far(recipe: Recipe, checkpoint: Optional[Path], start: int,
+                student_copy: Callable[[], Optional[dict[str, torch.Tensor]]]) -> Optional[BestSoFar]:
+    """train.keep_best's best-so-far: fresh, or as the resumed checkpoint kept it (with its weights; when the best
+    is the checkpoint's own step, `student_copy()`, the loaded student's)."""
     metric = recipe.train.keep_best
     if metric is None:
         return None
@@ -269,7 +274,7 @@ def best_so_far(recipe: Recipe, checkpoint: Optional[Path], start: int, student:
         return BestSoFar(metric)
     weights = read_best_weights(checkpoint)
     if weights is None and state.get("step") == start:  # the best is the checkpoint's own step
-        weights = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
+        weights = student_copy()
     return BestSoFar.from_state(state, weights)
 
 
@@ -458,12 +463,9 @@ def _check_fsdp(recipe: Recipe) -> None:
     """What train.parallel: fsdp does not do yet, refused before any model loads (every rank alike)."""
     if recipe.train.parallel != "fsdp":
         return
-    unsupported = {"method.kind: on_policy (ranks would sample answers of different lengths)":
-                   recipe.method.kind == "on_policy",
-                   "train.lora": recipe.train.lora is not None, "train.keep_best": recipe.train.keep_best is not None}
-    for what, used in unsupported.items():
-        if used:
-            raise DistillError(f"train.parallel: fsdp does not support {what} yet; use train.parallel: ddp")
+    if recipe.method.kind == "on_policy":
+        raise DistillError("train.parallel: fsdp does not support method.kind: on_policy yet (ranks would sample "
+                           "answers of different lengths); use train.parallel: ddp")
 
 
 def _check_keep_best(recipe: Recipe) -> None:

@@ -174,16 +174,17 @@ def run_loop(t: Training, start: int, *, stop_after: Optional[int] = None, progr
 
 def _evaluate(t: Training, step: int, postfix: dict[str, str]) -> bool:
     """Evaluate on the held-out batches, log the row, update the best so far; True when patience runs out."""
-    # Every rank evaluates the same batches, so train.keep_best and train.patience decide alike everywhere.
-    metrics = t.ranks.unsharded(t.wrapped, partial(evaluate_held_out, t.student, t.held_out, t.objective,
-                                                   t.compute_dtype, t.device, t.matcher))
+    # Every rank evaluates the same batches (under FSDP each forward gathers shards from all ranks); rank 0's values
+    # are taken everywhere, so train.keep_best and train.patience decide alike on every rank.
+    metrics = t.ranks.rank0s(t.ranks.unsharded(t.wrapped, partial(
+        evaluate_held_out, t.student, t.held_out, t.objective, t.compute_dtype, t.device, t.matcher)))
     _write_metrics(t, {"step": step, "split": EVAL_SPLIT, **metrics})
     shown = metrics.get("eval_loss", metrics.get("eval_ce"))
     if shown is not None:
         postfix["eval"] = f"{shown:.4f}"
     if t.best is None:
         return False
-    t.best.update(metrics, step, t.student)
+    t.best.update(metrics, step, partial(t.ranks.kept_copy, t.student))
     patience = t.settings.patience
     if patience is None or t.best.evals_since < patience:
         return False
