@@ -51,6 +51,11 @@ def _spec(tmp_path: Path, name: str, teacher: Path, data: Path, case: str = "kd"
         spec["train"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0}
     if case == "kd_best":  # held-out loss every step; at this rate the best (saved) step is not the last
         spec["train"].update(steps=3, eval_every=1, keep_best="eval_loss", lr=0.1)
+    if case == "on_policy":  # the student answers half the micro-batches, the teacher the others (seq_kd); each rank's
+        # answers end at their first "e" or at the room its longest prompt leaves: ranks generate different lengths
+        kd = {k: v for k, v in spec["method"].items() if k != "divergence"}
+        spec["method"] = {**kd, "kind": "on_policy", "lmbda": 0.5, "seq_kd": True,
+                          "sampling": {"max_new_tokens": 8, "stop": ["e"]}}
     if case == "sft":
         spec["method"]["kind"] = "sft"
     if case == "kd_cache":
@@ -176,12 +181,17 @@ def test_a_batch_that_does_not_split_across_processes_is_refused_on_every_rank(t
     assert not (tmp_path / "odd" / "checkpoints").exists() and not (tmp_path / "odd" / "student").exists()
 
 
-def test_fsdp_refuses_what_it_does_not_do_yet(tmp_path, tiny_teacher_dir, pairs_jsonl):
-    spec = _spec(tmp_path, "on_policy", tiny_teacher_dir, pairs_jsonl, parallel="fsdp")
-    spec["method"]["kind"] = "on_policy"
-    with pytest.raises(DistillError, match="train.parallel: fsdp does not support method.kind: on_policy yet"):
-        train(recipe_from_dict(spec), progress=False)
-    assert not (tmp_path / "on_policy").exists()
+def test_on_policy_under_fsdp_samples_what_ddp_samples(tmp_path, tiny_teacher_dir, pairs_jsonl):
+    # Each rank samples its own rows (one process's samples would differ); FSDP's ranks generate in step, each until
+    # all ranks' answers are done, so they sample and train as DDP's ranks do.
+    for parallel in ("ddp", "fsdp"):
+        spec = _spec(tmp_path, parallel, tiny_teacher_dir, pairs_jsonl, "on_policy", parallel=parallel)
+        done = _torchrun([DISTILL, "train", str(_write(spec, tmp_path / f"{parallel}.yaml")), "--no-progress"])
+        assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_run(tmp_path / "ddp", tmp_path / "fsdp")
+    rows_ddp, rows_fsdp = logged_steps(tmp_path / "ddp"), logged_steps(tmp_path / "fsdp")
+    assert any("sample_length" in r for r in rows_fsdp)  # the student sampled
+    assert [r.get("sample_length") for r in rows_ddp] == [r.get("sample_length") for r in rows_fsdp]
 
 
 def test_distill_run_on_two_processes_trains_together_and_evaluates_once(tmp_path, tiny_teacher_dir, pairs_jsonl):

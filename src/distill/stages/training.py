@@ -191,7 +191,7 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
         checkpoint_dir=files.checkpoints, ranks=ranks, wrapped=wrapped,
         metrics=MetricsLog(files.metrics, start, trackers(recipe)) if ranks.main else None, settings=settings,
         pair_objective=pair_objective,
-        sampler=response_sampler(recipe, student, teacher, tokenizer),
+        sampler=response_sampler(recipe, student, teacher, tokenizer, synced=ranks.fsdp),
         held_out=held_out_batches(recipe, tokenizer, held_out, signal) if settings.eval_every else None,
         best=best_so_far(recipe, checkpoint, start, partial(ranks.kept_copy, student)),
     )
@@ -219,9 +219,11 @@ def trackers(recipe: Recipe) -> list:
 
 
 def response_sampler(
-    recipe: Recipe, student: PreTrainedModel, teacher: Optional[PreTrainedModel], tokenizer: PreTrainedTokenizerBase
+    recipe: Recipe, student: PreTrainedModel, teacher: Optional[PreTrainedModel], tokenizer: PreTrainedTokenizerBase,
+    synced: bool = False,
 ) -> Optional[ResponseSampler]:
-    """method.kind on_policy's sampler of the student's (and with seq_kd the teacher's) responses; else None."""
+    """method.kind on_policy's sampler of the student's (and with seq_kd the teacher's) responses; else None.
+    `synced`: the ranks generate in step (FSDP)."""
     m = recipe.method
     if m.kind != "on_policy":
         return None
@@ -236,7 +238,7 @@ def response_sampler(
              "loss %s on its samples", 100 * m.lmbda, s.max_new_tokens, s.temperature,
              m.divergence if m.estimator == "full" else "sampled-token reverse-KL estimate")
     return ResponseSampler(settings, tokenizer, sorted(stop_ids(base_model(student), tokenizer)),
-                           padding_id(tokenizer), teacher=teacher, compute_dtype=compute_dtype(recipe))
+                           padding_id(tokenizer), teacher=teacher, compute_dtype=compute_dtype(recipe), synced=synced)
 
 
 def eval_interval(recipe: Recipe, held_out: list) -> int:
@@ -456,16 +458,6 @@ def check_recipe(recipe: Recipe) -> None:
         raise DistillError(PACKING_WITH_CACHE)
     _check_keep_best(recipe)
     check_trackers(recipe.train.report_to or [])
-    _check_fsdp(recipe)
-
-
-def _check_fsdp(recipe: Recipe) -> None:
-    """What train.parallel: fsdp does not do yet, refused before any model loads (every rank alike)."""
-    if recipe.train.parallel != "fsdp":
-        return
-    if recipe.method.kind == "on_policy":
-        raise DistillError("train.parallel: fsdp does not support method.kind: on_policy yet (ranks would sample "
-                           "answers of different lengths); use train.parallel: ddp")
 
 
 def _check_keep_best(recipe: Recipe) -> None:

@@ -94,7 +94,9 @@ class Ranks:
 
             mesh = self._mesh()
             for block in blocks:
-                fully_shard(block, mesh=mesh)
+                # Each block is a root of its own, which FSDP would by default keep gathered after its forward (for
+                # the backward a frozen model never has): the whole teacher on every rank after its first forward.
+                fully_shard(block, mesh=mesh, reshard_after_forward=True)
 
     def _mesh(self):
         from torch.distributed.device_mesh import init_device_mesh
@@ -151,8 +153,8 @@ class Ranks:
         return self.accelerator.reduce(total, "sum").tolist()
 
     def unsharded(self, wrapped: torch.nn.Module, run: Callable[[], T]) -> T:
-        """Run a no-gradient pass over the student (held-out evaluation): with FSDP through the root, which gathers
-        the shards it needs; else directly."""
+        """Run a no-gradient pass over the student (held-out evaluation, on-policy sampling): with FSDP through the
+        root, which gathers the shards it needs; else directly."""
         if not self.fsdp:
             return run()
         with torch.no_grad():

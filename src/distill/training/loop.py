@@ -103,8 +103,8 @@ def accumulate_gradients(t: Training, step: int) -> StepResult:
         idx = ranks.share(batch_indices(len(t.items), s.batch_size, s.seed, step * s.grad_accum + micro))
         batch = {k: v.to(t.device) for k, v in t.to_batch([t.items[i] for i in idx], t.pad_id).items()}
         objective = t.objective
-        if t.sampler is not None:
-            batch, by_student = t.sampler.batch_for(t.student, batch, step, micro)
+        if t.sampler is not None:  # under FSDP through the root, which gathers the embeddings and head
+            batch, by_student = ranks.unsharded(t.wrapped, partial(t.sampler.batch_for, t.student, batch, step, micro))
             objective = objective.for_student_samples() if by_student else objective
         with ranks.syncing(t.wrapped, last_micro_batch=micro == s.grad_accum - 1):
             out = t.wrapped(partial(_micro_batch_loss, t, batch, idx, objective))
