@@ -16,7 +16,6 @@ import torch
 import yaml
 
 from conftest import logged_evals, logged_steps, tiny_recipe
-from distill.errors import DistillError
 from distill.models import load_model
 from distill.recipe import recipe_from_dict
 from distill.stages import build_pairs, capture, prepare_run_dir, train

@@ -7,8 +7,9 @@ N * n_rank / n_all before DDP (or FSDP's reduce-scatter) averages the gradients,
 micro-batch's positions.
 
 With FSDP (train.parallel: fsdp) every decoder block of the student (with LoRA its frozen base weights too) and of
-the teacher is sharded across the ranks and gathered only for its own forward and backward; checkpoints hold the full tensors (gathered when saved,
-sharded again when loaded), in the same files as one process writes, so a run resumes on any number of processes.
+the teacher is sharded across the ranks and gathered only for its own forward and backward; checkpoints hold the
+full tensors (gathered when saved, sharded again when loaded), in the same files as one process writes, so a run
+resumes on any number of processes.
 """
 from __future__ import annotations
 
