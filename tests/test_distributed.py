@@ -11,14 +11,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import yaml
 
 from conftest import logged_evals, logged_steps, tiny_recipe
-from distill.errors import DistillError
 from distill.models import load_model
 from distill.recipe import recipe_from_dict
 from distill.stages import build_preference_data, capture, prepare_run_dir, train
+from distill.training.checkpoint import list_checkpoints, read_best
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +48,13 @@ def _spec(tmp_path: Path, name: str, teacher: Path, data: Path, case: str = "kd"
     if case == "kd_lora":  # adapters on an existing model (no dropout: ranks would draw different masks)
         spec["student"] = {"model": str(teacher)}
         spec["train"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0}
+    if case == "kd_best":  # held-out loss every step; at this rate the best (saved) step is not the last
+        spec["train"].update(steps=3, eval_every=1, keep_best="eval_loss", lr=0.1)
+    if case == "on_policy":  # the student answers half the micro-batches, the teacher the others (seq_kd); each rank's
+        # answers end at their first "e" or at the room its longest prompt leaves: ranks generate different lengths
+        kd = {k: v for k, v in spec["method"].items() if k != "divergence"}
+        spec["method"] = {**kd, "kind": "on_policy", "lmbda": 0.5, "seq_kd": True,
+                          "sampling": {"max_new_tokens": 8, "stop": ["e"]}}
     if case == "sft":
         spec["method"]["kind"] = "sft"
     if case == "kd_cache":
@@ -73,8 +81,9 @@ def _spec(tmp_path: Path, name: str, teacher: Path, data: Path, case: str = "kd"
     return spec
 
 
-def _assert_same_run(one: Path, two: Path, tol: float = 1e-5) -> None:
-    """Per-step losses, gradient norms and held-out losses within tol; the saved students within 1e-6."""
+def _assert_same_run(one: Path, two: Path, tol: float = 1e-5, weight_tol: float = 1e-6) -> None:
+    """Per-step losses, gradient norms and held-out losses within tol; the saved students within weight_tol; the
+    same train.keep_best step."""
     for rows_one, rows_two in ((logged_steps(one), logged_steps(two)), (logged_evals(one), logged_evals(two))):
         assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two]
         for a, b in zip(rows_one, rows_two):
@@ -83,16 +92,37 @@ def _assert_same_run(one: Path, two: Path, tol: float = 1e-5) -> None:
                                    "kl")):
                     assert a[key] == pytest.approx(b[key], abs=tol), (a["step"], key)
             assert a.get("tokens") == b.get("tokens")  # each rank trained its share, not the whole micro-batch
-    student_one, student_two = load_model(str(one / "student")), load_model(str(two / "student"))
-    for (name, p), q in zip(student_one.state_dict().items(), student_two.state_dict().values()):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
+    for student in ("student", "student_last"):  # student_last/: the last step's, with train.keep_best
+        if not (one / student).exists() and not (two / student).exists():
+            continue
+        student_one, student_two = load_model(str(one / student)), load_model(str(two / student))
+        for (name, p), q in zip(student_one.state_dict().items(), student_two.state_dict().values()):
+            torch.testing.assert_close(p, q, atol=weight_tol, rtol=0, msg=name)
+    best_one, best_two = read_best(list_checkpoints(one / "checkpoints")[-1]), read_best(
+        list_checkpoints(two / "checkpoints")[-1])
+    assert (best_one is None) == (best_two is None)
+    if best_one is not None:  # the same best step, its held-out value within tol
+        assert best_one["step"] == best_two["step"] and best_one["value"] == pytest.approx(best_two["value"], abs=tol)
+
+
+def _assert_only_adapters_trained(run_dir: Path, base_dir: Path) -> None:
+    """The last checkpoint's frozen weights are the base model's as loaded; its adapters moved from their start."""
+    saved = safetensors.torch.load_file(str(list_checkpoints(run_dir / "checkpoints")[-1] / "model.safetensors"))
+    base = load_model(str(base_dir)).state_dict()
+    adapters = [name for name in saved if ".lora_B." in name]
+    assert adapters and all(saved[name].abs().max() > 0 for name in adapters)  # LoRA's B starts at zero
+    for name, tensor in saved.items():
+        if ".lora_" not in name:
+            plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            torch.testing.assert_close(tensor, base[plain], atol=0, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("case, parallel", [("kd", "ddp"), ("kd_lora", "ddp"), ("sft", "ddp"), ("kd_cache", "ddp"),
-                                            ("dpo", "ddp"), ("kto", "ddp"), ("kd", "fsdp"), ("kd_cache", "fsdp"),
-                                            ("dpo", "fsdp")])
+                                            ("dpo", "ddp"), ("kto", "ddp"), ("kd", "fsdp"), ("kd_lora", "fsdp"),
+                                            ("kd_best", "fsdp"), ("kd_cache", "fsdp"), ("dpo", "fsdp")])
 def test_two_processes_take_the_same_steps_as_one(tmp_path, tiny_teacher_dir, pairs_jsonl, case, parallel):
-    # FSDP: the student's and the live teacher's decoder blocks are sharded across the two processes.
+    # FSDP: the student's and the live teacher's decoder blocks are sharded across the two processes (with LoRA the
+    # frozen base too); with train.keep_best every rank evaluates, rank 0 gathers the best step's student and writes it.
     spec_two = _spec(tmp_path, "two", tiny_teacher_dir, pairs_jsonl, case, parallel=parallel)
     recipe_one = recipe_from_dict(_spec(tmp_path, "one", tiny_teacher_dir, pairs_jsonl, case))
     if case == "kd_cache":
@@ -105,19 +135,27 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path, tiny_teacher_dir, pa
 
     done = _torchrun([DISTILL, "train", str(_write(spec_two, tmp_path / "two.yaml")), "--no-progress"])
     assert done.returncode == 0, done.stderr[-3000:]
-    _assert_same_run(tmp_path / "one", tmp_path / "two")
+    # At kd_best's 30x higher rate, Adam carries the float differences of the ranks' sums 30x further.
+    _assert_same_run(tmp_path / "one", tmp_path / "two", weight_tol=3e-5 if case == "kd_best" else 1e-6)
+    if case == "kd_best":  # the student is the best step's, not the last one's
+        assert read_best(tmp_path / "two" / "checkpoints" / "step_3")["step"] < 3
+    if case == "kd_lora":
+        _assert_only_adapters_trained(tmp_path / "two", tiny_teacher_dir)
     # Rank 0 alone logs to the run's log.txt: one "student saved" line, not one per process.
     assert (tmp_path / "two" / "log.txt").read_text().count("student saved to") == 1
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_a_killed_two_process_run_resumes_on_two_or_one_process(tmp_path, tiny_teacher_dir, pairs_jsonl, parallel):
-    whole = recipe_from_dict(_spec(tmp_path, "whole", tiny_teacher_dir, pairs_jsonl))
+@pytest.mark.parametrize("parallel, case", [("ddp", "kd"), ("fsdp", "kd"), ("fsdp", "kd_lora")])
+def test_a_killed_two_process_run_resumes_on_two_or_one_process(tmp_path, tiny_teacher_dir, pairs_jsonl, parallel,
+                                                                case):
+    # FSDP with LoRA and train.keep_best: the resumed ranks gather the best-so-far (step 3, the checkpoint's own).
+    best = {"keep_best": "eval_loss"} if case == "kd_lora" else {}
+    whole = recipe_from_dict(_spec(tmp_path, "whole", tiny_teacher_dir, pairs_jsonl, case, **best))
     prepare_run_dir(whole)
     train(whole, progress=False)
-    for name, resumed_on in (("again2", 2), ("again1", 1)):
+    for name, resumed_on in (("again2", 2), ("again1", 1))[:1 if case == "kd_lora" else 2]:
         # FSDP's checkpoints hold whole tensors, the files one process writes: one process resumes them too.
-        spec = _spec(tmp_path, name, tiny_teacher_dir, pairs_jsonl, parallel=parallel)
+        spec = _spec(tmp_path, name, tiny_teacher_dir, pairs_jsonl, case, parallel=parallel, **best)
         path = _write(spec, tmp_path / f"{name}.yaml")
         # Killed after step 3's checkpoint (train's stop_after ends the call as a kill would, checkpoint written).
         script = tmp_path / "stop_after_3.py"
@@ -153,11 +191,17 @@ def test_a_batch_that_does_not_split_across_processes_is_refused_on_every_rank(t
     assert not (tmp_path / "odd" / "checkpoints").exists() and not (tmp_path / "odd" / "student").exists()
 
 
-def test_fsdp_refuses_what_it_does_not_do_yet(tmp_path, tiny_teacher_dir, pairs_jsonl):
-    spec = _spec(tmp_path, "lora", tiny_teacher_dir, pairs_jsonl, "kd_lora", parallel="fsdp")
-    with pytest.raises(DistillError, match="train.parallel: fsdp does not support train.lora yet"):
-        train(recipe_from_dict(spec), progress=False)
-    assert not (tmp_path / "lora").exists()
+def test_on_policy_under_fsdp_samples_what_ddp_samples(tmp_path, tiny_teacher_dir, pairs_jsonl):
+    # Each rank samples its own rows (one process's samples would differ); FSDP's ranks generate in step, each until
+    # all ranks' answers are done, so they sample and train as DDP's ranks do.
+    for parallel in ("ddp", "fsdp"):
+        spec = _spec(tmp_path, parallel, tiny_teacher_dir, pairs_jsonl, "on_policy", parallel=parallel)
+        done = _torchrun([DISTILL, "train", str(_write(spec, tmp_path / f"{parallel}.yaml")), "--no-progress"])
+        assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_run(tmp_path / "ddp", tmp_path / "fsdp")
+    rows_ddp, rows_fsdp = logged_steps(tmp_path / "ddp"), logged_steps(tmp_path / "fsdp")
+    assert any("sample_length" in r for r in rows_fsdp)  # the student sampled
+    assert [r.get("sample_length") for r in rows_ddp] == [r.get("sample_length") for r in rows_fsdp]
 
 
 def test_distill_run_on_two_processes_trains_together_and_evaluates_once(tmp_path, tiny_teacher_dir, pairs_jsonl):

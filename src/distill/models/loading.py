@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from peft import get_peft_model
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -147,16 +148,29 @@ def _save_model_atomically(
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """save_model without the clean-up: out_dir appears whole or not at all."""
-    plain = _merged_copy(model) if is_peft(model) else model
+    if is_peft(model):
+        model, state_dict = _merged_copy(model, state_dict), None  # the merged copy holds those weights
     with atomic_directory(out_dir) as tmp:
-        plain.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
+        model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         tokenizer.save_pretrained(tmp)
     return out_dir
 
 
-def _merged_copy(model: torch.nn.Module) -> PreTrainedModel:
-    """The PEFT model's base with its adapters merged in; a copy, so training can go on with the adapters."""
-    return copy.deepcopy(model).merge_and_unload()
+def _merged_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> PreTrainedModel:
+    """The PEFT model's base with its adapters merged in; a copy, so training can go on with the adapters.
+
+    With `state_dict` (the whole weights of a model FSDP has sharded, which cannot be deep-copied) the copy is
+    rebuilt from the model's config and those weights.
+    """
+    if state_dict is None:
+        return copy.deepcopy(model).merge_and_unload()
+    base = model.get_base_model()
+    with torch.device("meta"):  # nothing initialised: the state's tensors take every weight's place
+        plain = type(base)._from_config(base.config)
+    twin = get_peft_model(plain, copy.deepcopy(model.peft_config[model.active_adapter]))
+    twin.load_state_dict(state_dict, assign=True)
+    twin.get_base_model().tie_weights()  # assign gave tied names their own tensors; tie them again
+    return twin.merge_and_unload()
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:

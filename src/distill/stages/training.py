@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -125,7 +126,7 @@ def train(
     check_finite(weights)
     steps = stopped or recipe.train.steps
     if training.best is not None:
-        _keep_best(training, files)
+        weights = _keep_best(training, files, weights)
     # The matcher's projections stay behind.
     save_model(training.student, training.tokenizer, files.student, state_dict=weights if ranks.fsdp else None)
     training.ranks.wait()
@@ -134,16 +135,19 @@ def train(
     return TrainResult(student_dir=files.student, steps=steps, final_loss=last, seconds=seconds)
 
 
-def _keep_best(training: Training, files) -> None:
-    """train.keep_best: the last step's student goes to student_last/, the best step's weights into the student."""
-    best = training.best
-    save_model(training.student, training.tokenizer, files.student_last)
+def _keep_best(training: Training, files, last: dict) -> dict:
+    """train.keep_best: the last step's student (whole weights `last`) goes to student_last/; the best step's weights
+    are returned, and loaded into the student unless FSDP shards it (then they are saved from the returned dict)."""
+    best, fsdp = training.best, training.ranks.fsdp
+    save_model(training.student, training.tokenizer, files.student_last, state_dict=last if fsdp else None)
     if best.weights is None:
         log.warning("train.keep_best: no finite %s was measured; %s is the last step's", best.metric, files.student)
-        return
-    training.student.load_state_dict(best.weights)
+        return last
+    if not fsdp:
+        training.student.load_state_dict(best.weights)
     log.info("train.keep_best: %s is step %d (%s %.4f); the last step's student is in %s", files.student,
              best.step, best.metric, best.value, files.student_last)
+    return best.weights
 
 
 def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
@@ -188,9 +192,10 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
         checkpoint_dir=files.checkpoints, ranks=ranks, wrapped=wrapped,
         metrics=MetricsLog(files.metrics, start, trackers(recipe)) if ranks.main else None, settings=settings,
         pair_objective=pair_objective,
-        sampler=response_sampler(recipe, student, teacher, tokenizer, cross_samples(recipe, cross, signal, examples)),
+        sampler=response_sampler(recipe, student, teacher, tokenizer, cross_samples(recipe, cross, signal, examples),
+                                 synced=ranks.fsdp),
         held_out=held_out_batches(recipe, tokenizer, held_out, signal) if settings.eval_every else None,
-        best=best_so_far(recipe, checkpoint, start, student),
+        best=best_so_far(recipe, checkpoint, start, partial(ranks.kept_copy, student)),
     )
     return training, start
 
@@ -217,10 +222,10 @@ def trackers(recipe: Recipe) -> list:
 
 def response_sampler(
     recipe: Recipe, student: PreTrainedModel, teacher: Optional[PreTrainedModel], tokenizer: PreTrainedTokenizerBase,
-    across: Optional[CrossTokenizerSamples] = None,
+    across: Optional[CrossTokenizerSamples] = None, synced: bool = False,
 ) -> Optional[ResponseSampler]:
     """method.kind on_policy's sampler of the student's (and with seq_kd the teacher's) responses, rebuilt as text
-    for the teacher with `across` (tokenizers that differ); else None."""
+    for the teacher with `across` (tokenizers that differ); else None. `synced`: the ranks generate in step (FSDP)."""
     m = recipe.method
     if m.kind != "on_policy":
         return None
@@ -235,7 +240,8 @@ def response_sampler(
              "loss %s on its samples", 100 * m.lmbda, s.max_new_tokens, s.temperature,
              m.divergence if m.estimator == "full" else "sampled-token reverse-KL estimate")
     return ResponseSampler(settings, tokenizer, sorted(stop_ids(base_model(student), tokenizer)),
-                           padding_id(tokenizer), teacher=teacher, compute_dtype=compute_dtype(recipe), across=across)
+                           padding_id(tokenizer), teacher=teacher, compute_dtype=compute_dtype(recipe), across=across,
+                           synced=synced)
 
 
 def eval_interval(recipe: Recipe, held_out: list) -> int:
@@ -261,9 +267,10 @@ def held_out_batches(
     return HeldOut(batches=batches, signal=live)
 
 
-def best_so_far(recipe: Recipe, checkpoint: Optional[Path], start: int, student: torch.nn.Module
-                ) -> Optional[BestSoFar]:
-    """train.keep_best's best-so-far: fresh, or as the resumed checkpoint kept it (with its weights)."""
+def best_so_far(recipe: Recipe, checkpoint: Optional[Path], start: int,
+                student_copy: Callable[[], Optional[dict[str, torch.Tensor]]]) -> Optional[BestSoFar]:
+    """train.keep_best's best-so-far: fresh, or as the resumed checkpoint kept it (with its weights; when the best
+    is the checkpoint's own step, `student_copy()`, the loaded student's)."""
     metric = recipe.train.keep_best
     if metric is None:
         return None
@@ -272,7 +279,7 @@ def best_so_far(recipe: Recipe, checkpoint: Optional[Path], start: int, student:
         return BestSoFar(metric)
     weights = read_best_weights(checkpoint)
     if weights is None and state.get("step") == start:  # the best is the checkpoint's own step
-        weights = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
+        weights = student_copy()
     return BestSoFar.from_state(state, weights)
 
 
@@ -458,19 +465,6 @@ def check_recipe(recipe: Recipe) -> None:
         raise DistillError(PACKING_WITH_CACHE)
     _check_keep_best(recipe)
     check_trackers(recipe.train.report_to or [])
-    _check_fsdp(recipe)
-
-
-def _check_fsdp(recipe: Recipe) -> None:
-    """What train.parallel: fsdp does not do yet, refused before any model loads (every rank alike)."""
-    if recipe.train.parallel != "fsdp":
-        return
-    unsupported = {"method.kind: on_policy (ranks would sample answers of different lengths)":
-                   recipe.method.kind == "on_policy",
-                   "train.lora": recipe.train.lora is not None, "train.keep_best": recipe.train.keep_best is not None}
-    for what, used in unsupported.items():
-        if used:
-            raise DistillError(f"train.parallel: fsdp does not support {what} yet; use train.parallel: ddp")
 
 
 def _check_keep_best(recipe: Recipe) -> None:

@@ -6,20 +6,21 @@ the optimizer steps do not depend on N. Each rank's loss is a mean over its own 
 N * n_rank / n_all before DDP (or FSDP's reduce-scatter) averages the gradients, it is the mean over all of the
 micro-batch's positions.
 
-With FSDP (train.parallel: fsdp) every decoder block of the student and of the teacher is sharded across the
-ranks and gathered only for its own forward and backward; checkpoints hold the full tensors (gathered when saved,
-sharded again when loaded), in the same files as one process writes, so a run resumes on any number of processes.
+With FSDP (train.parallel: fsdp) every decoder block of the student (with LoRA its frozen base weights too) and of
+the teacher is sharded across the ranks and gathered only for its own forward and backward; checkpoints hold the
+full tensors (gathered when saved, sharded again when loaded), in the same files as one process writes, so a run
+resumes on any number of processes.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Callable, ContextManager, Iterator, Sequence, TypeVar
+from typing import Callable, ContextManager, Iterator, Optional, Sequence, TypeVar
 
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from distill.errors import DistillError
-from distill.runtime import barrier, process_rank
+from distill.runtime import barrier, gather_from_ranks, process_rank
 
 T = TypeVar("T")
 
@@ -94,7 +95,9 @@ class Ranks:
 
             mesh = self._mesh()
             for block in blocks:
-                fully_shard(block, mesh=mesh)
+                # Each block is a root of its own, which FSDP would by default keep gathered after its forward (for
+                # the backward a frozen model never has): the whole teacher on every rank after its first forward.
+                fully_shard(block, mesh=mesh, reshard_after_forward=True)
 
     def _mesh(self):
         from torch.distributed.device_mesh import init_device_mesh
@@ -112,6 +115,21 @@ class Ranks:
     def full_state(self, state: dict) -> dict:
         """A state dict with every sharded tensor gathered whole on the CPU (every rank must call it, in step)."""
         return {key: _full(value) for key, value in state.items()}
+
+    def kept_copy(self, module: torch.nn.Module) -> Optional[dict[str, torch.Tensor]]:
+        """A CPU copy of the module's whole weights (train.keep_best's best step); every rank must call it in step
+        under FSDP, which gathers them, and only rank 0, the one that writes them, keeps the copy there."""
+        state = module.state_dict()
+        if not self.fsdp:
+            return {key: value.detach().to("cpu", copy=True) for key, value in state.items()}
+        whole = {key: _full(value) if isinstance(value, DTensor) else value.detach().to("cpu", copy=True)
+                 for key, value in state.items()}
+        return whole if self.main else None
+
+    def rank0s(self, value: T) -> T:
+        """Rank 0's value on every rank (held-out metrics: keep_best and patience then decide alike everywhere,
+        which FSDP's gathers need)."""
+        return value if self.world == 1 else gather_from_ranks(value)[0]
 
     def full_optimizer_state(self, state: dict) -> dict:
         """optimizer.state_dict() with its sharded moments gathered whole (every rank must call it, in step)."""
@@ -145,8 +163,8 @@ class Ranks:
         return self.accelerator.reduce(total, "sum").tolist()
 
     def unsharded(self, wrapped: torch.nn.Module, run: Callable[[], T]) -> T:
-        """Run a no-gradient pass over the student (held-out evaluation): with FSDP through the root, which gathers
-        the shards it needs; else directly."""
+        """Run a no-gradient pass over the student (held-out evaluation, on-policy sampling): with FSDP through the
+        root, which gathers the shards it needs; else directly."""
         if not self.fsdp:
             return run()
         with torch.no_grad():

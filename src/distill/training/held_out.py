@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -98,14 +98,16 @@ class BestSoFar:
             return True
         return value > self.value if self.metric in HIGHER_IS_BETTER else value < self.value
 
-    def update(self, metrics: dict[str, float], step: int, student: torch.nn.Module) -> bool:
-        """Take this evaluation into account; keep a copy of the student when it is the best. True if so."""
+    def update(self, metrics: dict[str, float], step: int,
+               student_copy: Callable[[], Optional[dict[str, Tensor]]]) -> bool:
+        """Take this evaluation into account; keep `student_copy()` (a CPU copy of the student's weights) when it is
+        the best. True if so."""
         value = metrics.get(self.metric)
         if not self.better(value):
             self.evals_since += 1
             return False
         self.value, self.step, self.evals_since = float(value), step, 0
-        self.weights = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
+        self.weights = student_copy()
         return True
 
     def state(self) -> dict:

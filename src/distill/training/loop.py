@@ -103,8 +103,8 @@ def accumulate_gradients(t: Training, step: int) -> StepResult:
         idx = ranks.share(batch_indices(len(t.items), s.batch_size, s.seed, step * s.grad_accum + micro))
         batch = {k: v.to(t.device) for k, v in t.to_batch([t.items[i] for i in idx], t.pad_id).items()}
         objective, signal, rows = t.objective, t.signal, idx
-        if t.sampler is not None:
-            drawn = t.sampler.batch_for(t.student, batch, step, micro, idx)
+        if t.sampler is not None:  # under FSDP through the root, which gathers the embeddings and head
+            drawn = ranks.unsharded(t.wrapped, partial(t.sampler.batch_for, t.student, batch, step, micro, idx))
             batch = drawn.batch
             objective = objective.for_student_samples() if drawn.by_student else objective
             if drawn.signal is not None:  # rebuilt samples across tokenizers: the teacher on their own views
@@ -179,16 +179,17 @@ def run_loop(t: Training, start: int, *, stop_after: Optional[int] = None, progr
 
 def _evaluate(t: Training, step: int, postfix: dict[str, str]) -> bool:
     """Evaluate on the held-out batches, log the row, update the best so far; True when patience runs out."""
-    # Every rank evaluates the same batches, so train.keep_best and train.patience decide alike everywhere.
-    metrics = t.ranks.unsharded(t.wrapped, partial(evaluate_held_out, t.student, t.held_out, t.objective,
-                                                   t.compute_dtype, t.device, t.matcher))
+    # Every rank evaluates the same batches (under FSDP each forward gathers shards from all ranks); rank 0's values
+    # are taken everywhere, so train.keep_best and train.patience decide alike on every rank.
+    metrics = t.ranks.rank0s(t.ranks.unsharded(t.wrapped, partial(
+        evaluate_held_out, t.student, t.held_out, t.objective, t.compute_dtype, t.device, t.matcher)))
     _write_metrics(t, {"step": step, "split": EVAL_SPLIT, **metrics})
     shown = metrics.get("eval_loss", metrics.get("eval_ce"))
     if shown is not None:
         postfix["eval"] = f"{shown:.4f}"
     if t.best is None:
         return False
-    t.best.update(metrics, step, t.student)
+    t.best.update(metrics, step, partial(t.ranks.kept_copy, t.student))
     patience = t.settings.patience
     if patience is None or t.best.evals_since < patience:
         return False

@@ -81,6 +81,9 @@ class ResponseSampler:
     pad_id: int
     teacher: Optional[PreTrainedModel] = None  # seq_kd's sampler
     compute_dtype: torch.dtype = torch.float32
+    # train.parallel: fsdp: the models' blocks are sharded, so every rank's generate runs forwards until all ranks'
+    # rows are done (transformers' synced_gpus syncs a done-flag each token), however long each rank's answers are
+    synced: bool = False
     window: SampleWindow = field(default_factory=SampleWindow)
     collapse_logged: bool = False  # the no-EOS warning is given once per run, not every window
     across: Optional[CrossTokenizerSamples] = None  # tokenizers differ: samples are rebuilt as text for both sides
@@ -130,6 +133,8 @@ class ResponseSampler:
         prompts = prompt_parts(batch)
         budget = min(self.settings.max_new_tokens, self.settings.max_length - max(len(p) for p in prompts))
         if budget < 1:
+            if self.synced:  # no room for this rank's answers, but the other ranks' forwards need its part
+                self._generate(model, prompts, 1, seed)
             return batch, []
         samples = [self._cut(row) for row in self._generate(model, prompts, budget, seed)]
         rows = [EncodedExample(p + s.tokens, [IGNORE] * len(p) + s.tokens) for p, s in zip(prompts, samples)]
@@ -157,7 +162,8 @@ class ResponseSampler:
             ):
                 torch.manual_seed(seed)  # inside fork_rng: the run's own random state is left as it was
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=budget, top_k=None,
-                                     pad_token_id=self.pad_id, eos_token_id=self.stop_ids, **options)
+                                     pad_token_id=self.pad_id, eos_token_id=self.stop_ids, synced_gpus=self.synced,
+                                     **options)
         finally:
             model.train(was_training)
         return out[:, width:].tolist()
