@@ -205,6 +205,11 @@ class GenerationTeacherSpec(ServedModel, ModelSource):
     tags: list[str] = Field(default_factory=list)  # mixture "route": prompts with one of these tags come here
 
 
+class ScoringTeacherSpec(GenerationTeacherSpec):
+    """Another teacher that scores (method.teachers): the rows whose example has one of its tags, on the student's
+    tokenizer; `teacher` scores the rest."""
+
+
 class GenerateSpec(Section):
     """How the teacher answers the prompts (response distillation data)."""
 
@@ -285,6 +290,8 @@ class MethodSpec(Section):
     # estimate log p_student - log p_teacher of each sampled token as a policy-gradient loss (needs only those).
     estimator: Literal["full", "sampled_token"] = "full"
     sampling: OnPolicySampling = Field(default_factory=OnPolicySampling)
+    # kd, on_policy: more scoring teachers; each row goes to the first whose tags its example has, else `teacher`
+    teachers: list[ScoringTeacherSpec] = Field(default_factory=list)
     # Weight each position's KD term by the teacher's confidence there (losses/weighting.py); weights average 1.
     weighting: Literal["none", "teacher_confidence", "teacher_entropy"] = "none"
     weighting_floor: Float = Field(default=0.1, gt=0.0, le=1.0)  # confidences below it count as it
@@ -319,6 +326,16 @@ class MethodSpec(Section):
         if self.weighting != "none" and self.kind != "kd":
             raise ValueError(f"method.weighting: {self.weighting} weighs the KD term, which method.kind: "
                              f"{self.kind} does not have; set method.kind: kd or method.weighting: none")
+        return self
+
+    @model_validator(mode="after")
+    def _scoring_teachers(self) -> "MethodSpec":
+        if self.teachers and not self.learns_from_teacher_logits:
+            raise ValueError(f"method.teachers: scoring teachers apply to method.kind kd or on_policy, not {self.kind}")
+        untagged = next((i for i, t in enumerate(self.teachers) if not t.tags), None)
+        if untagged is not None:
+            raise ValueError(f"method.teachers[{untagged}].tags: a scoring teacher needs at least one tag (rows "
+                             "without a matching tag go to `teacher`)")
         return self
 
     @model_validator(mode="after")

@@ -172,9 +172,10 @@ def load_teacher_data(path: str | Path, ids: list[str] | None = None) -> list[Ex
 
 
 def _training_view(record: Any) -> Any:
-    """A teacher record as a training example: its conversation, under its own content address."""
+    """A teacher record as a training example: its conversation and its prompt's tags, under its own content
+    address."""
     if isinstance(record, dict) and "messages" in record and "id" in record:
-        return {"id": record["id"], "messages": record["messages"]}
+        return {"id": record["id"], "messages": record["messages"], "tags": record.get("tags", [])}
     return record
 
 

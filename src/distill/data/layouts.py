@@ -31,6 +31,7 @@ class Example:
     id: str
     messages: Messages | None = None
     text: str | None = None
+    tags: list[str] = field(default_factory=list)  # the prompt's tags (route to a scoring teacher: method.teachers)
 
 
 @dataclass
@@ -185,11 +186,11 @@ def example_from_record(record: Any) -> Example:
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": _answer(record)}]
     elif "text" in record:
         text = _nonempty(record, "text")
-        return Example(id=_record_id(record, text), text=text)
+        return Example(id=_record_id(record, text), text=text, tags=_tags(record))
     else:
         raise _unknown_layout(record, EXAMPLE_LAYOUTS)
     messages = _with_system(record, messages)
-    return Example(id=_record_id(record, messages), messages=messages)
+    return Example(id=_record_id(record, messages), messages=messages, tags=_tags(record))
 
 
 def prompt_from_record(record: Any) -> Prompt:

@@ -40,10 +40,15 @@ def teacher_assignments(recipe: Recipe) -> list[tuple[object, list[Prompt]]]:
         return [(recipe.teacher, prompts)] + [(t, prompts) for t in g.teachers]
     routed: list[list] = [[] for _ in range(len(g.teachers) + 1)]  # the last: the recipe's teacher
     for prompt in prompts:
-        first = next((i for i, t in enumerate(g.teachers) if set(t.tags) & set(prompt.tags)), len(g.teachers))
-        routed[first].append(prompt)
+        routed[route(g.teachers, prompt.tags)].append(prompt)
     pairs = list(zip(list(g.teachers) + [recipe.teacher], routed))
     return [(spec, chosen) for spec, chosen in pairs if chosen]
+
+
+def route(teachers: Sequence, tags: Sequence[str]) -> int:
+    """The index of the first of `teachers` (specs with tags) whose tags meet `tags`; len(teachers) for none (the
+    recipe's teacher). One rule for generate.teachers and method.teachers."""
+    return next((i for i, t in enumerate(teachers) if set(t.tags) & set(tags)), len(teachers))
 
 
 def generation_settings(recipe: Recipe) -> tuple[SamplingParams, Reasoning]:

@@ -136,12 +136,16 @@ def load_teacher(recipe: Recipe, spec: Optional[AnyTeacherSpec] = None) -> PreTr
 
 
 def model_key(recipe: Recipe, spec) -> str:
-    """The recipe key that names a spec's model: teacher.model, student.model or generate.teachers[i].model."""
+    """The recipe key that names a spec's model: teacher.model, student.model, generate.teachers[i].model or
+    method.teachers[i].model."""
     if spec is recipe.teacher:
         return "teacher.model"
     if spec is recipe.student:
         return "student.model"
     found = [i for i, t in enumerate(recipe.generate.teachers) if t is spec]
+    scoring = [i for i, t in enumerate(recipe.method.teachers) if t is spec]
+    if scoring:
+        return f"method.teachers[{scoring[0]}].model"
     return f"generate.teachers[{found[0]}].model" if found else "model"
 
 

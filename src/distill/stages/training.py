@@ -18,13 +18,15 @@ from distill.errors import DistillError
 from distill.losses.hidden import HiddenStateMatcher, check_layer_map, default_layer_map
 from distill.losses.objective import LossSettings
 from distill.losses.preference import KtoSettings, PreferenceSettings
-from distill.models import check_tokenizers, count_params, load_tokenizer, save_model
+from distill.models import check_tokenizers, count_params, load_tokenizer, output_head, save_model
+from distill.models.compat import tokenizer_difference
 from distill.models.heads import base_model, decoder_layers
-from distill.recipe import MethodSpec, Recipe
+from distill.recipe import MethodSpec, Recipe, ScoringTeacherSpec
 from distill.runtime import main_process_first, set_seed
 from distill.signals.cache import dataset_hash, example_hash, read_header
 from distill.signals.cross_tokenizer import CrossTokenizerSamples
 from distill.signals.reader import TeacherCacheReader, open_teacher_cache
+from distill.signals.routed import HIDDEN_WITH_TEACHERS, RoutedTeacher
 from distill.signals.teacher_signal import (
     HIDDEN_WITH_CACHE,
     PACKING_WITH_CACHE,
@@ -34,12 +36,13 @@ from distill.signals.teacher_signal import (
     TeacherSignal,
 )
 from distill.stages.cross_tokenizer import Crossing, cross_samples, crossing, crossing_signal
-from distill.stages.data import TrainingSet, encode, recipe_examples
+from distill.stages.data import TrainingSet, encode, recipe_examples, route
 from distill.stages.facts import (
     cache_path,
     compute_dtype,
     device,
     load_teacher,
+    model_key,
     model_source,
     named_by,
     needs_teacher_weights,
@@ -74,6 +77,8 @@ from distill.training.trackers import check_trackers, open_trackers
 
 log = logging.getLogger("distill")
 
+CROSS_WITH_TEACHERS = ("method.teachers: scoring teachers need the student's tokenizer; a student on another "
+                       "tokenizer learns from teacher alone")
 # Tokenized by the served teacher and by teacher.model's tokenizer: the ids must be the same.
 SERVED_TOP_K = 20  # top log-probs asked of a served teacher per position (at most teacher.cache_k)
 SERVED_TOKENIZER_PROBE = "Distillation check: Hello, world! 123 + 4.5 = 127.5 — naïve café ☕."
@@ -262,6 +267,8 @@ def held_out_batches(
     pad_id = padding_id(tokenizer)
     batches = [collate(encoded[i:i + t.batch_size], pad_id) for i in range(0, len(encoded), t.batch_size)]
     live = signal if isinstance(signal, LiveTeacher) else None
+    if isinstance(signal, RoutedTeacher) and all(isinstance(t, LiveTeacher) for t in signal.teachers):
+        live = RoutedTeacher(signal.teachers, routes(recipe, held_out, encoded))  # the held-out rows' own teachers
     if live is None and recipe.method.kind == "kd":
         log.info("held-out evaluation: cross-entropy only (the teacher cache has no rows for held-out examples)")
     return HeldOut(batches=batches, signal=live)
@@ -309,6 +316,8 @@ def _what_batches_draw(
     data = TrainingSet(examples, held_out, encode(recipe, examples, tokenizer))
     if cross is None:
         signal = teacher_signal(recipe, teacher, tokenizer, data.encoded)
+        if recipe.method.teachers and signal is not None:
+            signal = routed_teacher(recipe, signal, tokenizer, routes(recipe, data.examples, data.encoded))
     else:
         signal = crossing_signal(recipe, cross, teacher, student.config.vocab_size, data)
     items, to_batch = _batch_items(recipe, data)
@@ -392,21 +401,71 @@ def teacher_signal(
     return LiveTeacher(teacher) if teacher is not None else None
 
 
-def served_teacher(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> ServedTeacher:
-    """teacher.endpoint as the scorer of the student's samples, refused unless it tokenizes text as we do."""
-    backend = teacher_backend(recipe, tokenizer_needed=True)
-    with named_by("teacher.endpoint"):
+def served_teacher(
+    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, spec: Optional[ScoringTeacherSpec] = None,
+    key: str = "teacher.endpoint",
+) -> ServedTeacher:
+    """teacher.endpoint (or a scoring teacher's `spec`, named by `key`) as the scorer of the student's samples,
+    refused unless it tokenizes text as we do."""
+    backend = teacher_backend(recipe, spec, tokenizer_needed=True)
+    with named_by(key):
         served = backend.echoed_ids(SERVED_TOKENIZER_PROBE)
     ours = list(tokenizer(SERVED_TOKENIZER_PROBE)["input_ids"])
     if served != ours:
-        raise DistillError(f"teacher.endpoint: the served teacher tokenizes text differently from teacher.model's "
+        raise DistillError(f"{key}: the served teacher tokenizes text differently from teacher.model's "
                            f"tokenizer, which the student uses ({len(served)} vs {len(ours)} tokens for a probe "
                            "sentence); on-policy distillation needs the same tokenizer on both sides")
     # OpenAI's and vLLM's default limit on logprobs is 20 (vLLM: raise it with --max-logprobs).
     k = min(recipe.teacher.cache_k, SERVED_TOP_K) if recipe.method.estimator == "full" else 0
-    log.info("teacher: %s scores the student's samples (%s)", recipe.teacher.endpoint,
+    log.info("teacher: %s scores the student's samples (%s)", (spec or recipe.teacher).endpoint,
              f"top-{k} log-probs" if k else "each sampled token's log-prob")
     return ServedTeacher(backend, k, len(tokenizer))
+
+
+def routed_teacher(
+    recipe: Recipe, main: TeacherSignal, tokenizer: PreTrainedTokenizerBase, route_of: list[int]
+) -> RoutedTeacher:
+    """method.teachers and `main` (the recipe's teacher, last) as one signal routing each example's rows by tag."""
+    scorers = [_scoring_teacher(recipe, spec, i, tokenizer) for i, spec in enumerate(recipe.method.teachers)]
+    shares = [route_of.count(i) for i in range(len(scorers) + 1)]
+    log.info("scoring teachers (examples routed by tag): %s; teacher: %d",
+             ", ".join(f"{spec.model}: {n}" for spec, n in zip(recipe.method.teachers, shares)), shares[-1])
+    return RoutedTeacher([*scorers, main], route_of)
+
+
+def _scoring_teacher(
+    recipe: Recipe, spec: ScoringTeacherSpec, i: int, tokenizer: PreTrainedTokenizerBase
+) -> TeacherSignal:
+    """method.teachers[i]: served (refused unless it tokenizes text as we do), or loaded frozen once."""
+    if spec.endpoint is not None:
+        return served_teacher(recipe, tokenizer, spec, f"method.teachers[{i}].endpoint")
+    key = model_key(recipe, spec)
+    model = load_teacher(recipe, spec)
+    rows = output_head(model).size(0)
+    if rows < len(tokenizer):
+        raise DistillError(f"{key}: its output head has {rows} rows but the tokenizer has {len(tokenizer)} tokens")
+    return LiveTeacher(model)
+
+
+def _check_scoring_tokenizers(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Every local scoring teacher's tokenizer is teacher.model's (the student's), checked before any model loads."""
+    for spec in recipe.method.teachers:
+        if spec.endpoint is not None:
+            continue  # a served one is asked to tokenize a probe when its signal is built
+        key = model_key(recipe, spec)
+        with named_by(key):
+            theirs = load_tokenizer(*model_source(recipe, spec), trust_remote_code=spec.trust_remote_code)
+        difference = tokenizer_difference(tokenizer, theirs)
+        if difference is not None:
+            raise DistillError(f"{key}: its tokenizer differs from teacher.model's, which the student uses "
+                               f"({difference}); every scoring teacher needs the student's tokenizer")
+
+
+def routes(recipe: Recipe, examples: list, encoded: list) -> list[int]:
+    """Per encoded example, the index of its scoring teacher: the first of method.teachers whose tags its example
+    has, else len(method.teachers) (the recipe's teacher)."""
+    tags = {e.id: e.tags for e in examples}
+    return [route(recipe.method.teachers, tags.get(e.id, [])) for e in encoded]
 
 
 def open_recipe_cache(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, encoded: list) -> TeacherCacheReader:
@@ -463,8 +522,33 @@ def check_recipe(recipe: Recipe) -> None:
         raise DistillError(HIDDEN_WITH_CACHE)
     if recipe.train.packing and uses_teacher_cache(recipe):
         raise DistillError(PACKING_WITH_CACHE)
+    _check_scoring_teachers(recipe)
     _check_keep_best(recipe)
     check_trackers(recipe.train.report_to or [])
+
+
+def _check_scoring_teachers(recipe: Recipe) -> None:
+    """method.teachers with what routes rows to one teacher alone, refused before any model loads."""
+    m = recipe.method
+    if not m.teachers:
+        return
+    refusals = [
+        (uses_teacher_cache(recipe), "teacher.cache: method.teachers score live, and a cache holds one teacher's "
+                                     "top-k; remove teacher.cache"),
+        (m.hidden is not None, HIDDEN_WITH_TEACHERS),
+        (m.seq_kd, "method.seq_kd: the teacher alone samples responses; method.teachers only score, so remove one"),
+        (recipe.train.packing, "train.packing: method.teachers routes whole examples; set train.packing: false"),
+        (recipe.train.parallel == "fsdp", "train.parallel: fsdp shards the teacher, which method.teachers do not "
+                                          "support yet; use ddp"),
+        (recipe.student.tokenizer is not None, CROSS_WITH_TEACHERS),
+    ]
+    for refused, line in refusals:
+        if refused:
+            raise DistillError(line)
+    served = next((i for i, t in enumerate(m.teachers) if t.endpoint is not None), None)
+    if served is not None and m.kind != "on_policy":
+        raise DistillError(f"method.teachers[{served}].endpoint: a served teacher scores the student's samples "
+                           f"(method.kind: on_policy), got method.kind: {m.kind}")
 
 
 def _check_keep_best(recipe: Recipe) -> None:
@@ -516,12 +600,15 @@ def _models(
     """(the student's tokenizer, frozen teacher or None when the loss needs none, fp32 student, the crossing when
     the two tokenizers differ) as the recipe describes them."""
     tokenizer, cross, student, student_tok = teacher_tokenizer(recipe), None, None, None
+    _check_scoring_tokenizers(recipe, tokenizer)
     if recipe.student.model is not None:  # an existing student's own tokenizer
         student_tok = load_tokenizer(*model_source(recipe, recipe.student))
     elif recipe.student.tokenizer is not None:  # a new student on a tokenizer of its own (student.tokenizer)
         student_tok = own_tokenizer(recipe, tokenizer)
     if student_tok is not None:
         cross = crossing(recipe, tokenizer, student_tok)  # refuses a method that cannot apply, before any model
+        if cross is not None and recipe.method.teachers:
+            raise DistillError(CROSS_WITH_TEACHERS)
     if recipe.student.model is not None:  # an existing student needs no teacher
         student = initial_student(recipe, None, tokenizer)
     text_only = cross is not None and not cross.logits

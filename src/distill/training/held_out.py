@@ -56,10 +56,13 @@ def evaluate_held_out(
     tokens, matches = 0, 0
     try:
         with torch.no_grad():
+            start = 0  # the batch's first held-out example (a routed signal picks each row's teacher by it)
             for cpu_batch in held_out.batches:
                 batch = {k: v.to(device) for k, v in cpu_batch.items()}
+                rows = range(start, start + batch["input_ids"].size(0))
                 out = loss_on_batch(student, held_out.signal, batch, objective, compute_dtype, matcher,
-                                    count_agreement=True)
+                                    indices=rows, count_agreement=True)
+                start = rows.stop
                 for key in ("loss", "kd", "ce", "hidden"):
                     value = getattr(out, key)
                     if value is not None:
