@@ -258,3 +258,32 @@ def test_a_scoring_teacher_on_another_tokenizer_is_refused(tmp_path, tiny_teache
     assert "method.teachers[0].model: its tokenizer differs from teacher.model's, which the student uses (" in err
     assert err.endswith("); every scoring teacher needs the student's tokenizer")
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_teacher_records_keep_their_prompts_tags_and_one_yaml_anchor_names_both_lists(tmp_path, tiny_teacher_dir):
+    from distill.data.examples import load_teacher_data, read_examples
+
+    record = {"id": "r1", "prompt_id": "p1", "tags": ["math"], "status": "ok",
+              "messages": [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}]}
+    (tmp_path / "answers.jsonl").write_text(json.dumps(record) + "\n")
+    assert load_teacher_data(tmp_path / "answers.jsonl")[0].tags == ["math"]
+    (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "a", "response": "b", "tags": "code"}) + "\n")
+    assert read_examples(tmp_path / "train.jsonl")[0].tags == ["code"]
+
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "1 + 1?", "tags": ["math"]}) + "\n")
+    text = f"""
+output_dir: {tmp_path / 'run'}
+teacher: {{model: {tiny_teacher_dir}}}
+student: {{preset: tiny}}
+data: {{prompts: {tmp_path / 'prompts.jsonl'}}}
+generate:
+  teachers: &experts
+    - {{model: org/math-teacher, tags: [math]}}
+    - {{model: coder, endpoint: "http://box:8000/v1", tags: [code]}}
+method:
+  kind: on_policy
+  teachers: *experts
+"""
+    recipe = recipe_from_dict(yaml.safe_load(text))
+    assert [(t.model, t.endpoint, t.tags) for t in recipe.method.teachers] == \
+        [(t.model, t.endpoint, t.tags) for t in recipe.generate.teachers]

@@ -317,7 +317,8 @@ def _what_batches_draw(
     if cross is None:
         signal = teacher_signal(recipe, teacher, tokenizer, data.encoded)
         if recipe.method.teachers and signal is not None:
-            signal = routed_teacher(recipe, signal, tokenizer, routes(recipe, data.examples, data.encoded))
+            with main_process_first():  # as _models: rank 0 writes a GGUF teacher's dequantized copy first
+                signal = routed_teacher(recipe, signal, tokenizer, routes(recipe, data.examples, data.encoded))
     else:
         signal = crossing_signal(recipe, cross, teacher, student.config.vocab_size, data)
     items, to_batch = _batch_items(recipe, data)
