@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from distill.errors import DistillError
-from distill.losses.objective import IGNORE_INDEX, LossOutput, LossSettings, empty_output
+from distill.losses.objective import LossOutput, LossSettings, empty_output
 from distill.signals.teacher_signal import LogitSignal, TeacherSignal
 
 HIDDEN_WITH_TEACHERS = ("method.hidden: hidden-state KD matches one teacher's blocks; remove method.hidden or "
