@@ -7,7 +7,8 @@ thread; a 3-step calibration run converts it into each arm's step count, as benc
     dpo              teacher_vs_student pairs built by the product's pairs stage (chosen: the teacher's answer,
                      rejected: the KD student's greedy answer, reference log-probs stored), then DPO (sigmoid,
                      beta 0.1, sft_weight 0.1, lr 1e-4, cosine; as recipes/kd_then_dpo.yaml) for what the pair
-                     building left of the budget (building the pairs counts against it)
+                     building left of the budget (building the pairs counts against it; the budget here is the
+                     CPU kd_more really spent, when it ran first)
     dpo_equal_steps  the same DPO for as many steps as kd_more took (pairs reused; their CPU counted again)
     start            the KD student with no extra training (the reference row)
     python bench/bench_kd_then_dpo.py --from-run runs/quickstart --out /tmp/bench_kd_then_dpo     # ~30 min, 2 cores
@@ -168,8 +169,9 @@ def main() -> int:
             recipe = bench_methods.method_recipe(kd_base, "kd_more", out, steps, start_student)
             results[name] = {"steps": steps, "cpu_s_per_step": budget_info["kd_cpu_s_per_step"],
                              **bench_methods.timed_train(recipe), "student": str(recipe.run_dir / "student")}
-        elif name == "dpo":
-            results[name] = run_dpo_arm(base, out, run, start_student, budget, args.dpo_lr)
+        elif name == "dpo":  # the CPU kd_more really spent (calibration misjudges a step by up to ~25%)
+            spent = results["kd_more"]["cpu_s"] if "kd_more" in results else budget
+            results[name] = {**run_dpo_arm(base, out, run, start_student, spent, args.dpo_lr), "budget_cpu_s": spent}
         elif "kd_more" in results and "dpo" in results:  # dpo_equal_steps: after the two it mirrors
             results[name] = run_dpo_equal_steps(base, out, results["kd_more"]["steps"], start_student, args.dpo_lr,
                                                 results["dpo"])
