@@ -22,6 +22,7 @@ from distill.recipe import (
     TeacherSpec,
     apply_overrides,
     load_recipe,
+    recipe_from_dict,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,3 +252,16 @@ def test_recipe_schema_imports_no_data_code():
     loaded = result.stdout.split()
     assert "distill.recipe" in loaded
     assert not [m for m in loaded if m.startswith("distill.data") or m == "torch"]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
+def test_a_shipped_recipe_reloads_from_the_recipe_yaml_its_run_keeps(name):
+    """<run>/recipe.yaml (Recipe.dump: every default written out) is itself a valid recipe, equal to the original."""
+    try:
+        recipe = load_recipe(REPO / "recipes" / name)
+    except DistillError as err:
+        if "../shared" in str(err) or "does not exist" in str(err) or "not found" in str(err):
+            pytest.skip(f"{name} names files absent here: {err}")
+        raise
+    again = recipe_from_dict(yaml.safe_load(recipe.dump()), base_dir=recipe.base_dir)
+    assert again.dump() == recipe.dump()

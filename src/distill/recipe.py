@@ -379,8 +379,9 @@ class PairsSpec(Section):
 
     @model_validator(mode="after")
     def _judged_settings(self) -> "PairsSpec":
-        if self.source != "judged":
-            given = next((k for k in JUDGED_ONLY if k in self.model_fields_set), None)
+        if self.source != "judged":  # a default value is let through: a dumped recipe.yaml has them all
+            given = next((k for k in JUDGED_ONLY if k in self.model_fields_set
+                          and getattr(self, k) != type(self).model_fields[k].default), None)
             if given is not None:
                 raise ValueError(f"pairs.{given}: only pairs.source: judged reads it (source is {self.source})")
             return self
