@@ -21,6 +21,7 @@ from distill.losses.preference import KtoSettings, PreferenceSettings
 from distill.models import check_tokenizers, count_params, load_tokenizer, output_head, save_model
 from distill.models.compat import tokenizer_difference
 from distill.models.heads import base_model, decoder_layers
+from distill.models.weight_files import check_model_dir
 from distill.recipe import MethodSpec, Recipe, ScoringTeacherSpec
 from distill.runtime import main_process_first, set_seed
 from distill.signals.cache import dataset_hash, example_hash, read_header
@@ -603,7 +604,11 @@ def _models(
     tokenizer, cross, student, student_tok = teacher_tokenizer(recipe), None, None, None
     _check_scoring_tokenizers(recipe, tokenizer)
     if recipe.student.model is not None:  # an existing student's own tokenizer
-        student_tok = load_tokenizer(*model_source(recipe, recipe.student))
+        path, gguf = model_source(recipe, recipe.student)
+        with named_by("student.model"):
+            if gguf is None and Path(path).is_dir():
+                check_model_dir(path)  # a directory that is no model: that line, not the tokenizer loader's
+            student_tok = load_tokenizer(path, gguf)
     elif recipe.student.tokenizer is not None:  # a new student on a tokenizer of its own (student.tokenizer)
         student_tok = own_tokenizer(recipe, tokenizer)
     if student_tok is not None:
