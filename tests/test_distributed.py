@@ -128,7 +128,8 @@ def _assert_only_adapters_trained(run_dir: Path, base_dir: Path) -> None:
 @pytest.mark.parametrize("case, parallel", [("kd", "ddp"), ("kd_lora", "ddp"), ("sft", "ddp"), ("kd_cache", "ddp"),
                                             ("dpo", "ddp"), ("kto", "ddp"), ("kd", "fsdp"), ("kd_lora", "fsdp"),
                                             ("kd_best", "fsdp"), ("kd_cache", "fsdp"), ("dpo", "fsdp"),
-                                            _zero("kd", "zero2"), _zero("kd", "zero3")])
+                                            _zero("kd", "zero2"), _zero("kd", "zero3"), _zero("kd_best", "zero3"),
+                                            _zero("dpo", "zero2"), _zero("kd_cache", "zero2")])
 def test_two_processes_take_the_same_steps_as_one(tmp_path, tiny_teacher_dir, pairs_jsonl, case, parallel):
     # FSDP: the student's and the live teacher's decoder blocks are sharded across the two processes (with LoRA the
     # frozen base too); with train.keep_best every rank evaluates, rank 0 gathers the best step's student and writes it.

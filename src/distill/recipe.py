@@ -430,6 +430,9 @@ class TrainSpec(Section):
         if self.patience is not None and self.keep_best is None:
             raise ValueError("train.patience: counts evaluations without a better train.keep_best metric; "
                              "set train.keep_best")
+        if self.lora is not None and self.parallel in ("zero2", "zero3"):
+            # DeepSpeed drops AdamW's empty no-decay group (adapters are all matrices), which the schedule expects.
+            raise ValueError(f"train.parallel: {self.parallel} with train.lora is not supported yet; use ddp or fsdp")
         return self
 
 
