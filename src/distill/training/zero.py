@@ -91,8 +91,9 @@ class ZeroState:
         for index, param in enumerate(self.params):
             moments = {key: safe_get_full_optimizer_state(param, key) for key in _MOMENTS}
             if all(m is not None for m in moments.values()):
-                state[index] = {"step": step.clone(), **{k: m.detach().cpu().reshape(param.ds_shape if hasattr(
-                    param, "ds_shape") else param.shape) for k, m in moments.items()}}
+                shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3's whole shape of a partitioned parameter
+                state[index] = {"step": step.clone(),
+                                **{key: m.detach().cpu().reshape(shape) for key, m in moments.items()}}
         live = self._base().param_groups
         groups = [{**group, **{k: v for k, v in now.items() if k != "params"}} for group, now in zip(self.groups, live)]
         return {"state": state, "param_groups": groups}
