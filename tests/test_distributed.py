@@ -2,6 +2,7 @@
 same optimizer steps as one process; rank 0 alone writes; a killed run resumes, on any number of processes."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -26,6 +27,13 @@ pytestmark = pytest.mark.slow
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
 DISTILL = shutil.which("distill") or str(Path(sys.executable).with_name("distill"))
 TIMEOUT_S = 180  # a hung rank fails the test instead of the suite
+NEEDS_DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="deepspeed is not installed (pip install 'distill[deepspeed]')")
+
+
+def _zero(*values: str):
+    """A test parameter under DeepSpeed ZeRO (train.parallel: zero2, zero3), skipped without deepspeed."""
+    return pytest.param(*values, marks=NEEDS_DEEPSPEED)
 
 
 def _torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
@@ -119,7 +127,9 @@ def _assert_only_adapters_trained(run_dir: Path, base_dir: Path) -> None:
 
 @pytest.mark.parametrize("case, parallel", [("kd", "ddp"), ("kd_lora", "ddp"), ("sft", "ddp"), ("kd_cache", "ddp"),
                                             ("dpo", "ddp"), ("kto", "ddp"), ("kd", "fsdp"), ("kd_lora", "fsdp"),
-                                            ("kd_best", "fsdp"), ("kd_cache", "fsdp"), ("dpo", "fsdp")])
+                                            ("kd_best", "fsdp"), ("kd_cache", "fsdp"), ("dpo", "fsdp"),
+                                            _zero("kd", "zero2"), _zero("kd", "zero3"), _zero("kd_best", "zero3"),
+                                            _zero("dpo", "zero2"), _zero("kd_cache", "zero2")])
 def test_two_processes_take_the_same_steps_as_one(tmp_path, tiny_teacher_dir, pairs_jsonl, case, parallel):
     # FSDP: the student's and the live teacher's decoder blocks are sharded across the two processes (with LoRA the
     # frozen base too); with train.keep_best every rank evaluates, rank 0 gathers the best step's student and writes it.
@@ -145,7 +155,8 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path, tiny_teacher_dir, pa
     assert (tmp_path / "two" / "log.txt").read_text().count("student saved to") == 1
 
 
-@pytest.mark.parametrize("parallel, case", [("ddp", "kd"), ("fsdp", "kd"), ("fsdp", "kd_lora")])
+@pytest.mark.parametrize("parallel, case", [("ddp", "kd"), ("fsdp", "kd"), ("fsdp", "kd_lora"), _zero("zero2", "kd"),
+                                            _zero("zero3", "kd")])
 def test_a_killed_two_process_run_resumes_on_two_or_one_process(tmp_path, tiny_teacher_dir, pairs_jsonl, parallel,
                                                                 case):
     # FSDP with LoRA and train.keep_best: the resumed ranks gather the best-so-far (step 3, the checkpoint's own).
@@ -189,6 +200,17 @@ def test_a_batch_that_does_not_split_across_processes_is_refused_on_every_rank(t
     # its line may never be printed.
     assert 1 <= done.stderr.count(line) <= 2
     assert not (tmp_path / "odd" / "checkpoints").exists() and not (tmp_path / "odd" / "student").exists()
+
+
+def test_zero_without_deepspeed_is_refused_in_one_line(monkeypatch):
+    from distill.errors import DistillError
+    from distill.training.zero import zero_accelerator
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed now raises ImportError
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # what zero_accelerator would set, restored after the test
+    with pytest.raises(DistillError, match=r"^train\.parallel: zero3 needs deepspeed, which is not installed .*; "
+                                           r"pip install 'distill\[deepspeed\]' \(deepspeed==0\.19\.8\)$"):
+        zero_accelerator(torch.device("cpu"), 3, micro_batch=4, grad_accum=1, max_grad_norm=1.0)
 
 
 def test_on_policy_under_fsdp_samples_what_ddp_samples(tmp_path, tiny_teacher_dir, pairs_jsonl):

@@ -73,6 +73,14 @@ def test_bad_enum_and_range(tmp_path, minimal):
         load_recipe(_write(tmp_path, minimal))
 
 
+def test_lora_under_deepspeed_zero_is_refused(tmp_path, minimal):
+    minimal["train"] = {"parallel": "zero3", "lora": {"r": 4}}
+    with pytest.raises(DistillError, match=r"train\.parallel: zero3 with train\.lora is not supported yet; use ddp"):
+        load_recipe(_write(tmp_path, minimal))
+    minimal["train"]["parallel"] = "fsdp"
+    assert load_recipe(_write(tmp_path, minimal)).train.parallel == "fsdp"
+
+
 def test_missing_section_and_student_source(tmp_path, minimal):
     del minimal["teacher"]
     with pytest.raises(DistillError, match=r"teacher: missing required key"):

@@ -437,8 +437,9 @@ class TrainSpec(Section):
     # Experiment trackers (accelerate's): null = TensorBoard when installed; [] = none; a tracker listed must import.
     report_to: Optional[list[Literal["tensorboard", "wandb", "mlflow"]]] = None
     # Under torchrun/accelerate launch (docs/scale.md): ddp = a student replica per process; fsdp = FSDP2, the
-    # student's and teacher's decoder blocks sharded across the processes.
-    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # student's and teacher's decoder blocks sharded across the processes; zero2 / zero3 = DeepSpeed ZeRO stage 2 (the
+    # student's gradients and optimizer state partitioned) or 3 (its weights too), through accelerate.
+    parallel: Literal["ddp", "fsdp", "zero2", "zero3"] = "ddp"
 
     @model_validator(mode="after")
     def _best_needs_evals(self) -> "TrainSpec":
@@ -447,6 +448,9 @@ class TrainSpec(Section):
         if self.patience is not None and self.keep_best is None:
             raise ValueError("train.patience: counts evaluations without a better train.keep_best metric; "
                              "set train.keep_best")
+        if self.lora is not None and self.parallel in ("zero2", "zero3"):
+            # DeepSpeed drops AdamW's empty no-decay group (adapters are all matrices), which the schedule expects.
+            raise ValueError(f"train.parallel: {self.parallel} with train.lora is not supported yet; use ddp or fsdp")
         return self
 
 

@@ -183,9 +183,10 @@ STRATEGIES = {"ddp": "DDP", "fsdp": "FSDP", "zero3": "ZeRO-3"}
 @dataclass(frozen=True)
 class Sharding:
     """How `processes` ranks hold the models: `ddp` replicates them; `fsdp` (full shard, FSDP2) and `zero3`
-    (DeepSpeed ZeRO-3) divide weights, gradients and optimizer state by the rank count (the frozen teacher too)
-    and gather what runs: FSDP a whole unit (the root's embeddings, head and norm, kept gathered through the step,
-    plus one decoder layer), ZeRO-3 one module at a time (the largest weight tensor)."""
+    (DeepSpeed ZeRO-3) divide the student's weights, gradients and optimizer state by the rank count and gather
+    what runs: FSDP a whole unit (the root's embeddings, head and norm, kept gathered through the step, plus one
+    decoder layer), ZeRO-3 one module at a time (the largest weight tensor). FSDP shards the frozen teacher too;
+    under ZeRO-3 (train.parallel: zero3) it stays whole on every rank, as DeepSpeed is given the student alone."""
 
     strategy: str = "ddp"
     processes: int = 1
@@ -194,6 +195,11 @@ class Sharding:
     def share(self) -> float:
         """The part of each sharded tensor one rank keeps."""
         return 1.0 if self.strategy == "ddp" else 1.0 / self.processes
+
+    @property
+    def teacher_share(self) -> float:
+        """The part of the frozen teacher one rank keeps (whole except under FSDP)."""
+        return self.share if self.strategy == "fsdp" else 1.0
 
     def gathered_params(self, shape: ModelShape) -> int:
         """Weights a rank holds gathered at once beyond its shard (none when nothing is sharded)."""
@@ -222,13 +228,15 @@ def memory_at_peak(
                 "student weights (fp32)": round(student.params * f32 * share),
                 "optimizer state (AdamW m, v)": round(2 * trainable * f32 * share)}
     if kd:
-        resident["teacher weights"] = round(teacher.params * teacher_dtype.itemsize * share)
+        resident["teacher weights"] = round(teacher.params * teacher_dtype.itemsize * sharding.teacher_share)
     if sharding.strategy == "ddp" and sharding.processes > 1:
         # DDP all-reduces gradients through buckets that copy them (gradient_as_bucket_view is off by default).
         resident["DDP gradient buckets"] = trainable * f32
-    gathered = sharding.gathered_params(student) * f32 + kd * sharding.gathered_params(teacher) * teacher_dtype.itemsize
+    teacher_gathered = kd and sharding.teacher_share < 1.0  # a sharded teacher gathers what runs too
+    gathered = (sharding.gathered_params(student) * f32
+                + teacher_gathered * sharding.gathered_params(teacher) * teacher_dtype.itemsize)
     if gathered:
-        resident["gathered weights (student" + (", teacher)" if kd else ")")] = gathered
+        resident["gathered weights (student" + (", teacher)" if teacher_gathered else ")")] = gathered
     blocks = (LOSS_BLOCKS.get(setup.divergence, max(LOSS_BLOCKS.values())) if kd else SFT_LOSS_BLOCKS)
     blocks += setup.temperature != 1.0  # a scaled copy of the logits
     chunk = min(setup.chunk_size, rows)

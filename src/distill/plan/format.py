@@ -107,8 +107,8 @@ def _ranks_section(plan: Plan) -> list[str]:
     return [
         f"Memory per rank on {plan.processes} processes ({b.batch_size} of train.batch_size="
         f"{b.batch_size * plan.processes} rows each, padded to {b.seq_len:.0f} tokens on average, largest "
-        f"{b.max_seq_len}): DDP replicates the models; FSDP (full shard) and ZeRO-3 divide weights, gradients "
-        "and optimizer state (the teacher's too) and gather what runs",
+        f"{b.max_seq_len}): DDP replicates the models; FSDP (full shard) and ZeRO-3 divide the student's weights, "
+        "gradients and optimizer state and gather what runs (FSDP the teacher's too; ZeRO-3 keeps it whole)",
         line(*header), *[line(name, cells) for name, cells in rows],
     ]
 

@@ -122,7 +122,7 @@ def train(
     if last is None:
         return None
     ranks = training.ranks
-    weights = ranks.full_state(training.student.state_dict())  # whole (gathered by every rank under FSDP)
+    weights = ranks.whole_weights(training.student)  # whole (gathered by every rank under FSDP, ZeRO-3)
     if not ranks.main:
         ranks.wait()  # rank 0 saves the student
         return TrainResult(student_dir=files.student, steps=recipe.train.steps, final_loss=last, seconds=0.0)
@@ -134,7 +134,7 @@ def train(
     if training.best is not None:
         weights = _keep_best(training, files, weights)
     # The matcher's projections stay behind.
-    save_model(training.student, training.tokenizer, files.student, state_dict=weights if ranks.fsdp else None)
+    save_model(training.student, training.tokenizer, files.student, state_dict=weights if ranks.sharded else None)
     training.ranks.wait()
     seconds = time.perf_counter() - began
     log.info("student saved to %s (%d steps, final loss %.4f, %.0f s)", files.student, steps, last, seconds)
@@ -144,7 +144,7 @@ def train(
 def _keep_best(training: Training, files, last: dict) -> dict:
     """train.keep_best: the last step's student (whole weights `last`) goes to student_last/; the best step's weights
     are returned, and loaded into the student unless FSDP shards it (then they are saved from the returned dict)."""
-    best, fsdp = training.best, training.ranks.fsdp
+    best, fsdp = training.best, training.ranks.sharded
     save_model(training.student, training.tokenizer, files.student_last, state_dict=last if fsdp else None)
     if best.weights is None:
         log.warning("train.keep_best: no finite %s was measured; %s is the last step's", best.metric, files.student)
@@ -159,7 +159,7 @@ def _keep_best(training: Training, files, last: dict) -> dict:
 def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
     """Everything the loop needs, from the recipe, resumed from `checkpoint` when given; and the step to start at."""
     t, files = recipe.train, run_files(recipe)
-    ranks = Ranks(device(recipe), t.parallel)
+    ranks = Ranks(device(recipe), t.parallel, t.batch_size, t.grad_accum, t.max_grad_norm)
     ranks.check_batch(t.batch_size)
     examples, held_out = recipe_examples(recipe)  # a malformed data file fails before any model is built
     _check_held_out(recipe, held_out)
@@ -187,6 +187,7 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
     if checkpoint is not None:
         start = load_trainer_state(checkpoint, optimizer, scheduler, data_hash, ranks.sharded_optimizer_state)
         log.info("resumed from %s (step %d of %d)", checkpoint, start, t.steps)
+    wrapped, optimizer = ranks.prepare(wrapped, optimizer)  # ZeRO: DeepSpeed's engine (takes the resumed state)
     settings = LoopSettings(steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum, seed=recipe.seed,
                             max_grad_norm=t.max_grad_norm, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
                             keep_checkpoints=t.keep_checkpoints, nan_tolerance=t.nan_tolerance,
@@ -199,7 +200,7 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
         metrics=MetricsLog(files.metrics, start, trackers(recipe)) if ranks.main else None, settings=settings,
         pair_objective=pair_objective,
         sampler=response_sampler(recipe, student, teacher, tokenizer, cross_samples(recipe, cross, signal, examples),
-                                 synced=ranks.fsdp),
+                                 synced=ranks.sharded),
         held_out=held_out_batches(recipe, tokenizer, held_out, signal) if settings.eval_every else None,
         best=best_so_far(recipe, checkpoint, start, partial(ranks.kept_copy, student)),
     )

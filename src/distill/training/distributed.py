@@ -10,9 +10,14 @@ With FSDP (train.parallel: fsdp) every decoder block of the student (with LoRA i
 the teacher is sharded across the ranks and gathered only for its own forward and backward; checkpoints hold the
 full tensors (gathered when saved, sharded again when loaded), in the same files as one process writes, so a run
 resumes on any number of processes.
+
+With DeepSpeed ZeRO (train.parallel: zero2, zero3; training.zero) accelerate's DeepSpeed engine wraps the student:
+it reduces the gradients at the step's last micro-batch, clips them and steps; its partitioned state is gathered
+into the same checkpoint files.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager, nullcontext
 from typing import Callable, ContextManager, Iterator, Optional, Sequence, TypeVar
 
@@ -21,6 +26,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from distill.errors import DistillError
 from distill.runtime import barrier, gather_from_ranks, process_rank
+from distill.training.zero import ZERO_STAGES, ZeroState, zero_accelerator
 
 T = TypeVar("T")
 
@@ -44,19 +50,28 @@ class LossThroughWrapper(torch.nn.Module):
 class Ranks:
     """This process's place among the training processes, and the collectives the loop needs."""
 
-    def __init__(self, device: torch.device, parallel: str = "ddp"):
+    def __init__(self, device: torch.device, parallel: str = "ddp", batch_size: int = 1, grad_accum: int = 1,
+                 max_grad_norm: Optional[float] = None):
+        """`batch_size` (the global micro-batch), `grad_accum` and `max_grad_norm` configure DeepSpeed's engine."""
         self.rank, self.world = process_rank()
         self.device = device
         self.fsdp = parallel == "fsdp" and self.world > 1
+        self.zero_stage = ZERO_STAGES.get(parallel) if self.world > 1 else None
+        self.zero: Optional[ZeroState] = None  # the engine, once prepare() has built it
         self.accelerator = None
         if self.world > 1:
             from accelerate import Accelerator  # only a multi-process run needs the process group
 
-            self.accelerator = Accelerator(cpu=device.type == "cpu")
+            if self.zero_stage:
+                self.accelerator = zero_accelerator(device, self.zero_stage, max(batch_size // self.world, 1),
+                                                    grad_accum, max_grad_norm)
+            else:
+                self.accelerator = Accelerator(cpu=device.type == "cpu")
             distributed = self.accelerator.distributed_type.value
-            if distributed not in ("MULTI_CPU", "MULTI_GPU"):
-                raise DistillError(f"accelerate: distributed type {distributed} is not supported; launch with "
-                                   "torchrun or accelerate launch --multi_gpu, and set train.parallel: fsdp for FSDP")
+            if distributed not in (("DEEPSPEED",) if self.zero_stage else ("MULTI_CPU", "MULTI_GPU")):
+                raise DistillError(f"accelerate: distributed type {distributed} is not supported with train.parallel: "
+                                   f"{parallel}; launch with torchrun or accelerate launch --multi_gpu, and choose "
+                                   "FSDP or DeepSpeed ZeRO with train.parallel: fsdp, zero2 or zero3")
 
     @property
     def main(self) -> bool:
@@ -74,10 +89,16 @@ class Ranks:
         per = len(indices) // self.world
         return list(indices[self.rank * per:(self.rank + 1) * per])
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the student's weights are sharded across the ranks (FSDP, ZeRO-3): gathered to be saved."""
+        return self.fsdp or self.zero_stage == 3
+
     def wrap(self, module: LossThroughWrapper, blocks: Sequence[torch.nn.Module]) -> torch.nn.Module:
-        """The module gradients flow through: itself alone; DDP (via accelerate); or with FSDP, each of `blocks`
-        (the student's decoder blocks) a sharded unit and the rest (embeddings, head, projections) the root's."""
-        if self.accelerator is None:
+        """The module gradients flow through: itself alone (and under ZeRO until prepare()); DDP (via accelerate);
+        or with FSDP, each of `blocks` (the student's decoder blocks) a sharded unit and the rest (embeddings, head,
+        projections) the root's."""
+        if self.accelerator is None or self.zero_stage:
             return module
         if not self.fsdp:
             return self.accelerator.prepare_model(module)
@@ -104,10 +125,51 @@ class Ranks:
 
         return init_device_mesh(self.device.type, (self.world,))
 
+    def prepare(self, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[torch.nn.Module,
+                                                                                         torch.optim.Optimizer]:
+        """Under ZeRO, DeepSpeed's engine around `wrapped` and its optimizer (the optimizer's resumed state moved into
+        the engine's partitions); else both as they are."""
+        if not self.zero_stage:
+            return wrapped, optimizer
+        self.zero = ZeroState(self.accelerator, wrapped, optimizer)
+        if self.zero_stage == 3:
+            _gather_with_root(wrapped)
+        return self.zero.engine, self.zero.optimizer
+
+    def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
+        """Backpropagate one micro-batch's (already scaled) loss; under ZeRO through the engine, which reduces the
+        accumulated gradients at the step's last micro-batch."""
+        if self.zero is None:
+            loss.backward()
+            return
+        self.zero.engine.set_gradient_accumulation_boundary(is_boundary=last_micro_batch)
+        self.zero.engine.backward(loss, scale_wrt_gas=False)  # the loss is already divided by grad_accum
+
+    def clip(self, trainable: Sequence[torch.nn.Parameter], max_norm: Optional[float]) -> float:
+        """Clip the gradients to `max_norm` (None: measure only); their total norm. Under ZeRO the engine clips and
+        takes the optimizer step here (skipping a non-finite one); the optimizer's own step is then accelerate's
+        no-op."""
+        if self.zero is not None:
+            return self.zero.step()
+        # An infinite max norm measures without clipping (the scale factor is clamped to exactly 1).
+        return self.grad_norm(torch.nn.utils.clip_grad_norm_(trainable, max_norm or math.inf))
+
+    def whole_weights(self, module: torch.nn.Module) -> dict:
+        """`module`'s state dict with sharded tensors gathered whole (every rank must call it, in step)."""
+        if self.zero is not None:
+            return self.zero.whole_weights(module)
+        return self.full_state(module.state_dict())
+
+    def whole_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """optimizer.state_dict() over whole tensors, in torch AdamW's layout (every rank must call it, in step)."""
+        if self.zero is not None:
+            return self.zero.full_optimizer_state()
+        return self.full_optimizer_state(optimizer.state_dict())
+
     def syncing(self, wrapped: torch.nn.Module, last_micro_batch: bool) -> ContextManager:
         """No gradient reduction until the step's last micro-batch (its backward reduces the accumulated sum)."""
-        if self.accelerator is None or last_micro_batch:
-            return nullcontext()
+        if self.accelerator is None or last_micro_batch or self.zero is not None:
+            return nullcontext()  # DeepSpeed's engine is told the boundary in backward()
         if self.fsdp:
             return _fsdp_no_sync(wrapped)
         return self.accelerator.no_sync(wrapped)
@@ -118,7 +180,10 @@ class Ranks:
 
     def kept_copy(self, module: torch.nn.Module) -> Optional[dict[str, torch.Tensor]]:
         """A CPU copy of the module's whole weights (train.keep_best's best step); every rank must call it in step
-        under FSDP, which gathers them, and only rank 0, the one that writes them, keeps the copy there."""
+        under FSDP or ZeRO-3, which gather them, and only rank 0, the one that writes them, keeps the copy there."""
+        if self.zero is not None and self.sharded:
+            whole = self.zero.whole_weights(module)
+            return whole if self.main else None
         state = module.state_dict()
         if not self.fsdp:
             return {key: value.detach().to("cpu", copy=True) for key, value in state.items()}
@@ -163,9 +228,9 @@ class Ranks:
         return self.accelerator.reduce(total, "sum").tolist()
 
     def unsharded(self, wrapped: torch.nn.Module, run: Callable[[], T]) -> T:
-        """Run a no-gradient pass over the student (held-out evaluation, on-policy sampling): with FSDP through the
-        root, which gathers the shards it needs; else directly."""
-        if not self.fsdp:
+        """Run a no-gradient pass over the student (held-out evaluation, on-policy sampling): with FSDP (ZeRO-3)
+        through the root (the engine), which gathers the shards it needs; else directly."""
+        if not self.sharded:
             return run()
         with torch.no_grad():
             return wrapped(run)
@@ -186,6 +251,16 @@ def _fsdp_no_sync(wrapped: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         wrapped.set_requires_gradient_sync(True)
+
+
+def _gather_with_root(wrapped: torch.nn.Module) -> None:
+    """ZeRO-3: the output head's weight (the chunked loss multiplies by it outside the head's own forward) gathered
+    for the whole forward of the wrapper, as DeepSpeed gathers each module's own weights for its forward."""
+    import deepspeed
+
+    head = wrapped.student.get_output_embeddings()
+    if head is not None:
+        deepspeed.zero.register_external_parameter(wrapped, head.weight)
 
 
 def _full(value):

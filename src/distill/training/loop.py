@@ -113,13 +113,13 @@ def accumulate_gradients(t: Training, step: int) -> StepResult:
             out = t.wrapped(partial(_micro_batch_loss, t, batch, objective, signal, rows))
             count = len(idx) if t.pair_objective is not None else out.n_tokens  # what the loss is a mean over
             share = count / max(ranks.sums([count])[0], 1)
-            (out.loss * (share * ranks.world) / s.grad_accum).backward()  # share * world is 1.0 alone
+            # share * world is 1.0 alone
+            ranks.backward(out.loss * (share * ranks.world) / s.grad_accum, last_micro_batch=micro == s.grad_accum - 1)
         for key in terms:
             weighted[key] += float(getattr(out, key).detach()) * share / s.grad_accum
         tokens += int(batch["attention_mask"].sum())
     *values, tokens = ranks.sums([*weighted.values(), tokens])
-    # An infinite max norm measures without clipping (the scale factor is clamped to exactly 1).
-    grad_norm = ranks.grad_norm(torch.nn.utils.clip_grad_norm_(t.trainable, s.max_grad_norm or math.inf))
+    grad_norm = ranks.clip(t.trainable, s.max_grad_norm)
     return StepResult(dict(zip(terms, values)), grad_norm, int(tokens))
 
 
@@ -211,9 +211,9 @@ def _checkpoint(t: Training, step: int) -> None:
     weights and rank 0 writes the same files as one process would."""
     s, best, ranks = t.settings, t.best, t.ranks
     gathered = None
-    if ranks.fsdp:
-        gathered = (ranks.full_state(t.student.state_dict()), ranks.full_optimizer_state(t.optimizer.state_dict()),
-                    None if t.matcher is None else ranks.full_state(t.matcher.state_dict()))
+    if ranks.fsdp or ranks.zero is not None:
+        gathered = (ranks.whole_weights(t.student), ranks.whole_optimizer_state(t.optimizer),
+                    None if t.matcher is None else ranks.whole_weights(t.matcher))
     _refuse_non_finite_weights(t, step, t.student.state_dict() if gathered is None else gathered[0])
     if ranks.main:
         save_checkpoint(t.checkpoint_dir, step, t.student, t.optimizer, t.scheduler, s.keep_checkpoints,
