@@ -186,7 +186,8 @@ def main() -> int:
                        "threads": args.threads, "dpo_lr": args.dpo_lr, "load_before": load_before,
                        "load_after": os.getloadavg()}
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(table(results, arms))
+    keys = ["steps", "cpu_s", "wall_s", *bench_methods.TABLE_KEYS[2:], "reward_accuracy", "reward_margin"]
+    print(bench_methods.table(results, arms, keys, label="arm"))
     return 0
 
 
@@ -219,23 +220,6 @@ def measure(base: dict, out: Path, source: Path, start_student: Path, lr: float,
                         "reward_margin": rewards.get("reward_margin")}
     scores["meta"] = {"held_out": len(held_out), "held_out_pairs": len(pairs), "train_examples": len(examples)}
     return scores
-
-
-def table(results: dict, arms: list[str]) -> str:
-    """The results as a markdown table."""
-    keys = ["steps", "cpu_s", "wall_s", "top1_agreement", "kl_to_teacher", "kl_on_own_answers", "rougeL_teacher",
-            "loop_share", "distinct_2", "eos_share", "reward_accuracy", "reward_margin"]
-    lines = ["| arm | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
-    for name in [*arms, "teacher"]:
-        row = results[name]
-        lines.append(f"| {name} | " + " | ".join(_fmt(row.get(k)) for k in keys) + " |")
-    return "\n".join(lines)
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return ""
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 if __name__ == "__main__":

@@ -208,15 +208,15 @@ def main() -> int:
     return 0
 
 
-def table(results: dict, methods: list[str]) -> str:
-    """The results as a markdown table."""
-    keys = ["steps", "cpu_s", "top1_agreement", "kl_to_teacher", "kl_on_own_answers", "rougeL_teacher",
-            "loop_share", "distinct_2", "eos_share"]
-    lines = ["| method | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
-    for name in [*methods, "teacher"]:
-        row = results[name]
-        cells = [_fmt(row.get(k)) for k in keys]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+TABLE_KEYS = ["steps", "cpu_s", "top1_agreement", "kl_to_teacher", "kl_on_own_answers", "rougeL_teacher",
+              "loop_share", "distinct_2", "eos_share"]
+
+
+def table(results: dict, rows: list[str], keys: list[str] = TABLE_KEYS, label: str = "method") -> str:
+    """The results of `rows` (then the teacher's) as a markdown table of `keys`."""
+    lines = [f"| {label} | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    for name in [*rows, "teacher"]:
+        lines.append(f"| {name} | " + " | ".join(_fmt(results[name].get(k)) for k in keys) + " |")
     return "\n".join(lines)
 
 
