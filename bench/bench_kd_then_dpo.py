@@ -42,7 +42,6 @@ from distill.stages.held_out_pairs import held_out_pairs, pair_rewards
 from distill.stages.pairs import reference_student
 from distill.stages.training import setup
 from distill.teachers.local import generate_texts
-from distill.training.loop import run_loop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_methods  # the sibling benchmark: its KD recipe, calibration, training and held-out metrics
@@ -83,12 +82,10 @@ def build_pairs_timed(recipe: Recipe, source: Path) -> dict:
 
 def dpo_seconds_per_step(base: dict, run_dir: Path, student: Path, lr: float) -> float:
     """Process CPU seconds per DPO step (setup excluded), from a short run on a copy of run_dir's built pairs."""
-    calibration = dpo_recipe(base, Path(f"{run_dir}_cal"), bench_methods.CALIBRATION_STEPS, student, lr)
+    calibration = dpo_recipe(base, Path(f"{run_dir}_cal"), bench_methods.CALIBRATION_STEPS + 1, student, lr)
     seed_run_dir(calibration.run_dir, run_dir, run_dir / run_files(calibration).pairs.name)
     training, start = setup(calibration, None)
-    began = time.process_time()
-    run_loop(training, start, progress=False)
-    seconds = (time.process_time() - began) / bench_methods.CALIBRATION_STEPS
+    seconds = bench_methods.timed_steps(training, start)  # the loop's body alone, as every arm is calibrated
     if training.metrics is not None:
         training.metrics.close()
     shutil.rmtree(calibration.run_dir, ignore_errors=True)

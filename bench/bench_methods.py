@@ -78,7 +78,14 @@ def seconds_per_step(recipe: Recipe) -> float:
                                    base_dir=recipe.base_dir)
     shutil.rmtree(calibration.run_dir, ignore_errors=True)
     calibration.run_dir.mkdir(parents=True)
-    training, start = setup(calibration, None)
+    seconds = timed_steps(*setup(calibration, None))
+    shutil.rmtree(calibration.run_dir, ignore_errors=True)
+    return seconds
+
+
+def timed_steps(training, start: int) -> float:
+    """Process CPU seconds per step over CALIBRATION_STEPS of run_loop's body (gradients, optimizer, schedule),
+    after one warm-up step; a set-up Training with CALIBRATION_STEPS + 1 steps to take."""
     for step in range(start, start + CALIBRATION_STEPS + 1):
         if step == start + 1:
             began = time.process_time()
@@ -86,9 +93,7 @@ def seconds_per_step(recipe: Recipe) -> float:
         training.optimizer.step()
         training.scheduler.step()
         training.optimizer.zero_grad(set_to_none=True)
-    seconds = (time.process_time() - began) / CALIBRATION_STEPS
-    shutil.rmtree(calibration.run_dir, ignore_errors=True)
-    return seconds
+    return (time.process_time() - began) / CALIBRATION_STEPS
 
 
 def timed_train(recipe: Recipe) -> dict:
