@@ -263,13 +263,22 @@ def test_recipe_schema_imports_no_data_code():
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
-def test_a_shipped_recipe_reloads_from_the_recipe_yaml_its_run_keeps(name):
-    """<run>/recipe.yaml (Recipe.dump: every default written out) is itself a valid recipe, equal to the original."""
+def test_a_shipped_recipe_reloads_from_the_recipe_yaml_its_run_keeps(name, tmp_path):
+    """<run>/recipe.yaml (Recipe.dump: every default written out), read where the run keeps it, is the same recipe:
+    its relative paths still name the same files (`distill export <run>` reads it for the imatrix's data)."""
     try:
         recipe = load_recipe(REPO / "recipes" / name)
     except DistillError as err:
         if "../shared" in str(err) or "does not exist" in str(err) or "not found" in str(err):
             pytest.skip(f"{name} names files absent here: {err}")
         raise
-    again = recipe_from_dict(yaml.safe_load(recipe.dump()), base_dir=recipe.base_dir)
+    kept = tmp_path / "elsewhere" / "run" / "recipe.yaml"
+    kept.parent.mkdir(parents=True)
+    kept.write_text(recipe.dump())
+    again = load_recipe(kept)
     assert again.dump() == recipe.dump()
+    assert again.run_dir == recipe.run_dir
+    for key in ("prompts", "train", "eval", "pairs"):
+        value = getattr(recipe.data, key)
+        if value is not None:
+            assert again.path(value) == recipe.path(value), key

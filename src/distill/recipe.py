@@ -25,6 +25,7 @@ from distill.rundir import RunDir
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 
+RECIPE_DIR = "recipe_dir"  # where the relative paths of a dumped recipe resolve (Recipe.dump writes it)
 HUB_DATASET = "hf://"  # data.prompts may name a hub dataset (the same prefix distill.data.examples reads)
 CONTAMINATION_NGRAM = 13  # the GPT-3 paper's contamination n-gram (distill.data.contamination.DEFAULT_N)
 
@@ -695,6 +696,8 @@ class Recipe(Section):
     def dump(self) -> str:
         """The resolved recipe as YAML (what a run directory keeps as recipe.yaml)."""
         dump = self.model_dump(mode="json", exclude={"stages"} if self.stages is None else None)
+        # the run directory's copy sits elsewhere than the recipe file: its relative paths still mean the same files
+        dump[RECIPE_DIR] = str(Path(self.base_dir).resolve())
         return yaml.safe_dump(dump, sort_keys=False)
 
     def training_stages(self, source: str = "<recipe>") -> list["Recipe"]:
@@ -821,6 +824,12 @@ def recipe_from_dict(data: dict, source: str = "<recipe>", base_dir: Path | None
     """Validate a raw dict into a Recipe; errors name the source and the key path."""
     if not isinstance(data, dict):
         raise DistillError(f"{source}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    if RECIPE_DIR in data:  # a run directory's recipe.yaml: its paths are relative to the recipe it was made from
+        data = dict(data)
+        recorded = data.pop(RECIPE_DIR)
+        if not isinstance(recorded, str):
+            raise DistillError(f"{source}: {RECIPE_DIR}: a directory path, got {recorded!r}")
+        base_dir = (base_dir or Path(".")) / Path(recorded).expanduser()
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:

@@ -317,9 +317,14 @@ def _encode(data: np.ndarray, qtype: GGMLQuantizationType, importance: Optional[
 
 
 def _log_fallbacks(plans: list[TensorPlan], scheme: str) -> None:
+    noted: dict[tuple[str, str], list[str]] = {}  # one line per (type, reason), not one per tensor
     for plan in plans:
         if plan.note:
-            log.info("gguf %s: %s stored as %s (%s)", scheme, plan.gguf_name, plan.qtype.name.lower(), plan.note)
+            noted.setdefault((plan.qtype.name.lower(), plan.note), []).append(plan.gguf_name)
+    for (qtype, note), names in noted.items():
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        log.info("gguf %s: %d tensor%s stored as %s (%s): %s", scheme, len(names), "s" * (len(names) > 1), qtype,
+                 note, shown)
     counts: dict[str, int] = {}
     for plan in plans:
         counts[plan.qtype.name.lower()] = counts.get(plan.qtype.name.lower(), 0) + 1
