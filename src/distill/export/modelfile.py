@@ -68,7 +68,8 @@ FAMILIES = (
     ChatFamily("chatml", "<|im_start|>{role}\n", "<|im_end|>\n", CHATML_TEMPLATE, CHATML_STOPS),
     ChatFamily("llama3", "<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", LLAMA3_TEMPLATE,
                LLAMA3_STOPS),
-    ChatFamily("gemma", "<start_of_turn>{role}\n", "<end_of_turn>\n", GEMMA_TEMPLATE, GEMMA_STOPS, "model"),
+    ChatFamily("gemma", "<start_of_turn>{role}\n", "<end_of_turn>\n", GEMMA_TEMPLATE, GEMMA_STOPS,
+               assistant_role="model"),
 )
 MAX_CONTEXT = 8192  # num_ctx default: the model's context, capped so a small device is not asked for more
 _PROBE = "distill-probe-7f3a"
