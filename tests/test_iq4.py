@@ -15,7 +15,7 @@ from conftest import CORPUS, make_tiny_llama
 from distill.cli import main
 from distill.export import imatrix_from_tokens, is_k_quant
 from distill.export.gguf import export_gguf, verify_gguf
-from distill.export.kquants import IQ4_TYPES, KVALUES_IQ4NL, quantize, weighted_error
+from distill.export.kquants import IQ4_MIDPOINTS, IQ4_TYPES, KVALUES_IQ4NL, iq4_level_index, quantize, weighted_error
 from distill.export.quant_mix import ModelShape, tensor_type
 
 # Relative RMS error of N(0, 1) weights after a round trip, measured 0.0765 (iq4_nl) and 0.077 (iq4_xs); bound 1.15x.
@@ -45,6 +45,29 @@ def _decode_float64(packed: np.ndarray, qtype) -> np.ndarray:
     index = np.concatenate([qs & 0xF, qs >> 4], axis=-1)  # each 32 values: 16 low nibbles, then 16 high
     values = sub_scales[..., None] * KVALUES_IQ4NL.astype(np.float64)[index]
     return values.reshape(-1, block)
+
+
+def _best_index_int8(v: float) -> int:
+    """llama.cpp's best_index_int8, line by line (float32 arithmetic): the plain reference for the nearest level."""
+    values = KVALUES_IQ4NL
+    v = np.float32(v)
+    if v <= values[0]:
+        return 0
+    if v >= values[-1]:
+        return len(values) - 1
+    low, high = 0, len(values) - 1
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if v < values[middle] else (middle, high)
+    return high - 1 if v - values[high - 1] < values[high] - v else high
+
+
+def test_iq4_nearest_level_matches_llama_cpp_best_index():
+    rng = np.random.default_rng(0)
+    near = [np.nextafter(m, np.float32(direction * np.inf)) for m in IQ4_MIDPOINTS for direction in (1, -1)]
+    v = np.concatenate([IQ4_MIDPOINTS, near, KVALUES_IQ4NL, [-1e9, -127.5, 113.5, 1e9, 0.0, -0.0],
+                        rng.uniform(-140, 130, 4000)]).astype(np.float32)
+    assert iq4_level_index(v).tolist() == [_best_index_int8(x) for x in v]
 
 
 @pytest.mark.parametrize("qtype", IQ4_TYPES, ids=lambda t: t.name)

@@ -441,11 +441,15 @@ KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 3
 IQ4_NTRY = 7
 
 
-def _iq4_index(v: np.ndarray) -> np.ndarray:
-    """Index of the table level nearest each v (llama.cpp's best_index_int8: a tie goes to the upper level)."""
-    upper = np.clip(np.searchsorted(KVALUES_IQ4NL, v, side="right"), 1, len(KVALUES_IQ4NL) - 1)
-    lower = upper - 1
-    return np.where(v - KVALUES_IQ4NL[lower] < KVALUES_IQ4NL[upper] - v, lower, upper)
+# the midpoints between neighbouring levels: the nearest level's index is the number of midpoints at or below a value
+IQ4_MIDPOINTS = (KVALUES_IQ4NL[:-1] + KVALUES_IQ4NL[1:]) / f32(2)
+
+
+def iq4_level_index(v: np.ndarray) -> np.ndarray:
+    """Index of the table level nearest each v, as llama.cpp's best_index_int8 (`v - lo < hi - v ? lo : hi`): a
+    tie goes to the upper level. The midpoints are exact half-integers, and near one, v - lo and hi - v are exact
+    in float32, so comparing v with the midpoint decides as C does."""
+    return np.searchsorted(IQ4_MIDPOINTS, v, side="right")
 
 
 def _sum_in_order(v: np.ndarray) -> np.ndarray:
@@ -465,7 +469,7 @@ def _iq4_weights(x: np.ndarray, qw: Optional[np.ndarray]) -> np.ndarray:
 
 def _iq4_fit(x: np.ndarray, w: np.ndarray, iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Weighted sums q.x and q.q of each 32-value row of x on the table levels nearest iscale * x."""
-    q = KVALUES_IQ4NL[_iq4_index(iscale[:, None] * x)]
+    q = KVALUES_IQ4NL[iq4_level_index(iscale[:, None] * x)]
     return _sum_in_order(w * q * x), _sum_in_order(w * q * q)
 
 
@@ -493,7 +497,7 @@ def quantize_iq4_nl(x: np.ndarray, qw: Optional[np.ndarray] = None) -> np.ndarra
     """Blocks of 32 (rows of x) as block_iq4_nl: fp16 d, 16 bytes of 4-bit indices into KVALUES_IQ4NL."""
     scales = _iq4_scales(x, _iq4_weights(x, qw))
     # the indices are re-picked on the float32 scale the search chose (not on its fp16 copy), as llama.cpp does
-    levels = _iq4_index(_inverse(scales)[:, None] * x)
+    levels = iq4_level_index(_inverse(scales)[:, None] * x)
     return np.concatenate([_fp16(scales)[0], _nibbles(levels)], axis=1)
 
 
@@ -506,7 +510,7 @@ def quantize_iq4_xs(x: np.ndarray, qw: Optional[np.ndarray] = None) -> np.ndarra
     # the largest sub-block scale (of either sign) is stored as -32, the end of the signed 6-bit range
     d = -max_scale / f32(32)
     sub = np.clip(_rint(_inverse(d)[:, None] * scales), -32, 31)
-    levels = _iq4_index(_inverse(d[:, None] * sub)[..., None] * x.reshape(nb, 8, 32))
+    levels = iq4_level_index(_inverse(d[:, None] * sub)[..., None] * x.reshape(nb, 8, 32))
     six = (sub + 32).astype(np.uint16)
     scales_l = (six[:, 0::2] & 0xF) | ((six[:, 1::2] & 0xF) << 4)
     scales_h = np.bitwise_or.reduce((six >> 4) << (2 * np.arange(8, dtype=np.uint16)), axis=1)
@@ -528,6 +532,6 @@ def weighted_error(data: np.ndarray, packed: np.ndarray, qtype: GGMLQuantization
     return float(err @ (np.ones_like(err) if imatrix is None else np.asarray(imatrix, dtype=np.float64)))
 
 
-__all__ = ["IQ4_TYPES", "KVALUES_IQ4NL", "K_TYPES", "QK_K", "WEIGHTED_LEGACY", "quantize", "quantize_iq4_nl",
-           "quantize_iq4_xs", "quantize_q2_k", "quantize_q3_k", "quantize_q4_k", "quantize_q5_k", "quantize_q6_k",
+__all__ = ["IQ4_MIDPOINTS", "IQ4_TYPES", "KVALUES_IQ4NL", "K_TYPES", "QK_K", "WEIGHTED_LEGACY", "iq4_level_index",
+           "quantize", "quantize_iq4_nl", "quantize_iq4_xs", "quantize_q2_k", "quantize_q3_k", "quantize_q4_k", "quantize_q5_k", "quantize_q6_k",
            "weighted_error"]
