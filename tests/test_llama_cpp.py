@@ -223,6 +223,9 @@ def test_llama_cpp_q8_0_logits_match_its_transformers_load_back(source, llama_q8
 
 # ------------------------------------------------------------------------------------------------ K-quants
 K_SCHEMES = ("q2_k", "q3_k_m", "q4_k_s", "q4_k_m", "q5_k_m", "q6_k")
+# The IQ4 blocks sum in C's order (kquants._sum_in_order): every IQ4_NL/IQ4_XS block equals llama.cpp's, so only
+# the K-quant tensors their mixes raise (attn_v, the head) can differ.
+IQ4_SCHEMES = ("iq4_nl", "iq4_xs")
 # Our bytes equal llama.cpp's in all but a few blocks (float summation order flips near-ties between candidate
 # scales, see kquants.py; measured 0.1% (q2_k) to 3.2% (q6_k) of blocks), at the same squared error to 1e-4.
 K_BLOCK_MISMATCH_BOUND, K_ERROR_RATIO_BOUND = 0.06, 1.001
@@ -256,15 +259,16 @@ def _tensors(path: Path) -> dict:
     return {t.name: t for t in GGUFReader(path).tensors}
 
 
-def _compare_blocks(ours: dict, theirs: dict, source: dict) -> tuple[float, float]:
-    """(share of quantized blocks whose bytes differ, our squared error to the source / llama.cpp's)."""
+def _compare_blocks(ours: dict, theirs: dict, source: dict, only: tuple = ()) -> tuple[float, float]:
+    """(share of quantized blocks whose bytes differ, our squared error to the source / llama.cpp's), over the
+    tensors of the types named in `only` when given."""
     from gguf import GGML_QUANT_SIZES
     from gguf.quants import dequantize
 
     blocks = differing = 0
     errors = [0.0, 0.0]
     for name, mine in ours.items():
-        if mine.tensor_type.name == "F32":
+        if mine.tensor_type.name == "F32" or (only and mine.tensor_type.name not in only):
             continue
         size = GGML_QUANT_SIZES[mine.tensor_type][1]
         a, b = (np.frombuffer(t.data.tobytes(), np.uint8).reshape(-1, size) for t in (mine, theirs[name]))
@@ -275,7 +279,7 @@ def _compare_blocks(ours: dict, theirs: dict, source: dict) -> tuple[float, floa
     return differing / blocks, errors[0] / errors[1]
 
 
-@pytest.mark.parametrize("scheme", K_SCHEMES)
+@pytest.mark.parametrize("scheme", K_SCHEMES + IQ4_SCHEMES)
 def test_k_quant_files_match_llama_cpp_quantizer_and_load_in_llama_cpp(scheme, k_model, llama_python, tmp_path):
     """Our K-quant file and llama-quantize's (from our f32 file, no imatrix): the same type for every tensor, the
     same bytes in all but a few blocks, no more error; llama.cpp loads ours and agrees with transformers' load-back."""
@@ -288,12 +292,67 @@ def test_k_quant_files_match_llama_cpp_quantizer_and_load_in_llama_cpp(scheme, k
     print(f"{scheme}: {mismatch:.4f} of blocks differ from llama.cpp's bytes; squared error ours/llama.cpp "
           f"{error_ratio:.6f}")
     assert mismatch <= K_BLOCK_MISMATCH_BOUND and error_ratio <= K_ERROR_RATIO_BOUND
+    if scheme in IQ4_SCHEMES:
+        assert _compare_blocks(mine, reference, _tensors(f32), only=("IQ4_NL", "IQ4_XS")) == (0.0, 1.0)
     ids = [AutoTokenizer.from_pretrained(k_model)(text)["input_ids"] for text in TEXTS[:2]]
     [logits] = run_llama(llama_python, ours, [_logits_task(ids, tmp_path / "logits.npz")], threads=1, kv_f32=True)
     load_back = AutoModelForCausalLM.from_pretrained(ours.parent, gguf_file=ours.name, dtype=torch.float32).eval()
     kl = _mean_kl(_logits(load_back, ids), _arrays(logits))
     print(f"{scheme}: KL(transformers load-back || llama.cpp) {kl:.3g}")
     assert kl < K_KL_BOUND
+
+
+# ggml's own block quantizer on saved arrays, run in the llama-cpp-python environment (its libggml-base)
+GGML_QUANTIZE = """
+import ctypes, pathlib, sys
+import llama_cpp, numpy as np
+lib = ctypes.CDLL(str(next((pathlib.Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*"))))
+lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                    ctypes.c_int64, ctypes.c_void_p]
+qtype, row_bytes, work = int(sys.argv[1]), int(sys.argv[2]), pathlib.Path(sys.argv[3])
+x = np.ascontiguousarray(np.load(work / "x.npy"), dtype=np.float32)
+imatrix = np.ascontiguousarray(np.load(work / "imatrix.npy"), dtype=np.float32) if len(sys.argv) > 4 else None
+out = np.zeros((x.shape[0], row_bytes), np.uint8)
+lib.ggml_quantize_chunk(qtype, x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1],
+                        None if imatrix is None else imatrix.ctypes.data)
+np.save(work / "out.npy", out)
+"""
+
+
+def _ggml_quantize(python: str, x: np.ndarray, qtype, imatrix, work: Path) -> np.ndarray:
+    """llama.cpp's ggml_quantize_chunk (what llama-quantize calls per tensor) on x, with imatrix if given."""
+    import subprocess
+
+    from gguf import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    row_bytes = x.shape[1] // block * size
+    np.save(work / "x.npy", x)
+    args = [python, "-c", GGML_QUANTIZE, str(int(qtype)), str(row_bytes), str(work)]
+    if imatrix is not None:
+        np.save(work / "imatrix.npy", imatrix)
+        args.append("imatrix")
+    subprocess.run(args, check=True, timeout=300)
+    return np.load(work / "out.npy")
+
+
+@pytest.mark.parametrize("qtype", ["IQ4_NL", "IQ4_XS"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "imatrix"])
+def test_iq4_blocks_equal_llama_cpp_quantizer_with_and_without_imatrix(qtype, weighted, llama_python, tmp_path):
+    """Every block of a Gaussian tensor with heavy-tailed rows and all-zero and sub-GROUP_MAX_EPS blocks, with
+    llama.cpp's importance weighting (which llama-quantize's files above do not exercise) and without."""
+    from gguf import GGMLQuantizationType
+
+    from distill.export.kquants import quantize
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((128, 1024)) * 0.02).astype(np.float32)
+    x[0], x[1, :32], x[2, :40] = 0, 0, 1e-20
+    x[3:8] *= rng.standard_t(2, (5, 1024)).astype(np.float32)
+    imatrix = rng.lognormal(0, 1.5, 1024).astype(np.float32) if weighted else None
+    kind = GGMLQuantizationType[qtype]
+    assert np.array_equal(quantize(x, kind, imatrix), _ggml_quantize(llama_python, x, kind, imatrix, tmp_path))
 
 
 def test_llama_cpp_times_a_gguf_file(k_model, llama_python, tmp_path):

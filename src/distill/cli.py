@@ -129,12 +129,13 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", dest="fmt", default="hf", help="output format: hf (default), gguf or executorch")
     p.add_argument("--quant", default=None,
                    help="hf: int8 or int4 (weight-only; pip install distill[quantize]); "
-                        "gguf: f32, f16 (default), bf16, q8_0, q5_1, q5_0, q4_1, q4_0, or a K-quant mix as "
-                        "llama.cpp's: q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k; "
+                        "gguf: f32, f16 (default), bf16, q8_0, q5_1, q5_0, q4_1, q4_0, or a K-quant or IQ4 mix "
+                        "as llama.cpp's: q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k, "
+                        "iq4_xs, iq4_nl; "
                         "executorch: fp32 (default), int8, int4 (pip install distill[executorch])")
     p.add_argument("--imatrix", default=None,
                    help="gguf: importance matrix: auto (a run's export.imatrix; for a run, by default computed "
-                        "for K-quants over its training data), none, or an imatrix GGUF file")
+                        "for K-quants and IQ4 over its training data), none, or an imatrix GGUF file")
     p.add_argument("--imatrix-tokens", type=int, default=None,
                    help="gguf: calibration tokens for --imatrix auto (default: the recipe's export.imatrix_tokens)")
     p.add_argument("--no-verify", action="store_true", help="gguf: skip loading the file back to compare logits")

@@ -30,7 +30,7 @@ from gguf import (
 from distill.errors import DistillError
 from distill.export.hf import model_dir_of
 from distill.export.kquants import quantize as quantize_tensor
-from distill.export.quant_mix import SCHEMES, UNQUANTIZED, ModelShape, tensor_type
+from distill.export.quant_mix import IQ4_SCHEMES, SCHEMES, UNQUANTIZED, ModelShape, tensor_type
 from distill.runtime import atomic_file, remove_stale_temporaries
 from distill.teachers.backend import SamplingParams
 from distill.teachers.local import generate_texts
@@ -38,7 +38,8 @@ from distill.teachers.local import generate_texts
 log = logging.getLogger("distill")
 
 Q = GGMLQuantizationType
-# --quant name -> its default GGML type; K-quant schemes (q4_k_m, ...) mix types per tensor as llama.cpp does
+# --quant name -> its default GGML type; K-quant and IQ4 schemes (q4_k_m, iq4_xs, ...) mix types per tensor as
+# llama.cpp does
 QTYPES: dict[str, GGMLQuantizationType] = {name: ggml_type for name, (ggml_type, _) in SCHEMES.items()}
 # HF class -> (llama.cpp architecture, Q/K need the interleaved-rope permutation). Mistral is llama to llama.cpp.
 ARCHITECTURES = {
@@ -170,8 +171,10 @@ def llama_arch(model_dir: Path) -> MODEL_ARCH:
 
 
 def is_k_quant(qtype: str) -> bool:
-    """Is the --quant name one of llama.cpp's K-quant schemes (q4_k_m, q6_k, ...)?"""
-    return "_k" in qtype.lower() and qtype.lower() in QTYPES
+    """Is the --quant name one of llama.cpp's K-quant or IQ4 schemes (q4_k_m, q6_k, iq4_xs, ...), the mixes an
+    `auto` importance matrix is made for?"""
+    name = qtype.lower()
+    return name in QTYPES and ("_k" in name or name in IQ4_SCHEMES)
 
 
 def _rope_parameters(config: Any) -> dict:

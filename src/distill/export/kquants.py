@@ -1,11 +1,14 @@
-"""GGML K-quant (Q2_K..Q6_K) and importance-weighted legacy (Q4_0..Q5_1) block quantizers in numpy.
+"""GGML K-quant (Q2_K..Q6_K), non-linear 4-bit (IQ4_NL, IQ4_XS) and importance-weighted legacy (Q4_0..Q5_1)
+block quantizers in numpy.
 
 The `gguf` package dequantizes these types but cannot write them. This is llama.cpp's own algorithm
 (ggml-quants.c: `quantize_row_qN_K_ref` without an importance matrix, `quantize_row_qN_K_impl` with one; the
-search helpers `make_qx_quants`, `make_q3_quants`, `make_qkx2_quants`, `make_qkx3_quants`, `make_qp_quants`)
+search helpers `make_qx_quants`, `make_q3_quants`, `make_qkx2_quants`, `make_qkx3_quants`, `make_qp_quants`;
+`quantize_iq4_nl`/`quantize_iq4_xs` through `quantize_row_iq4_nl_impl`, with an importance matrix or without)
 vectorised over blocks, in float32 like the C code, into llama.cpp's block layout byte for byte. The only
 differences from llama.cpp's output come from float summation order (numpy sums pairwise, C in sequence),
-which can flip a near-tie between two candidate scales in rare blocks.
+which can flip a near-tie between two candidate scales in rare blocks; the IQ4 types sum in C's order
+(`_sum_in_order`) and match llama.cpp's bytes exactly in the tests.
 
 An importance matrix is one non-negative weight per input column (the mean squared activation that column
 sees); with one, every type is quantized by llama.cpp's weighted path, which minimises the weighted error.
@@ -21,6 +24,7 @@ Q = GGMLQuantizationType
 QK_K = 256
 K_TYPES = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 WEIGHTED_LEGACY = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)
+IQ4_TYPES = (Q.IQ4_NL, Q.IQ4_XS)
 GROUP_MAX_EPS = np.float32(1e-15)
 CHUNK_ELEMENTS = 1 << 21  # rows quantized at once: bounds the temporaries to a few hundred MB
 f32 = np.float32
@@ -31,7 +35,7 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType, imatrix: Optional[np
     data = np.asarray(data, dtype=np.float32)
     rows = data.reshape(-1, data.shape[-1])
     block, type_size = GGML_QUANT_SIZES[qtype]
-    if qtype not in K_TYPES and (imatrix is None or qtype not in WEIGHTED_LEGACY):
+    if qtype not in K_TYPES + IQ4_TYPES and (imatrix is None or qtype not in WEIGHTED_LEGACY):
         return quants.quantize(data, qtype)
     if rows.shape[1] % block:
         raise ValueError(f"row of {rows.shape[1]} is not a multiple of the {qtype.name} block size {block}")
@@ -50,9 +54,10 @@ def _quantize_rows(rows: np.ndarray, qtype: GGMLQuantizationType, weights: Optio
     n_rows, n_cols = rows.shape
     if qtype in WEIGHTED_LEGACY:
         return _LEGACY[qtype](rows, weights).reshape(n_rows, -1)
-    x = rows.reshape(-1, QK_K)
-    qw = None if weights is None else np.broadcast_to(weights.reshape(1, -1), rows.shape).reshape(-1, QK_K)
-    return _K_QUANTIZERS[qtype](x, qw).reshape(n_rows, -1)
+    block = GGML_QUANT_SIZES[qtype][0]
+    x = rows.reshape(-1, block)
+    qw = None if weights is None else np.broadcast_to(weights.reshape(1, -1), rows.shape).reshape(-1, block)
+    return _BLOCK_QUANTIZERS[qtype](x, qw).reshape(n_rows, -1)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -427,8 +432,94 @@ def quantize_q5_1_weighted(rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.concatenate([_fp16(d)[0], _fp16(-neg_min)[0], _high_bits(levels), _nibbles(levels)], axis=1)
 
 
-_K_QUANTIZERS = {Q.Q2_K: quantize_q2_k, Q.Q3_K: quantize_q3_k, Q.Q4_K: quantize_q4_k, Q.Q5_K: quantize_q5_k,
-                 Q.Q6_K: quantize_q6_k}
+# ------------------------------------------------------------------------------------------- non-linear 4-bit
+
+# llama.cpp's kvalues_iq4nl: the 16 levels the 4-bit indices of IQ4_NL/IQ4_XS point to, denser near zero where
+# most weights lie (a fixed table, not learnt per tensor)
+KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
+# quantize_iq4_nl/_xs (what llama-quantize calls, with or without an imatrix) try 2 * 7 + 1 scales around the peak
+IQ4_NTRY = 7
+
+
+# the midpoints between neighbouring levels: the nearest level's index is the number of midpoints at or below a value
+IQ4_MIDPOINTS = (KVALUES_IQ4NL[:-1] + KVALUES_IQ4NL[1:]) / f32(2)
+
+
+def iq4_level_index(v: np.ndarray) -> np.ndarray:
+    """Index of the table level nearest each v, as llama.cpp's best_index_int8 (`v - lo < hi - v ? lo : hi`): a
+    tie goes to the upper level. The midpoints are exact half-integers, and near one, v - lo and hi - v are exact
+    in float32, so comparing v with the midpoint decides as C does."""
+    return np.searchsorted(IQ4_MIDPOINTS, v, side="right")
+
+
+def _sum_in_order(v: np.ndarray) -> np.ndarray:
+    """Sum over the last axis one value after another as C does (numpy's sum is pairwise, its cumsum sequential):
+    the same float32 sums as llama.cpp, so a near-tie between two trial scales falls the same way."""
+    return np.cumsum(v, axis=-1, dtype=np.float32)[..., -1]
+
+
+def _iq4_weights(x: np.ndarray, qw: Optional[np.ndarray]) -> np.ndarray:
+    """Error weights per value of each super-block row of x: x^2 alone, or with an importance matrix
+    qw * sqrt(sigma2 + x^2), sigma2 twice the super-block's mean square (quantize_row_iq4_nl_impl)."""
+    if qw is None:
+        return x * x
+    sigma2 = _sum_in_order(x * x) * f32(2 / x.shape[1])
+    return qw * np.sqrt(sigma2[:, None] + x * x)
+
+
+def _iq4_fit(x: np.ndarray, w: np.ndarray, iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted sums q.x and q.q of each 32-value row of x on the table levels nearest iscale * x."""
+    q = KVALUES_IQ4NL[iq4_level_index(iscale[:, None] * x)]
+    return _sum_in_order(w * q * x), _sum_in_order(w * q * q)
+
+
+def _iq4_scales(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Scale of each 32-value row of x: the best weighted least-squares fit over a first guess and 2 * IQ4_NTRY + 1
+    trial scales that map the row's peak to around the table's end (0 for an all-but-zero row)."""
+    peak, zero = _signed_peak(x)
+    sumqx, sumq2 = _iq4_fit(x, w, f32(1) / (-peak / KVALUES_IQ4NL[0]))
+    scale = np.where(sumq2 > 0, sumqx / np.where(sumq2 > 0, sumq2, f32(1)), f32(0))
+    best = scale * sumqx
+    for step in range(-IQ4_NTRY, IQ4_NTRY + 1):
+        sumqx, sumq2 = _iq4_fit(x, w, (f32(step) + KVALUES_IQ4NL[0]) / peak)
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        scale = np.where(better, sumqx / np.where(better, sumq2, f32(1)), scale)
+        best = np.where(better, scale * sumqx, best)
+    return np.where(zero, f32(0), scale)
+
+
+def _inverse(v: np.ndarray) -> np.ndarray:
+    """1 / v, 0 where v is 0 (llama.cpp's `d ? 1/d : 0`)."""
+    return np.where(v != 0, f32(1) / np.where(v != 0, v, f32(1)), f32(0))
+
+
+def quantize_iq4_nl(x: np.ndarray, qw: Optional[np.ndarray] = None) -> np.ndarray:
+    """Blocks of 32 (rows of x) as block_iq4_nl: fp16 d, 16 bytes of 4-bit indices into KVALUES_IQ4NL."""
+    scales = _iq4_scales(x, _iq4_weights(x, qw))
+    # the indices are re-picked on the float32 scale the search chose (not on its fp16 copy), as llama.cpp does
+    levels = iq4_level_index(_inverse(scales)[:, None] * x)
+    return np.concatenate([_fp16(scales)[0], _nibbles(levels)], axis=1)
+
+
+def quantize_iq4_xs(x: np.ndarray, qw: Optional[np.ndarray] = None) -> np.ndarray:
+    """Blocks of 256 as block_iq4_xs: fp16 d, 2 bytes of high and 4 of low bits of eight 6-bit sub-block scales,
+    128 bytes of 4-bit indices into KVALUES_IQ4NL."""
+    nb = x.shape[0]
+    scales = _iq4_scales(x.reshape(-1, 32), _iq4_weights(x, qw).reshape(-1, 32)).reshape(nb, 8)
+    max_scale = np.take_along_axis(scales, np.abs(scales).argmax(-1)[:, None], -1)[:, 0]
+    # the largest sub-block scale (of either sign) is stored as -32, the end of the signed 6-bit range
+    d = -max_scale / f32(32)
+    sub = np.clip(_rint(_inverse(d)[:, None] * scales), -32, 31)
+    levels = iq4_level_index(_inverse(d[:, None] * sub)[..., None] * x.reshape(nb, 8, 32))
+    six = (sub + 32).astype(np.uint16)
+    scales_l = (six[:, 0::2] & 0xF) | ((six[:, 1::2] & 0xF) << 4)
+    scales_h = np.bitwise_or.reduce((six >> 4) << (2 * np.arange(8, dtype=np.uint16)), axis=1)
+    return np.concatenate([_fp16(d)[0], scales_h.astype("<u2").view(np.uint8).reshape(nb, 2),
+                           scales_l.astype(np.uint8), _nibbles(levels.reshape(-1, 32)).reshape(nb, 128)], axis=1)
+
+
+_BLOCK_QUANTIZERS = {Q.Q2_K: quantize_q2_k, Q.Q3_K: quantize_q3_k, Q.Q4_K: quantize_q4_k, Q.Q5_K: quantize_q5_k,
+                     Q.Q6_K: quantize_q6_k, Q.IQ4_NL: quantize_iq4_nl, Q.IQ4_XS: quantize_iq4_xs}
 _LEGACY = {Q.Q4_0: quantize_q4_0_weighted, Q.Q4_1: quantize_q4_1_weighted, Q.Q5_0: quantize_q5_0_weighted,
            Q.Q5_1: quantize_q5_1_weighted}
 
@@ -441,5 +532,6 @@ def weighted_error(data: np.ndarray, packed: np.ndarray, qtype: GGMLQuantization
     return float(err @ (np.ones_like(err) if imatrix is None else np.asarray(imatrix, dtype=np.float64)))
 
 
-__all__ = ["K_TYPES", "QK_K", "WEIGHTED_LEGACY", "quantize", "quantize_q2_k", "quantize_q3_k", "quantize_q4_k",
-           "quantize_q5_k", "quantize_q6_k", "weighted_error"]
+__all__ = ["IQ4_MIDPOINTS", "IQ4_TYPES", "KVALUES_IQ4NL", "K_TYPES", "QK_K", "WEIGHTED_LEGACY", "iq4_level_index",
+           "quantize", "quantize_iq4_nl", "quantize_iq4_xs", "quantize_q2_k", "quantize_q3_k", "quantize_q4_k", "quantize_q5_k", "quantize_q6_k",
+           "weighted_error"]

@@ -2,7 +2,9 @@
 
 A scheme such as q4_k_m has one default type (q4_k) and gives more bits to the tensors that hurt most:
 the output head (q6_k), attn_v and ffn_down in the first and last eighth of the layers and every third one
-between (q6_k). A row that is not a multiple of the chosen type's block falls back to a smaller-block type.
+between (q6_k). The IQ4 schemes (iq4_nl, iq4_xs) raise attn_v to q5_k under grouped-query attention (4+ query
+heads per KV head) and, without an importance matrix, the first eighth of ffn_down. A row that is not a multiple
+of the chosen type's block falls back to a smaller-block type (iq4_xs to iq4_nl).
 """
 from __future__ import annotations
 
@@ -23,10 +25,13 @@ SCHEMES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
     "q6_k": (Q.Q6_K, F.MOSTLY_Q6_K), "q5_k_m": (Q.Q5_K, F.MOSTLY_Q5_K_M), "q5_k_s": (Q.Q5_K, F.MOSTLY_Q5_K_S),
     "q4_k_m": (Q.Q4_K, F.MOSTLY_Q4_K_M), "q4_k_s": (Q.Q4_K, F.MOSTLY_Q4_K_S), "q3_k_l": (Q.Q3_K, F.MOSTLY_Q3_K_L),
     "q3_k_m": (Q.Q3_K, F.MOSTLY_Q3_K_M), "q3_k_s": (Q.Q3_K, F.MOSTLY_Q3_K_S), "q2_k": (Q.Q2_K, F.MOSTLY_Q2_K),
+    "iq4_xs": (Q.IQ4_XS, F.MOSTLY_IQ4_XS), "iq4_nl": (Q.IQ4_NL, F.MOSTLY_IQ4_NL),
 }
 UNQUANTIZED = (Q.F32, Q.F16, Q.BF16)
 # llama.cpp's tensor_type_fallback: a type whose block does not divide the row -> one with 32-wide blocks
-_FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+_FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0,
+             Q.IQ4_XS: Q.IQ4_NL}
+IQ4_SCHEMES = ("iq4_nl", "iq4_xs")
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,8 @@ def scheme_type(name: str, scheme: str, shape: ModelShape, has_imatrix: bool) ->
             return Q.Q6_K
         if scheme == "q4_k_s" and layer < 4:
             return Q.Q5_K
+        if scheme in IQ4_SCHEMES and shape.n_gqa >= 4:
+            return Q.Q5_K
     elif name.endswith("ffn_down.weight"):
         if scheme == "q2_k":
             return Q.Q3_K
@@ -77,6 +84,8 @@ def scheme_type(name: str, scheme: str, shape: ModelShape, has_imatrix: bool) ->
         if scheme in ("q4_k_m", "q5_k_m") and _more_bits(layer, n):
             return Q.Q6_K
         if scheme == "q4_k_s" and layer < n // 8:
+            return Q.Q5_K
+        if scheme in IQ4_SCHEMES and not has_imatrix and layer < n // 8:
             return Q.Q5_K
         if scheme in ("q4_0", "q5_0") and has_imatrix and layer < n // 8:
             return Q.Q4_1 if scheme == "q4_0" else Q.Q5_1
@@ -106,4 +115,4 @@ def tensor_type(name: str, row: int, scheme: str, shape: ModelShape,
     return fallback, f"row of {row} is not a multiple of the {chosen.name} block size {block}"
 
 
-__all__ = ["SCHEMES", "UNQUANTIZED", "ModelShape", "scheme_type", "tensor_type"]
+__all__ = ["IQ4_SCHEMES", "SCHEMES", "UNQUANTIZED", "ModelShape", "scheme_type", "tensor_type"]

@@ -41,7 +41,7 @@ def gguf_imatrix(recipe: Recipe, quant: Optional[str], setting: Optional[str] = 
                  max_tokens: Optional[int] = None) -> Optional[Imatrix]:
     """The importance matrix a GGUF export of quant uses under export.imatrix (or `setting`), None for none.
 
-    auto: for K-quants, computed on the student over the run's training examples (its filtered teacher data),
+    auto: for K-quants and IQ4, computed on the student over the run's training examples (its filtered teacher data),
     up to export.imatrix_tokens; a run without training data gets uniform weights and a log line.
     """
     setting = setting or recipe.export.imatrix
