@@ -5,10 +5,9 @@ The `gguf` package dequantizes these types but cannot write them. This is llama.
 (ggml-quants.c: `quantize_row_qN_K_ref` without an importance matrix, `quantize_row_qN_K_impl` with one; the
 search helpers `make_qx_quants`, `make_q3_quants`, `make_qkx2_quants`, `make_qkx3_quants`, `make_qp_quants`;
 `quantize_iq4_nl`/`quantize_iq4_xs` through `quantize_row_iq4_nl_impl`, with an importance matrix or without)
-vectorised over blocks, in float32 like the C code, into llama.cpp's block layout byte for byte. The only
-differences from llama.cpp's output come from float summation order (numpy sums pairwise, C in sequence),
-which can flip a near-tie between two candidate scales in rare blocks; the IQ4 types sum in C's order
-(`_sum_in_order`) and match llama.cpp's bytes exactly in the tests.
+vectorised over blocks, in float32 like the C code, into llama.cpp's block layout byte for byte. Sums run in C's
+order (`_sum`: numpy's own sum is pairwise, which flipped near-ties between candidate scales in 0-3% of blocks),
+so every block equals llama.cpp's in the tests.
 
 An importance matrix is one non-negative weight per input column (the mean squared activation that column
 sees); with one, every type is quantized by llama.cpp's weighted path, which minimises the weighted error.
@@ -75,7 +74,14 @@ def _fp16(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _sum(v: np.ndarray) -> np.ndarray:
-    return v.sum(axis=-1, dtype=np.float32)
+    """Sum over the last (short) axis one value after another as C does, in float32: the same sums as llama.cpp,
+    so a near-tie between two trial scales falls the same way (numpy's sum is pairwise; a loop of whole-array adds
+    is 2x faster than np.cumsum here)."""
+    v = np.asarray(v, dtype=np.float32)
+    total = v[..., 0].copy()
+    for i in range(1, v.shape[-1]):
+        total += v[..., i]
+    return total
 
 
 def _signed_peak(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -452,25 +458,19 @@ def iq4_level_index(v: np.ndarray) -> np.ndarray:
     return np.searchsorted(IQ4_MIDPOINTS, v, side="right")
 
 
-def _sum_in_order(v: np.ndarray) -> np.ndarray:
-    """Sum over the last axis one value after another as C does (numpy's sum is pairwise, its cumsum sequential):
-    the same float32 sums as llama.cpp, so a near-tie between two trial scales falls the same way."""
-    return np.cumsum(v, axis=-1, dtype=np.float32)[..., -1]
-
-
 def _iq4_weights(x: np.ndarray, qw: Optional[np.ndarray]) -> np.ndarray:
     """Error weights per value of each super-block row of x: x^2 alone, or with an importance matrix
     qw * sqrt(sigma2 + x^2), sigma2 twice the super-block's mean square (quantize_row_iq4_nl_impl)."""
     if qw is None:
         return x * x
-    sigma2 = _sum_in_order(x * x) * f32(2 / x.shape[1])
+    sigma2 = _sum(x * x) * f32(2 / x.shape[1])
     return qw * np.sqrt(sigma2[:, None] + x * x)
 
 
 def _iq4_fit(x: np.ndarray, w: np.ndarray, iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Weighted sums q.x and q.q of each 32-value row of x on the table levels nearest iscale * x."""
     q = KVALUES_IQ4NL[iq4_level_index(iscale[:, None] * x)]
-    return _sum_in_order(w * q * x), _sum_in_order(w * q * q)
+    return _sum(w * q * x), _sum(w * q * q)
 
 
 def _iq4_scales(x: np.ndarray, w: np.ndarray) -> np.ndarray:
