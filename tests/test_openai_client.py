@@ -163,6 +163,8 @@ def tiny(tmp_path_factory, tiny_tokenizer_dir) -> LocalBackend:
     return LocalBackend(model, AutoTokenizer.from_pretrained(model_dir), name="tiny", batch_size=8)
 
 
+# A server that names tokens only by their text (as a hosted API): the client's bytes-to-id path
+BY_TEXT = {"return_tokens_as_token_ids": False}
 QUESTIONS = ["What is two plus two?", "Name a fruit.", "Write a poem about the sea.", "Why is the sky blue?",
              "Say hi.", "Where is Paris?"]
 
@@ -197,10 +199,9 @@ def test_completions_endpoint_with_a_rendered_prompt(tiny):
     params = SamplingParams(max_new_tokens=5, top_logprobs=2)
     local = generate_texts(tiny.model, tiny.tokenizer, chats(*QUESTIONS[:3]), params=params)
     with make_server(tiny) as server:
-        by_bytes = OpenAIBackend(server.url, "tiny", use_chat=False, tokenizer=tiny.tokenizer)
+        by_bytes = OpenAIBackend(server.url, "tiny", use_chat=False, tokenizer=tiny.tokenizer, extra_body=BY_TEXT)
         by_strings = by_bytes.generate(chats(*QUESTIONS[:3]), params)
-        by_id = OpenAIBackend(server.url, "tiny", use_chat=False, tokenizer=tiny.tokenizer,
-                              extra_body={"return_tokens_as_token_ids": True})
+        by_id = OpenAIBackend(server.url, "tiny", use_chat=False, tokenizer=tiny.tokenizer)  # asks: distill serve
         assert_same(by_id.generate(chats(*QUESTIONS[:3]), params), local)
     # Legacy logprobs spell tokens as text only: a partial UTF-8 token reads "\ufffd" and cannot be told apart.
     assert_same(by_strings, local, logprobs=False)
@@ -216,10 +217,9 @@ def test_stories260k_ids_are_recovered_or_counted_never_guessed():
     questions = ["Once upon a time", "Tom had a dog", "The sun was hot", "Lily saw a bird"]
     local = [generate_texts(model, tokenizer, [c], params=params)[0] for c in chats(*questions)]
     with make_server(LocalBackend(model, tokenizer, name="stories")) as server:
-        by_bytes = OpenAIBackend(server.url, "stories", tokenizer=tokenizer, concurrency=2)
+        by_bytes = OpenAIBackend(server.url, "stories", tokenizer=tokenizer, concurrency=2, extra_body=BY_TEXT)
         plain = by_bytes.generate(chats(*questions), params)
-        by_id = OpenAIBackend(server.url, "stories", tokenizer=tokenizer,
-                              extra_body={"return_tokens_as_token_ids": True})
+        by_id = OpenAIBackend(server.url, "stories", tokenizer=tokenizer)
         assert_same(by_id.generate(chats(*questions), params), local)
     # SentencePiece byte fallback: "<0x2C>" and "," are both b",", so a top list with either cannot be mapped back
     # from bytes (here: every answer); what is recovered must be right, and the rest counted.

@@ -38,6 +38,8 @@ class _AttemptFailed(Exception):
         self.kind, self.line, self.retryable, self.retry_after = kind, line, retryable, retry_after
 
 
+TOKEN_ID_SERVERS = ("vllm", "distill")  # /v1/models owned_by of servers that take return_tokens_as_token_ids
+
 class OpenAIBackend:
     """A TeacherBackend that sends one request per conversation, `concurrency` in flight, with retries."""
 
@@ -75,6 +77,7 @@ class OpenAIBackend:
             self._sessions.put(self._session())
         self._lock = threading.Lock()
         self._reached = False  # has the server ever answered? Until then a refused connection is fatal at once
+        self._token_ids: bool | None = None  # can the server name tokens by id? (asked at the first log-probs)
 
     def generate(self, conversations: list[Messages], params: SamplingParams) -> list[Result]:
         """One result per conversation, in order; raises DistillError when the key is wrong or nothing answers."""
@@ -99,7 +102,7 @@ class OpenAIBackend:
                 "return_tokens_as_token_ids": True, **self.extra_body}
 
         def one(row: list[int]) -> tuple[Result, str | None]:
-            return self._answer_with({**body, "prompt": row}, lambda payload: self._scores(payload, row), url=url)
+            return self._answer_with({**body, "prompt": row}, lambda payload: self._scores(payload, row, k), url=url)
 
         with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="openai-score") as pool:
             outcomes = list(pool.map(one, rows))
@@ -127,8 +130,9 @@ class OpenAIBackend:
                                f"echo and logprobs, as vLLM and `distill serve` answer): {result.error}")
         return result
 
-    def _scores(self, payload: object, row: list[int]) -> TokenScores:
-        """A scored row from an echo response: the first len(row) entries (a server may add a generated token)."""
+    def _scores(self, payload: object, row: list[int], k: int) -> TokenScores:
+        """A scored row from an echo response: the first len(row) entries (a server may add a generated token), each
+        position's k best (vLLM adds the prompt's own token as a k+1st when it is not among them)."""
         try:
             logprobs = payload["choices"][0]["logprobs"]
             values = logprobs["token_logprobs"][:len(row)]
@@ -139,7 +143,8 @@ class OpenAIBackend:
             raise self._failed("malformed", f"{self.base_url} echoed {len(values)} of {len(row)} tokens", False)
         index = _bytes_index(self.tokenizer) if self.tokenizer is not None else {}
         top_ids = [None if top is None else
-                   [(i, float(lp)) for t, lp in top.items() if (i := _token_id({"token": t}, index)) is not None]
+                   sorted(((i, float(lp)) for t, lp in top.items() if (i := _token_id({"token": t}, index)) is not None),
+                          key=lambda pair: -pair[1])[:k]
                    for top in tops]
         return TokenScores(list(row), [None if v is None else float(v) for v in values], top_ids)
 
@@ -167,7 +172,10 @@ class OpenAIBackend:
 
     def _body(self, conversation: Messages, params: SamplingParams) -> dict:
         body = {"model": self.model, "max_tokens": params.max_new_tokens, "temperature": params.temperature,
-                "top_p": params.top_p, "seed": params.seed, **self.extra_body}
+                "top_p": params.top_p, "seed": params.seed}
+        if params.top_logprobs and self._names_tokens_by_id():
+            body["return_tokens_as_token_ids"] = True  # tokens whose bytes are no text (partial UTF-8) stay known
+        body.update(self.extra_body)
         if params.stop:
             body["stop"] = list(params.stop)
         if self.use_chat:
@@ -255,6 +263,21 @@ class OpenAIBackend:
     def _count(self, key: str) -> None:
         with self._lock:
             self.stats[key] += 1
+
+    def _names_tokens_by_id(self) -> bool:
+        """Whether the server can name log-prob tokens by id (vLLM's and `distill serve`'s /v1/models say who they
+        are; a hosted API refuses unknown fields), asked once."""
+        with self._lock:
+            if self._token_ids is None:
+                session = self._sessions.get()
+                try:
+                    listed = session.get(f"{self.base_url}/models", timeout=min(10.0, self.timeout_s)).json()["data"]
+                    self._token_ids = any(entry.get("owned_by") in TOKEN_ID_SERVERS for entry in listed)
+                except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError):
+                    self._token_ids = False
+                finally:
+                    self._sessions.put(session)
+            return self._token_ids
 
     def _session(self) -> requests.Session:
         session = requests.Session()

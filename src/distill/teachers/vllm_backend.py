@@ -6,7 +6,8 @@ from typing import Any
 from distill.errors import DistillError
 from distill.teachers.backend import Completion, Failure, Messages, Result, SamplingParams
 
-NOT_INSTALLED = "teacher.engine: vllm is not installed (pip install vllm; it needs a CUDA GPU)"
+NOT_INSTALLED = ("teacher.engine: vllm is not installed (pip install vllm; it needs a CUDA GPU; or serve the teacher with "
+                 "`vllm serve` in an environment of its own and give teacher.endpoint)")
 
 
 def _first_line(err: BaseException) -> str:
