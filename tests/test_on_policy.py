@@ -265,6 +265,10 @@ def test_on_policy_reverse_kl_on_samples_goes_down(tmp_path, tiny_teacher_dir, p
     ({"method": {"kind": "on_policy"}, "teacher": {"cache": "cache"}}, "teacher.cache"),
     ({"method": {"kind": "on_policy"}, "train": {"packing": True}}, "train.packing"),
     ({"method": {"kind": "kd", "estimator": "sampled_token"}}, "method.estimator"),
+    ({"method": {"kind": "on_policy", "sampling": {"engine": "vllm"}}, "train": {"parallel": "fsdp"}},
+     "method.sampling.engine: vllm samples in one training process"),
+    ({"method": {"kind": "on_policy", "sampling": {"engine": "vllm", "vllm_gpu_memory_utilization": 0}}},
+     "method.sampling.vllm_gpu_memory_utilization"),
 ])
 def test_bad_on_policy_recipes_exit_2_before_loading_models(tmp_path, tiny_teacher_dir, pairs_jsonl, capsys,
                                                            change, message):

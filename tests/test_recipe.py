@@ -22,7 +22,6 @@ from distill.recipe import (
     TeacherSpec,
     apply_overrides,
     load_recipe,
-    recipe_from_dict,
 )
 
 REPO = Path(__file__).resolve().parents[1]

@@ -264,6 +264,10 @@ class OnPolicySampling(Section):
     temperature: Float = Field(default=1.0, ge=0.0)  # 0 = greedy
     top_p: Float = Field(default=1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list)  # stop strings, besides the tokenizer's end-of-turn tokens
+    # transformers: Hugging Face generate on the trained weights; vllm: an in-process vLLM engine, given the current
+    # weights after each update (docs/on_policy.md)
+    engine: Literal["transformers", "vllm"] = "transformers"
+    vllm_gpu_memory_utilization: Float = Field(default=0.3, gt=0.0, le=1.0)  # the GPU share vLLM's engine takes
 
 
 PreferenceLoss = Literal["sigmoid", "ipo", "hinge", "simpo"]  # distill.losses.preference.PAIR_LOSSES

@@ -81,6 +81,11 @@ class RunDir:
         return self.root / "student_init"
 
     @property
+    def sampler_model(self) -> Path:
+        """The student's config and tokenizer that method.sampling.engine: vllm builds its engine from."""
+        return self.stage_root / "sampler_model"
+
+    @property
     def teacher_cache(self) -> Path:
         """Where `distill capture` writes the top-k cache when the recipe names no teacher.cache path."""
         return self._data_root() / "teacher_cache"

@@ -71,6 +71,7 @@ from distill.training.checkpoint import (
 from distill.training.held_out import BestSoFar, HeldOut
 from distill.training.loop import LoopSettings, MetricsLog, Training, check_finite, last_logged_loss, run_loop
 from distill.training.on_policy import ResponseSampler, SamplingSettings
+from distill.training.vllm_sampler import VLLMStudentSampler, write_engine_model
 from distill.training.preference import KtoObjective, PairItem, PairObjective, collate_labelled, collate_pairs
 from distill.training.schedule import lr_multiplier
 from distill.training.step import BatchObjective
@@ -94,6 +95,9 @@ class TrainResult:
     final_loss: float
     seconds: float
 
+
+VLLM_ONE_PROCESS = ("method.sampling.engine: vllm samples in one training process; train on one process (no "
+                    "train.parallel, no torchrun), or use engine: transformers")
 
 def train(
     recipe: Recipe, *, resume: bool = True, progress: bool = True, stop_after: Optional[int] = None
@@ -161,6 +165,8 @@ def setup(recipe: Recipe, checkpoint: Optional[Path]) -> tuple[Training, int]:
     t, files = recipe.train, run_files(recipe)
     ranks = Ranks(device(recipe), t.parallel, t.batch_size, t.grad_accum, t.max_grad_norm)
     ranks.check_batch(t.batch_size)
+    if recipe.method.kind == "on_policy" and recipe.method.sampling.engine == "vllm" and ranks.world > 1:
+        raise DistillError(VLLM_ONE_PROCESS)
     examples, held_out = recipe_examples(recipe)  # a malformed data file fails before any model is built
     _check_held_out(recipe, held_out)
     # Under torchrun rank 0 loads first: it writes student_init/ and a GGUF model's dequantized copy, the others read.
@@ -248,7 +254,21 @@ def response_sampler(
              m.divergence if m.estimator == "full" else "sampled-token reverse-KL estimate")
     return ResponseSampler(settings, tokenizer, sorted(stop_ids(base_model(student), tokenizer)),
                            padding_id(tokenizer), teacher=teacher, compute_dtype=compute_dtype(recipe), across=across,
-                           synced=synced)
+                           synced=synced, engine=student_engine(recipe, student, tokenizer))
+
+
+def student_engine(
+    recipe: Recipe, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> Optional[VLLMStudentSampler]:
+    """method.sampling.engine: vllm's engine, built from the student's config and tokenizer; else None."""
+    s = recipe.method.sampling
+    if s.engine != "vllm":
+        return None
+    model_dir = write_engine_model(base_model(student), tokenizer, run_files(recipe).sampler_model)
+    log.info("on-policy: the student samples through vLLM (weights reloaded after each update)")
+    return VLLMStudentSampler(model_dir, dtype=str(compute_dtype(recipe)).removeprefix("torch."), seed=recipe.seed,
+                              max_model_len=recipe.data.max_length,
+                              gpu_memory_utilization=s.vllm_gpu_memory_utilization)
 
 
 def eval_interval(recipe: Recipe, held_out: list) -> int:
@@ -511,6 +531,8 @@ def check_recipe(recipe: Recipe) -> None:
     if m.kind == "on_policy" and recipe.teacher.cache is not None:
         raise DistillError("teacher.cache: method.kind on_policy needs a teacher that scores the student's new "
                            "samples, which a cache cannot; remove teacher.cache (or use method.kind: kd)")
+    if m.kind == "on_policy" and m.sampling.engine == "vllm" and recipe.train.parallel != "ddp":  # ddp: if launched
+        raise DistillError(VLLM_ONE_PROCESS)
     if m.kind == "on_policy" and recipe.train.packing:
         raise DistillError("train.packing: method.kind on_policy samples a response per example; set "
                            "train.packing: false")

@@ -142,10 +142,7 @@ class OpenAIBackend:
         if len(values) < len(row):
             raise self._failed("malformed", f"{self.base_url} echoed {len(values)} of {len(row)} tokens", False)
         index = _bytes_index(self.tokenizer) if self.tokenizer is not None else {}
-        top_ids = [None if top is None else
-                   sorted(((i, float(lp)) for t, lp in top.items() if (i := _token_id({"token": t}, index)) is not None),
-                          key=lambda pair: -pair[1])[:k]
-                   for top in tops]
+        top_ids = [None if top is None else _best(top, index, k) for top in tops]
         return TokenScores(list(row), [None if v is None else float(v) for v in values], top_ids)
 
     def _answer(self, conversation: Messages, params: SamplingParams, probe: bool = False) -> tuple[Result, str | None]:
@@ -323,6 +320,12 @@ def token_bytes_table(tokenizer: object) -> list[bytes | None]:
     added = {i: t.content for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
     to_bytes = _byte_level_bytes if _is_byte_level(tokenizer) else _sentencepiece_bytes
     return [added[i].encode() if i in added else to_bytes(tok or "") for i, tok in enumerate(tokens)]
+
+
+def _best(top: dict[str, float], index: dict[bytes, list[int]], k: int) -> list[tuple[int, float]]:
+    """The k best (id, log-prob) of one echoed position's top log-probs, best first."""
+    pairs = [(i, float(lp)) for t, lp in top.items() if (i := _token_id({"token": t}, index)) is not None]
+    return sorted(pairs, key=lambda pair: -pair[1])[:k]
 
 
 def _token_id(entry: dict, index: dict[bytes, list[int]]) -> int | None:

@@ -10,21 +10,22 @@ NOT_INSTALLED = ("teacher.engine: vllm is not installed (pip install vllm; it ne
                  "`vllm serve` in an environment of its own and give teacher.endpoint)")
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
     lines = str(err).strip().splitlines()
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
-def _import_vllm() -> Any:
-    """The vllm module, or a one-line DistillError when it is missing or cannot be imported."""
+def import_vllm(key: str = "teacher.engine", not_installed: str = NOT_INSTALLED) -> Any:
+    """The vllm module, or a one-line DistillError naming the recipe key when it is missing or cannot be imported."""
     try:
         import vllm
     except ModuleNotFoundError as err:
         if err.name == "vllm":
-            raise DistillError(NOT_INSTALLED) from None
-        raise DistillError(f"teacher.engine: vllm could not be imported ({_first_line(err)})") from None
+            raise DistillError(not_installed) from None
+        raise DistillError(f"{key}: vllm could not be imported ({first_line(err)})") from None
     except ImportError as err:  # installed but broken, e.g. built for another torch or CUDA
-        raise DistillError(f"teacher.engine: vllm could not be imported ({_first_line(err)})") from None
+        raise DistillError(f"{key}: vllm could not be imported ({first_line(err)})") from None
     return vllm
 
 
@@ -40,7 +41,7 @@ class VLLMBackend:
     def __init__(self, model: str, *, name: str | None = None, batch_size: int = 8, dtype: str = "auto",
                  seed: int = 0, trust_remote_code: bool = False, max_logprobs: int | None = None,
                  **engine_options: Any):
-        self._vllm = _import_vllm()
+        self._vllm = import_vllm()
         self.name = name or model
         self.batch_size = batch_size
         options = dict(model=model, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code, **engine_options)
@@ -49,7 +50,7 @@ class VLLMBackend:
         try:
             self.llm = self._vllm.LLM(**options)
         except Exception as err:  # no GPU, unknown architecture, out of memory...: one line, not a vLLM traceback
-            raise DistillError(f"teacher.model: vllm could not load {model} ({_first_line(err)})") from None
+            raise DistillError(f"teacher.model: vllm could not load {model} ({first_line(err)})") from None
 
     def sampling_params(self, params: SamplingParams) -> Any:
         """Our SamplingParams as vLLM's (temperature 0 is greedy there too)."""
@@ -69,7 +70,7 @@ class VLLMBackend:
             outputs = self.llm.chat(conversations, self.sampling_params(params), use_tqdm=False)
         except Exception as err:  # e.g. one prompt longer than the engine's max_model_len refuses the whole call
             if len(conversations) == 1:
-                return [Failure(error=_first_line(err))]
+                return [Failure(error=first_line(err))]
             # One by one, so a bad conversation fails alone instead of failing its batch on every run.
             return [result for c in conversations for result in self.generate([c], params)]
         if len(outputs) != len(conversations):
@@ -95,4 +96,4 @@ class VLLMBackend:
                 prompt_ids=list(output.prompt_token_ids or []) or None,  # lets the cache check the context
             )
         except (AttributeError, IndexError, TypeError, ValueError) as err:
-            return Failure(error=f"unexpected vllm output: {_first_line(err)}")
+            return Failure(error=f"unexpected vllm output: {first_line(err)}")

@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -60,6 +60,15 @@ class SampleWindow:
                 "loop_share": self.looped / self.rows, "sample_tokens_per_s": self.tokens / max(self.seconds, 1e-9)}
 
 
+class StudentEngine(Protocol):
+    """An engine other than Hugging Face generate that samples the student's responses (training.vllm_sampler)."""
+
+    def sync(self, model: torch.nn.Module, step: int) -> None: ...
+
+    def generate(self, prompts: list[list[int]], budget: int, seed: int, *, temperature: float, top_p: float,
+                 stop_ids: list[int], stop: tuple[str, ...]) -> list[list[int]]: ...
+
+
 @dataclass
 class SampledBatch:
     """A micro-batch to train on: its tensors, whether the student sampled its responses, and the teacher signal of
@@ -87,6 +96,7 @@ class ResponseSampler:
     window: SampleWindow = field(default_factory=SampleWindow)
     collapse_logged: bool = False  # the no-EOS warning is given once per run, not every window
     across: Optional[CrossTokenizerSamples] = None  # tokenizers differ: samples are rebuilt as text for both sides
+    engine: Optional[StudentEngine] = None  # method.sampling.engine: vllm: the student's samples come from it
 
     def batch_for(
         self, student: PreTrainedModel, batch: dict[str, torch.Tensor], step: int, micro: int,
@@ -98,8 +108,11 @@ class ResponseSampler:
         if not on_policy and not self.settings.seq_kd:
             return SampledBatch(batch)
         model = student if on_policy else self.teacher
+        engine = self.engine if on_policy else None
         began = time.perf_counter()
-        sampled, samples = self.sample(model, batch, coin.getrandbits(63))
+        if engine is not None:
+            engine.sync(student, step)
+        sampled, samples = self.sample(model, batch, coin.getrandbits(63), engine)
         if on_policy:
             self._count(samples, time.perf_counter() - began)
         if self.across is not None and samples:
@@ -127,16 +140,24 @@ class ResponseSampler:
         return metrics
 
     def sample(
-        self, model: PreTrainedModel, batch: dict[str, torch.Tensor], seed: int
+        self, model: PreTrainedModel, batch: dict[str, torch.Tensor], seed: int,
+        engine: Optional[StudentEngine] = None,
     ) -> tuple[dict[str, torch.Tensor], list["Sample"]]:
-        """The batch with each row's response replaced by `model`'s sample to its prompt; and the samples."""
+        """The batch with each row's response replaced by `model`'s sample to its prompt (drawn by `engine` when
+        given, which holds model's weights); and the samples."""
         prompts = prompt_parts(batch)
-        budget = min(self.settings.max_new_tokens, self.settings.max_length - max(len(p) for p in prompts))
+        s = self.settings
+        budget = min(s.max_new_tokens, s.max_length - max(len(p) for p in prompts))
         if budget < 1:
             if self.synced:  # no room for this rank's answers, but the other ranks' forwards need its part
                 self._generate(model, prompts, 1, seed)
             return batch, []
-        samples = [self._cut(row) for row in self._generate(model, prompts, budget, seed)]
+        if engine is not None:
+            rows = engine.generate(prompts, budget, seed, temperature=s.temperature, top_p=s.top_p,
+                                   stop_ids=self.stop_ids, stop=s.stop)
+        else:
+            rows = self._generate(model, prompts, budget, seed)
+        samples = [self._cut(row) for row in rows]
         rows = [EncodedExample(p + s.tokens, [IGNORE] * len(p) + s.tokens) for p, s in zip(prompts, samples)]
         device = batch["input_ids"].device
         return {k: v.to(device) for k, v in collate(rows, self.pad_id).items()}, samples
