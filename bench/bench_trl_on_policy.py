@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SIDES = ("distill", "trl")
+SIDES = ("distill", "distill_vllm", "trl")  # distill_vllm: method.sampling.engine vllm, run by --vllm-python
 TRL_TRAINERS = {"distillation": "trl.DistillationTrainer", "gkd": "trl.experimental.gkd.GKDTrainer"}
 
 
@@ -142,7 +142,7 @@ class StepClock:
         }
 
 
-def bench_recipe(args: argparse.Namespace, output_dir: Path):
+def bench_recipe(args: argparse.Namespace, output_dir: Path, engine: str = "transformers"):
     """The quickstart recipe as an on-policy run (lmbda 1, reverse KL, full estimator) from the run's pruned student."""
     from distill.recipe import load_recipe, recipe_from_dict
 
@@ -152,7 +152,8 @@ def bench_recipe(args: argparse.Namespace, output_dir: Path):
     data["data"] = {**base["data"], "prompts": None, "train": str(run / "teacher_data.filtered.jsonl")}
     data["method"] = {**{k: v for k, v in base["method"].items() if k != "divergence"}, "kind": "on_policy",
                       "lmbda": 1.0, "divergence": "reverse_kl", "estimator": "full", "alpha": 0.0,
-                      "sampling": {"max_new_tokens": args.max_new_tokens, "temperature": 1.0, "top_p": 1.0}}
+                      "sampling": {"max_new_tokens": args.max_new_tokens, "temperature": 1.0, "top_p": 1.0,
+                                   "engine": engine}}
     data["train"] = {**base["train"], "steps": args.warmup + args.steps, "batch_size": args.batch_size,
                      "grad_accum": 1, "threads": args.threads, "checkpoint_every": 10**6, "log_every": 10**6,
                      "schedule": "constant", "warmup_steps": 0}  # as on the TRL side
@@ -160,8 +161,8 @@ def bench_recipe(args: argparse.Namespace, output_dir: Path):
     return recipe_from_dict(data, base_dir=args.recipe.resolve().parent)
 
 
-def run_distill(args: argparse.Namespace, out: Path) -> dict:
-    """distill's on-policy steps, timed one by one."""
+def run_distill(args: argparse.Namespace, out: Path, engine: str = "transformers") -> dict:
+    """distill's on-policy steps, timed one by one; the student samples through `engine`."""
     import torch
 
     from distill.runtime import set_seed
@@ -169,7 +170,7 @@ def run_distill(args: argparse.Namespace, out: Path) -> dict:
     from distill.training.loop import accumulate_gradients
     from distill.training.on_policy import SampleWindow
 
-    recipe = bench_recipe(args, out)
+    recipe = bench_recipe(args, out, engine)
     recipe.run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     set_seed(recipe.seed)
@@ -177,6 +178,8 @@ def run_distill(args: argparse.Namespace, out: Path) -> dict:
     sampler = training.sampler
     clock = StepClock(args.warmup)
     sampler.sample = clock.sampling.wrap(sampler.sample)  # prompts -> generate -> cut -> the new batch
+    if sampler.engine is not None:  # the weights' reload into vLLM is sampling's cost too
+        sampler.engine.sync = clock.sampling.wrap(sampler.engine.sync)
     clock.start()
     for step in range(start, recipe.train.steps):
         result = accumulate_gradients(training, step)
@@ -294,20 +297,25 @@ def prompts_as_distill_encodes(recipe, examples: list, tokenizer, encode) -> flo
 def child(args: argparse.Namespace) -> int:
     """One side, in this (fresh) process; its result as the last line of stdout."""
     with tempfile.TemporaryDirectory(prefix=f"bench_trl_{args.side}_") as tmp:
-        result = (run_distill if args.side == "distill" else run_trl)(args, Path(tmp))
-    print(json.dumps({"side": args.side, **result}))
+        if args.side == "trl":
+            result = run_trl(args, Path(tmp))
+        else:
+            result = run_distill(args, Path(tmp), "vllm" if args.side == "distill_vllm" else "transformers")
+    print(json.dumps({"side": args.side, **result, "versions": versions()}))
     return 0
 
 
 def run_side(side: str, args: argparse.Namespace) -> dict:
-    """One side in a fresh subprocess of the same interpreter; this checkout's src/ first on its path."""
-    cmd = [sys.executable, __file__, "--side", side, "--from-run", str(args.from_run), "--recipe", str(args.recipe),
+    """One side in a fresh subprocess of the same interpreter (distill_vllm: --vllm-python's); this checkout's src/
+    first on its path."""
+    python = args.vllm_python if side == "distill_vllm" else sys.executable
+    cmd = [python, __file__, "--side", side, "--from-run", str(args.from_run), "--recipe", str(args.recipe),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
            "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads),
            "--trl-trainer", args.trl_trainer]
     cmd += ["--trl-gradient-checkpointing"] if args.trl_gradient_checkpointing else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)}
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_KVCACHE_SPACE": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         return {"side": side, "failed": True, "returncode": done.returncode,
@@ -316,9 +324,9 @@ def run_side(side: str, args: argparse.Namespace) -> dict:
 
 
 def versions() -> dict:
-    """The versions this interpreter runs (both children use it)."""
+    """The versions this interpreter runs (the children print their own too)."""
     found = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "accelerate", "peft", "trl", "datasets"):
+    for name in ("torch", "transformers", "accelerate", "peft", "trl", "datasets", "vllm"):
         try:
             found[name] = __import__(name).__version__
         except ImportError:
@@ -338,10 +346,12 @@ def table(results: dict[str, dict]) -> str:
     for side, row in results.items():
         cells = ["failed" if row.get("failed") else fmt.format(row[key]) for key, _, fmt in keys]
         lines.append(f"| {side} | " + " | ".join(cells) + " |")
-    d, t = results.get("distill", {}), results.get("trl", {})
-    if not d.get("failed") and not t.get("failed") and d and t:
-        ratios = [f"{d[key] / t[key]:.2f}x" for key, _, _ in keys]
-        lines.append("| distill / TRL | " + " | ".join(ratios) + " |")
+    t = results.get("trl", {})
+    for side in ("distill", "distill_vllm"):
+        d = results.get(side, {})
+        if not d.get("failed") and not t.get("failed") and d and t:
+            ratios = [f"{d[key] / t[key]:.2f}x" for key, _, _ in keys]
+            lines.append(f"| {side} / TRL | " + " | ".join(ratios) + " |")
     return "\n".join(lines)
 
 
@@ -360,6 +370,9 @@ def main() -> int:
     parser.add_argument("--trl-gradient-checkpointing", action="store_true",
                         help="TRL's default; off by default here because distill has none")
     parser.add_argument("--out", type=Path, help="write every number as JSON here")
+    parser.add_argument("--vllm-python", default=sys.executable,
+                        help="the interpreter of the distill_vllm side: one where vllm imports (vLLM pins another "
+                             "transformers; see tests/test_vllm_sampler.py)")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -379,7 +392,7 @@ def main() -> int:
         row = results[side]
         brief = {k: row.get(k) for k in ("cpu_s_per_step", "wall_s_per_step", "sampling_cpu_s_per_step",
                                          "peak_rss_mb", "new_tokens_per_row", "losses", "prompts_as_distill",
-                                         "stop_ids", "failed", "stderr_tail")
+                                         "stop_ids", "versions", "failed", "stderr_tail")
                  if row.get(k) is not None}
         print(f"{side}: {json.dumps(brief)}", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
