@@ -1,6 +1,7 @@
 """The `distill` command end to end on tiny models, and its bad-input behaviour."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -247,3 +248,13 @@ def test_every_command_has_a_handler_and_help():
     with pytest.raises(SystemExit) as exit_info:
         main(["frobnicate"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed (the test extra) is not here")
+def test_saving_a_model_does_not_make_deepspeed_warn(tmp_path, tiny_teacher_dir):
+    """save_pretrained imports DeepSpeed through accelerate when it is installed; on a CPU machine its accelerator
+    detection warned "Setting accelerator to CPU" in every run's output."""
+    done = _cli("export", str(tiny_teacher_dir), "--out", str(tmp_path / "hf"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "hf" / "config.json").is_file()
+    assert "Setting accelerator" not in done.stdout + done.stderr

@@ -172,8 +172,9 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
 
 def setup_logging(log_file: Path | None = None) -> None:
     """INFO to stderr, and to the run's log.txt when there is one (under torchrun: rank 0's; the others warn only)."""
-    from distill.runtime import is_main_process  # runtime imports torch, which `distill --help` need not load
+    from distill.runtime import is_main_process, name_cpu_for_deepspeed  # runtime imports torch: not for --help
 
+    name_cpu_for_deepspeed()
     main = is_main_process()
     log_file = log_file if main else None
     log.setLevel(logging.INFO if main else logging.WARNING)

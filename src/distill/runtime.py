@@ -52,6 +52,13 @@ def process_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def name_cpu_for_deepspeed() -> None:
+    """Without CUDA, tell DeepSpeed its accelerator is the CPU: when it is installed, transformers' save_pretrained
+    imports it (through accelerate), and its own detection then warns "Setting accelerator to CPU" on every run."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def is_main_process() -> bool:
     """True in the process that writes a run's shared files (rank 0), and when running alone."""
     return process_rank()[0] == 0
