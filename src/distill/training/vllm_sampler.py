@@ -8,7 +8,6 @@ the engine gets the checkpoint's weights, the same the uninterrupted run had at 
 """
 from __future__ import annotations
 
-import logging
 import os
 import random
 from pathlib import Path
@@ -23,8 +22,6 @@ from distill.errors import DistillError
 from distill.runtime import atomic_directory
 from distill.teachers.vllm_backend import first_line, import_vllm
 
-log = logging.getLogger("distill")
-
 ENGINE_KEY = "method.sampling.engine"
 NOT_INSTALLED = (f"{ENGINE_KEY}: vllm is not installed (pip install vllm, in an environment whose transformers "
                  "vLLM accepts; or use engine: transformers)")
@@ -36,15 +33,14 @@ def merged_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
         yield from model.state_dict().items()
         return
     base = model.get_base_model()
-    merged = {f"{name}.weight": module for name, module in base.named_modules() if isinstance(module, LoraLayer)}
+    adapted = {f"{name}.weight": module for name, module in base.named_modules() if isinstance(module, LoraLayer)}
     for name, tensor in base.state_dict().items():
         if "lora_" in name:
             continue
-        plain = name.replace(".base_layer.", ".")
-        if plain in merged:
-            layer = merged[plain]
-            if name.endswith(".weight"):
-                tensor = tensor + sum(layer.get_delta_weight(a) for a in layer.active_adapters)
+        plain = name.replace(".base_layer.", ".")  # a wrapped layer's own weight, under its Hugging Face name
+        layer = adapted.get(plain)
+        if layer is not None:
+            tensor = tensor + sum(layer.get_delta_weight(a) for a in layer.active_adapters)
         yield plain, tensor.detach()
 
 
