@@ -12,7 +12,7 @@ import uuid
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -52,11 +52,13 @@ def process_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def name_cpu_for_deepspeed() -> None:
-    """Without CUDA, tell DeepSpeed its accelerator is the CPU: when it is installed, transformers' save_pretrained
-    imports it (through accelerate), and its own detection then warns "Setting accelerator to CPU" on every run."""
-    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
+def name_cpu_for_deepspeed(device: Optional[torch.device] = None) -> None:
+    """Tell DeepSpeed its accelerator is the CPU when `device` is the CPU (a ZeRO run there), or with no device when
+    there is no CUDA: read when deepspeed is first imported (transformers' save_pretrained imports it through
+    accelerate when installed), and its own detection would warn "Setting accelerator to CPU" on every run."""
+    on_cpu = device.type == "cpu" if device is not None else not torch.cuda.is_available()
+    if on_cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def is_main_process() -> bool:

@@ -99,6 +99,7 @@ class TrainResult:
 VLLM_ONE_PROCESS = ("method.sampling.engine: vllm samples in one training process; train on one process (no "
                     "train.parallel, no torchrun), or use engine: transformers")
 
+
 def train(
     recipe: Recipe, *, resume: bool = True, progress: bool = True, stop_after: Optional[int] = None
 ) -> Optional[TrainResult]:

@@ -40,6 +40,7 @@ class _AttemptFailed(Exception):
 
 TOKEN_ID_SERVERS = ("vllm", "distill")  # /v1/models owned_by of servers that take return_tokens_as_token_ids
 
+
 class OpenAIBackend:
     """A TeacherBackend that sends one request per conversation, `concurrency` in flight, with retries."""
 

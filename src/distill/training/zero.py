@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from distill.errors import DistillError
+from distill.runtime import name_cpu_for_deepspeed
 
 ZERO_STAGES = {"zero2": 2, "zero3": 3}
 _MOMENTS = ("exp_avg", "exp_avg_sq")  # torch AdamW's per-parameter state besides its step count
@@ -25,8 +26,7 @@ def zero_accelerator(device: torch.device, stage: int, micro_batch: int, grad_ac
                      max_grad_norm: Optional[float]):
     """accelerate's Accelerator with a DeepSpeed ZeRO plugin: `micro_batch` rows per rank, `grad_accum` of them per
     step, gradients clipped to `max_grad_norm` (None: not clipped), nothing offloaded."""
-    if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+    name_cpu_for_deepspeed(device)
     try:
         import deepspeed  # noqa: F401  (optional: only a ZeRO run needs it)
     except ImportError as error:
