@@ -5,6 +5,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -258,3 +259,21 @@ def test_saving_a_model_does_not_make_deepspeed_warn(tmp_path, tiny_teacher_dir)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "hf" / "config.json").is_file()
     assert "Setting accelerator" not in done.stdout + done.stderr
+
+
+def test_a_launched_process_ends_with_its_code_and_its_output_and_log_flushed(tmp_path):
+    # What `distill` does at the end of each process of a torchrun launch (the interpreter's teardown skipped).
+    script = tmp_path / "end.py"
+    script.write_text(textwrap.dedent(f"""
+        import logging, sys
+        from distill.runtime import end_launched_process
+        logging.basicConfig(filename={str(tmp_path / "run.log")!r}, level=logging.INFO)
+        logging.getLogger("distill").info("saved the student")
+        sys.stdout.write("no newline yet")
+        sys.stderr.write("nor here")
+        end_launched_process(3)
+        print("not reached")
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "no newline yet", "nor here")
+    assert (tmp_path / "run.log").read_text() == "INFO:distill:saved the student\n"

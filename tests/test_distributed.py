@@ -172,12 +172,13 @@ def test_a_killed_two_process_run_resumes_on_two_or_one_process(tmp_path, tiny_t
         script = tmp_path / "stop_after_3.py"
         script.write_text(textwrap.dedent(f"""
             from distill.recipe import load_recipe
-            from distill.runtime import continue_alone
+            from distill.runtime import continue_alone, end_launched_process
             from distill.stages import prepare_run_dir, train
             recipe = load_recipe({str(path)!r}, [])
             prepare_run_dir(recipe)
             assert train(recipe, progress=False, stop_after=3) is None
-            continue_alone()  # the ranks leave the process group together, as `distill train` has them do
+            continue_alone()  # the ranks leave the process group together and end, as `distill train` has them do
+            end_launched_process(0)
         """))
         first = _torchrun([str(script)])
         assert first.returncode == 0, first.stderr[-3000:]

@@ -439,6 +439,17 @@ def _leave_process_group() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `distill` console script."""
     args = _parser().parse_args(argv)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))  # continue_alone sets it to 1 when the ranks part
+    code = _run(args)
+    if launched > 1 and "torch.distributed" in sys.modules:
+        from distill.runtime import end_launched_process
+
+        end_launched_process(code)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the chosen command; the exit code (errors printed as one line)."""
     try:
         args.handle(args)
         _leave_process_group()

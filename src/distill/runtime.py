@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 import time
 import uuid
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NoReturn, Optional
 
 import numpy as np
 import torch
@@ -115,6 +117,19 @@ def continue_alone() -> None:
             dist.destroy_process_group()
         _gloo_group = None
         os.environ["WORLD_SIZE"] = "1"
+
+
+def end_launched_process(code: int) -> NoReturn:
+    """End one process of a torchrun/accelerate launch now: logs and output flushed, the interpreter's teardown
+    skipped.
+
+    gloo's worker threads outlive destroy_process_group while DTensor's sharding caches (C++ ones among them) still
+    hold the group; the interpreter's teardown then races those threads and now and then aborts ("terminate called
+    without an active exception"), and torchrun fails a launch whose work is done and saved."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @contextmanager
