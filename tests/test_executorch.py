@@ -9,9 +9,12 @@ import shutil
 
 import pytest
 
-from conftest import STORIES260K, require_shared
+from conftest import STORIES260K, require_shared, tiny_recipe
+from distill import stages
 from distill.cli import main
 from distill.export.found import find_exports
+from distill.recipe import recipe_from_dict
+from distill.report.table import format_table
 
 HAS_EXECUTORCH = importlib.util.find_spec("executorch") is not None
 needs_executorch = pytest.mark.skipif(not HAS_EXECUTORCH,
@@ -61,3 +64,50 @@ def test_eval_finds_an_executorch_export_and_says_it_does_not_run_it(tmp_path):
     assert (found.name, found.kind, found.quant, found.fmt) == ("executorch-int8", "executorch", "int8",
                                                                  "executorch")
     shutil.rmtree(folder)
+
+
+def _evaluated_run(tmp_path, teacher_dir, measure_speed=True):
+    """A trained tiny run (recipe, its run directory) ready for exports."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}?",
+                                        "response": f"The answer is {2 * i}."}) + "\n" for i in range(16)))
+    recipe = recipe_from_dict(tiny_recipe(tmp_path / "run", teacher_dir, data, train={"steps": 2},
+                                          eval={"measure_speed": measure_speed}))
+    stages.prepare_run_dir(recipe)
+    stages.train(recipe, progress=False)
+    return recipe
+
+
+def test_eval_reports_a_program_by_its_size_and_its_check_against_the_student(tmp_path, tiny_teacher_dir):
+    recipe = _evaluated_run(tmp_path, tiny_teacher_dir)
+    folder = recipe.run_dir / "exports" / "executorch-int8"
+    folder.mkdir(parents=True)
+    (folder / "model-int8.pte").write_bytes(b"\0" * 16)  # not a program: executorch, where installed, refuses it
+    check = {"mean_kl": 0.0012, "top1_agreement": 0.97, "positions": 40,
+             "greedy": {"same": 2, "prompts": 3, "new_tokens": 16}, "bytes": 16}
+    (folder / "model-int8.pte.verify.json").write_text(json.dumps(check))
+    row = stages.evaluate(recipe, progress=False)["exports"]["executorch-int8"]
+    assert (row["format"], row["quant"]) == ("executorch", "int8")
+    assert row["path"] == "exports/executorch-int8/model-int8.pte"
+    assert row["bytes_on_disk"] == 16 and row["vs_student"] == check and "perplexity" not in row
+    assert "does not run an ExecuTorch program over the held-out set" in row["quality_not_measured"]
+    if HAS_EXECUTORCH:
+        assert row["speed_not_measured"].startswith("ExecuTorch could not run it: ")
+    else:
+        assert row["speed_not_measured"] == 'executorch is not installed (pip install -e ".[executorch]")'
+    table = format_table(json.loads((recipe.run_dir / "report.json").read_text()))
+    assert ("executorch-int8: quality not measured on the held-out set; vs the student when exported: mean KL "
+            "0.0012, top-1 0.970, greedy answers equal on 2 of 3 prompts") in table
+
+
+@needs_executorch
+@pytest.mark.slow
+def test_eval_times_an_exported_program_in_executorch(tmp_path, tiny_teacher_dir):
+    recipe = _evaluated_run(tmp_path, tiny_teacher_dir)
+    assert main(["export", str(recipe.run_dir), "--format", "executorch", "--quant", "fp32"]) == 0
+    report = stages.evaluate(recipe, progress=False)
+    row = report["exports"]["executorch-fp32"]
+    assert row["speed_runtime"] == "ExecuTorch (XNNPACK)" and "speed_not_measured" not in row
+    assert row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0 and row["time_to_first_token_s"] > 0
+    assert row["vs_student"]["mean_kl"] < KL_BOUND["fp32"]
+    assert "executorch-fp32: speed in ExecuTorch (XNNPACK)" in format_table(report)

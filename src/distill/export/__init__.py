@@ -126,6 +126,11 @@ def load_imatrix(path: Path) -> Imatrix:
     return read_imatrix(Path(path))
 
 
+def verify_file(export_file: Path) -> Path:
+    """Where `distill export` keeps its check of an exported file (beside it: <file>.verify.json)."""
+    return export_file.with_name(export_file.name + ".verify.json")
+
+
 def _export_executorch(source: Path, out: Path, quant: str, verify: bool) -> Path:
     parse_target(f"executorch:{quant}")  # unknown quantization or executorch missing: before any work
     model_dir = model_dir_of(source)
@@ -137,7 +142,7 @@ def _export_executorch(source: Path, out: Path, quant: str, verify: bool) -> Pat
         sequences = [tokenizer(text)["input_ids"][:128] for text in DEFAULT_TEXTS]
         prompts = [tokenizer(text)["input_ids"] for text in GREEDY_PROMPTS]
         check = verify_executorch(model_dir, written, sequences, prompts)
-        atomic_write_json(written.with_name(written.name + ".verify.json"), check)
+        atomic_write_json(verify_file(written), check)
         log.info("verified %s in the ExecuTorch runtime: mean KL %.3g nats/token, top-1 agreement %.3f; greedy "
                  "answers identical on %d of %d prompts", written.name, check["mean_kl"], check["top1_agreement"],
                  check["greedy"]["same"], check["greedy"]["prompts"])
@@ -157,7 +162,7 @@ def _export_gguf(source: Path, out: Path, quant: str, verify: bool, imatrix: Ima
     write_modelfile(model_dir_of(source), written)
     if verify:
         check = verify_gguf(model_dir_of(source), written)
-        atomic_write_json(written.with_name(written.name + ".verify.json"), check)
+        atomic_write_json(verify_file(written), check)
         log.info("verified %s by loading it back: max |logit diff| %.3g, mean KL %.3g nats/token, top-1 agreement "
                  "%.3f, perplexity %.3f vs %.3f (source), tokenizer %s", written.name, check["max_abs_logit_diff"],
                  check["mean_kl"], check["top1_agreement"], check["ppl_gguf"], check["ppl_source"],
@@ -170,4 +175,5 @@ def _export_gguf(source: Path, out: Path, quant: str, verify: bool, imatrix: Ima
 
 
 __all__ = ["EXPORTS_DIR", "FORMATS", "Imatrix", "default_export_dir", "export_hf", "export_model", "imatrix_from_tokens",
-           "is_k_quant", "load_imatrix", "model_card", "older_than", "parse_target"]
+           "is_k_quant", "load_imatrix", "model_card", "older_than", "parse_target",
+           "verify_file"]

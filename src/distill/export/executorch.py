@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +115,29 @@ class PteModel:
         return out
 
 
+def program_speed(pte: Path, prompt: list[int], new_tokens: int, repeats: int = 3) -> dict:
+    """Prefill/decode tokens per second and time to first token of a .pte program in executorch's runtime: the
+    median of repeats after a warm-up run, timed as llama.cpp's GGUF speed is (the program takes one token per
+    call, so its prefill is a loop of one-token steps, as it runs on a phone)."""
+    program = PteModel(pte)
+
+    def timed() -> tuple[float, float]:
+        start = time.perf_counter()
+        token = int(program.logits(prompt)[-1].argmax())
+        prefill_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            token = int(program.step(token).argmax())
+        return prefill_s, time.perf_counter() - start
+
+    timed()
+    runs = [timed() for _ in range(max(1, repeats))]
+    prefill_s = statistics.median(r[0] for r in runs)
+    decode_s = statistics.median(r[1] for r in runs)
+    return {"prefill_tokens_per_s": len(prompt) / prefill_s, "decode_tokens_per_s": new_tokens / decode_s,
+            "time_to_first_token_s": prefill_s}
+
+
 def verify_executorch(model_dir: Path, pte: Path, sequences: list[list[int]], prompts: list[list[int]],
                       new_tokens: int = 16) -> dict:
     """The .pte against the source model: mean KL and top-1 agreement on sequences, greedy equality on prompts."""
@@ -141,4 +166,5 @@ def _greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> list[
     return out[0, len(prompt):].tolist()
 
 
-__all__ = ["EXECUTORCH_QUANTS", "PteModel", "export_executorch", "require_executorch", "verify_executorch"]
+__all__ = ["EXECUTORCH_QUANTS", "INSTALL_HINT", "PteModel", "export_executorch", "program_speed", "require_executorch",
+           "verify_executorch"]

@@ -215,6 +215,8 @@ def export_rows(report: dict) -> tuple[list[str], list[list[str]], list[str]]:
             notes.append(f"{name}: speed not measured ({export['speed_not_measured']})")
         elif export.get("speed_runtime"):
             notes.append(_runtime_note(name, export))
+        if export.get("quality_not_measured"):
+            notes.append(_unmeasured_quality_note(name, export))
         if export.get("older_than_student"):
             notes.append(f"{name}: written before the student was last saved; export it again")
     return ["model", "format"] + [header for header, _ in columns], rows, notes
@@ -222,9 +224,21 @@ def export_rows(report: dict) -> tuple[list[str], list[list[str]], list[str]]:
 
 def _runtime_note(name: str, export: dict) -> str:
     """Where an export's speed was measured (llama.cpp for GGUF), and its one-thread decode speed."""
-    note = f"{name}: speed in {export['speed_runtime']} on {export.get('speed_threads')} threads"
+    threads = export.get("speed_threads")
+    note = f"{name}: speed in {export['speed_runtime']}" + (f" on {threads} threads" if threads else "")
     alone = export.get("decode_tokens_per_s_1_thread")
     return note + (f"; 1 thread: {alone:.1f} decode tok/s" if isinstance(alone, (int, float)) else "")
+
+
+def _unmeasured_quality_note(name: str, export: dict) -> str:
+    """Why an export (an ExecuTorch program) has no quality columns, and its check against the student instead."""
+    check = export.get("vs_student")
+    if not isinstance(check, dict):
+        return f"{name}: quality not measured; no check against the student beside it (export it again)"
+    greedy = check.get("greedy") or {}
+    return (f"{name}: quality not measured on the held-out set; vs the student when exported: mean KL "
+            f"{check.get('mean_kl', float('nan')):.3g}, top-1 {check.get('top1_agreement', float('nan')):.3f}, "
+            f"greedy answers equal on {greedy.get('same', '?')} of {greedy.get('prompts', '?')} prompts")
 
 
 def _export_lines(report: dict) -> list[str]:

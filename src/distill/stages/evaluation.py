@@ -1,6 +1,7 @@
 """The eval stage: teacher and trained student on the same held-out data -> report.json, samples and a table."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -35,7 +36,8 @@ from distill.eval.measure import (
 from distill.eval.metrics import speed_prompt_ids
 from distill.eval.report import build_report, write_report
 from distill.eval.suites import load_suite, run_suite
-from distill.export import older_than
+from distill.export import older_than, verify_file
+from distill.export.executorch import INSTALL_HINT, program_speed
 from distill.export.found import Export, find_exports, load_export
 from distill.models import bytes_on_disk, check_tokenizers, load_model, load_tokenizer
 from distill.models.compat import tokenizer_difference
@@ -60,6 +62,9 @@ log = logging.getLogger("distill")
 
 SPEED_KEYS = ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s")  # a GGUF row's, from llama.cpp
 # Why a GGUF export has no speed row without llama.cpp (report.json's `speed_not_measured`).
+# Why a .pte export's row has no held-out quality (report.json's `quality_not_measured`).
+PTE_QUALITY = ("distill eval does not run an ExecuTorch program over the held-out set; its check against the student, "
+               "made when it was exported, is vs_student (mean KL, top-1 agreement, greedy answers)")
 GGUF_SPEED = "transformers runs a GGUF file dequantized to float, which says nothing of its speed in llama.cpp"
 
 
@@ -169,6 +174,8 @@ def _export_row(run_dir: Path, export: Export, ref: Reference, teacher_row: dict
                 progress: bool) -> dict:
     """One export's row: loaded, answered and measured like the student, with ratios against the teacher."""
     head = {"format": export.fmt, "quant": export.quant, "path": str(export.path.relative_to(run_dir))}
+    if export.kind == "executorch":
+        return {**head, **_executorch_row(export.path, ref.student_reading.tokenizer, ref.settings)}
     try:
         model = load_export(export, dtype, ref.device, ref.shared_vocab)
     except DistillError as err:
@@ -202,6 +209,27 @@ def _llama_cpp_speed(path: Path, tokenizer, settings: MeasureSettings) -> dict:
         return {"speed_not_measured": str(err)}
     alone = {f"{key}_1_thread": value for key, value in speeds[1].items()}
     return {**speeds[threads], **alone, "speed_runtime": "llama.cpp", "speed_threads": threads}
+
+
+def _executorch_row(path: Path, tokenizer, settings: MeasureSettings) -> dict:
+    """A .pte program's row: its size, its check against the student when exported, its speed in ExecuTorch."""
+    row: dict = {"bytes_on_disk": bytes_on_disk(path), "quality_not_measured": PTE_QUALITY}
+    check = verify_file(path)
+    if check.is_file():
+        row["vs_student"] = json.loads(check.read_text())
+    if not settings.measure_speed:
+        return row
+    if importlib.util.find_spec("executorch") is None:
+        return {**row, "speed_not_measured": INSTALL_HINT}
+    prompt = speed_prompt_ids(tokenizer, settings.speed_prompt_tokens)
+    log.info("eval: timing %s in ExecuTorch's runtime", path.name)
+    try:
+        speeds = program_speed(path, prompt, settings.speed_new_tokens)
+    except RuntimeError as err:  # a program the runtime refuses is a finding for the report, not the end of eval
+        why = f"ExecuTorch could not run it: {(str(err).strip().splitlines() or [type(err).__name__])[0]}"
+        log.warning("eval: %s: %s", path, why)
+        return {**row, "speed_not_measured": why}
+    return {**row, **speeds, "speed_runtime": "ExecuTorch (XNNPACK)"}
 
 
 def reading(recipe: Recipe, tokenizer, held_out: list[Example], where: torch.device) -> Reading:
