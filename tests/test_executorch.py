@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 
 import pytest
@@ -56,7 +57,7 @@ def test_executorch_missing_says_how_to_install(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_eval_finds_an_executorch_export_and_says_it_does_not_run_it(tmp_path):
+def test_eval_finds_an_executorch_export_by_its_name(tmp_path):
     folder = tmp_path / "exports" / "executorch-int8"
     folder.mkdir(parents=True)
     (folder / "model-int8.pte").write_bytes(b"\0" * 16)
@@ -66,20 +67,20 @@ def test_eval_finds_an_executorch_export_and_says_it_does_not_run_it(tmp_path):
     shutil.rmtree(folder)
 
 
-def _evaluated_run(tmp_path, teacher_dir, measure_speed=True):
-    """A trained tiny run (recipe, its run directory) ready for exports."""
+def _trained_run(tmp_path, teacher_dir):
+    """The recipe of a trained tiny run, ready for exports."""
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}?",
                                         "response": f"The answer is {2 * i}."}) + "\n" for i in range(16)))
     recipe = recipe_from_dict(tiny_recipe(tmp_path / "run", teacher_dir, data, train={"steps": 2},
-                                          eval={"measure_speed": measure_speed}))
+                                          eval={"speed_prompt_tokens": 8, "speed_new_tokens": 4}))
     stages.prepare_run_dir(recipe)
     stages.train(recipe, progress=False)
     return recipe
 
 
 def test_eval_reports_a_program_by_its_size_and_its_check_against_the_student(tmp_path, tiny_teacher_dir):
-    recipe = _evaluated_run(tmp_path, tiny_teacher_dir)
+    recipe = _trained_run(tmp_path, tiny_teacher_dir)
     folder = recipe.run_dir / "exports" / "executorch-int8"
     folder.mkdir(parents=True)
     (folder / "model-int8.pte").write_bytes(b"\0" * 16)  # not a program: executorch, where installed, refuses it
@@ -98,12 +99,24 @@ def test_eval_reports_a_program_by_its_size_and_its_check_against_the_student(tm
     table = format_table(json.loads((recipe.run_dir / "report.json").read_text()))
     assert ("executorch-int8: quality not measured on the held-out set; vs the student when exported: mean KL "
             "0.0012, top-1 0.970, greedy answers equal on 2 of 3 prompts") in table
+    # a check from before the program was written again (--no-verify), and a cache too short for the speed run
+    (folder / "model-int8.pte.verify.json").write_text(json.dumps({**check, "cache_positions": 10}))
+    os.utime(folder / "model-int8.pte.verify.json", (1, 1))
+    row = stages.evaluate(recipe, progress=False)["exports"]["executorch-int8"]
+    assert "vs_student" not in row
+    assert ("executorch-int8: quality not measured; no check against the student beside it (export it again)"
+            in format_table(json.loads((recipe.run_dir / "report.json").read_text())))
+    (folder / "model-int8.pte.verify.json").write_text(json.dumps({**check, "cache_positions": 10}))
+    row = stages.evaluate(recipe, progress=False)["exports"]["executorch-int8"]
+    assert row["vs_student"]["cache_positions"] == 10
+    assert row["speed_not_measured"] == ("the program's KV cache holds 10 positions, fewer than "
+                                         "eval.speed_prompt_tokens + eval.speed_new_tokens (8 + 4)")
 
 
 @needs_executorch
 @pytest.mark.slow
 def test_eval_times_an_exported_program_in_executorch(tmp_path, tiny_teacher_dir):
-    recipe = _evaluated_run(tmp_path, tiny_teacher_dir)
+    recipe = _trained_run(tmp_path, tiny_teacher_dir)
     assert main(["export", str(recipe.run_dir), "--format", "executorch", "--quant", "fp32"]) == 0
     report = stages.evaluate(recipe, progress=False)
     row = report["exports"]["executorch-fp32"]

@@ -436,20 +436,20 @@ def _leave_process_group() -> None:
             continue_alone()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `distill` console script."""
-    args = _parser().parse_args(argv)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))  # continue_alone sets it to 1 when the ranks part
-    code = _run(args)
+def console_main() -> None:
+    """Entry point of the `distill` console script: main(), then the process ends (at once under torchrun)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))  # read first: continue_alone sets it to 1 when ranks part
+    code = main()
     if launched > 1 and "torch.distributed" in sys.modules:
         from distill.runtime import end_launched_process
 
         end_launched_process(code)
-    return code
+    sys.exit(code)
 
 
-def _run(args: argparse.Namespace) -> int:
-    """Run the chosen command; the exit code (errors printed as one line)."""
+def main(argv: list[str] | None = None) -> int:
+    """Run one `distill` command; its exit code (errors printed as one line)."""
+    args = _parser().parse_args(argv)
     try:
         args.handle(args)
         _leave_process_group()
@@ -465,4 +465,4 @@ def _run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

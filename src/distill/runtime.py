@@ -121,11 +121,10 @@ def continue_alone() -> None:
 
 def end_launched_process(code: int) -> NoReturn:
     """End one process of a torchrun/accelerate launch now: logs and output flushed, the interpreter's teardown
-    skipped.
-
-    gloo's worker threads outlive destroy_process_group while DTensor's sharding caches (C++ ones among them) still
-    hold the group; the interpreter's teardown then races those threads and now and then aborts ("terminate called
-    without an active exception"), and torchrun fails a launch whose work is done and saved."""
+    skipped."""
+    # gloo's worker threads outlive destroy_process_group while DTensor's sharding caches (C++ ones among them)
+    # still hold the group; the interpreter's teardown then races those threads and now and then aborts ("terminate
+    # called without an active exception"), and torchrun fails a launch whose work is done and saved.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -24,6 +24,7 @@ log = logging.getLogger("distill")
 EXECUTORCH_QUANTS = ("fp32", "int8", "int4")
 INSTALL_HINT = 'executorch is not installed (pip install -e ".[executorch]")'
 INT4_GROUP = 32
+MAX_SEQ_LEN = 512  # the program's KV cache: positions of prompt + answer it can hold (at most the model's context)
 
 
 def require_executorch() -> None:
@@ -32,7 +33,12 @@ def require_executorch() -> None:
         raise DistillError(f"--format executorch: {INSTALL_HINT}")
 
 
-def export_executorch(model_dir: Path, out_path: Path, quant: str = "fp32", max_seq_len: int = 512) -> Path:
+def cache_positions(config: Any, max_seq_len: int = MAX_SEQ_LEN) -> int:
+    """How many positions the program's static KV cache holds for a model of this config."""
+    return min(max_seq_len, getattr(config, "max_position_embeddings", None) or max_seq_len)
+
+
+def export_executorch(model_dir: Path, out_path: Path, quant: str = "fp32", max_seq_len: int = MAX_SEQ_LEN) -> Path:
     """Write model_dir as `<out>/model-<quant>.pte` (or out_path itself when it ends in .pte); returns the file."""
     if quant not in EXECUTORCH_QUANTS:
         raise DistillError(f"--quant {quant}: unknown for --format executorch (supported: "
@@ -45,7 +51,7 @@ def export_executorch(model_dir: Path, out_path: Path, quant: str = "fp32", max_
 
     out_file = Path(out_path) if str(out_path).endswith(".pte") else Path(out_path) / f"model-{quant}.pte"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
-    max_seq_len = min(max_seq_len, getattr(model.config, "max_position_embeddings", max_seq_len))
+    max_seq_len = cache_positions(model.config, max_seq_len)
     model.generation_config.cache_implementation = "static"
     if quant != "fp32":
         _quantize_weights(model, quant)
@@ -116,9 +122,9 @@ class PteModel:
 
 
 def program_speed(pte: Path, prompt: list[int], new_tokens: int, repeats: int = 3) -> dict:
-    """Prefill/decode tokens per second and time to first token of a .pte program in executorch's runtime: the
-    median of repeats after a warm-up run, timed as llama.cpp's GGUF speed is (the program takes one token per
-    call, so its prefill is a loop of one-token steps, as it runs on a phone)."""
+    """Prefill/decode tokens per second and time to first token of a .pte program in executorch's runtime."""
+    # Timed as llama.cpp's GGUF speed is (median of repeats after a warm-up); the program takes one token per call,
+    # so its prefill is a loop of one-token steps, as it runs on a phone.
     program = PteModel(pte)
 
     def timed() -> tuple[float, float]:
@@ -156,7 +162,7 @@ def verify_executorch(model_dir: Path, pte: Path, sequences: list[list[int]], pr
     same = sum(program.greedy(p, new_tokens) == _greedy(source, p, new_tokens) for p in prompts)
     return {"mean_kl": kl_sum / positions, "top1_agreement": agree / positions, "positions": positions,
             "greedy": {"same": same, "prompts": len(prompts), "new_tokens": new_tokens},
-            "bytes": Path(pte).stat().st_size}
+            "bytes": Path(pte).stat().st_size, "cache_positions": cache_positions(source.config)}
 
 
 @torch.no_grad()
@@ -166,5 +172,5 @@ def _greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> list[
     return out[0, len(prompt):].tolist()
 
 
-__all__ = ["EXECUTORCH_QUANTS", "INSTALL_HINT", "PteModel", "export_executorch", "program_speed", "require_executorch",
-           "verify_executorch"]
+__all__ = ["EXECUTORCH_QUANTS", "INSTALL_HINT", "MAX_SEQ_LEN", "PteModel", "cache_positions", "export_executorch",
+           "program_speed", "require_executorch", "verify_executorch"]

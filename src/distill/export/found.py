@@ -97,8 +97,8 @@ def _gguf_type(file: Path) -> Optional[str]:
 def load_export(export: Export, dtype: torch.dtype, device: torch.device, shared_vocab: int) -> torch.nn.Module:
     """The export as a causal LM; a GGUF file comes back dequantized, so it scores the quality of its weights."""
     if export.kind == "executorch":
-        raise DistillError("an ExecuTorch program is checked against the student when exported (its .verify.json); "
-                           "distill eval does not run it yet")
+        raise DistillError("an ExecuTorch program does not load as a torch model; distill eval reports its size, "
+                           "its .verify.json and its speed in the ExecuTorch runtime instead")
     if export.kind == "quanto":
         # quanto's int4 weights fail under inference_mode (which the metrics use) unless they were made in it
         # (optimum-quanto#304); loaded there, they work in it and give the numbers no_grad gives.

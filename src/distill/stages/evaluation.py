@@ -37,7 +37,7 @@ from distill.eval.metrics import speed_prompt_ids
 from distill.eval.report import build_report, write_report
 from distill.eval.suites import load_suite, run_suite
 from distill.export import older_than, verify_file
-from distill.export.executorch import INSTALL_HINT, program_speed
+from distill.export.executorch import INSTALL_HINT, MAX_SEQ_LEN, program_speed
 from distill.export.found import Export, find_exports, load_export
 from distill.models import bytes_on_disk, check_tokenizers, load_model, load_tokenizer
 from distill.models.compat import tokenizer_difference
@@ -62,10 +62,10 @@ log = logging.getLogger("distill")
 
 SPEED_KEYS = ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s")  # a GGUF row's, from llama.cpp
 # Why a GGUF export has no speed row without llama.cpp (report.json's `speed_not_measured`).
+GGUF_SPEED = "transformers runs a GGUF file dequantized to float, which says nothing of its speed in llama.cpp"
 # Why a .pte export's row has no held-out quality (report.json's `quality_not_measured`).
 PTE_QUALITY = ("distill eval does not run an ExecuTorch program over the held-out set; its check against the student, "
                "made when it was exported, is vs_student (mean KL, top-1 agreement, greedy answers)")
-GGUF_SPEED = "transformers runs a GGUF file dequantized to float, which says nothing of its speed in llama.cpp"
 
 
 def measure_settings(recipe: Recipe) -> MeasureSettings:
@@ -214,14 +214,18 @@ def _llama_cpp_speed(path: Path, tokenizer, settings: MeasureSettings) -> dict:
 def _executorch_row(path: Path, tokenizer, settings: MeasureSettings) -> dict:
     """A .pte program's row: its size, its check against the student when exported, its speed in ExecuTorch."""
     row: dict = {"bytes_on_disk": bytes_on_disk(path), "quality_not_measured": PTE_QUALITY}
-    check = verify_file(path)
-    if check.is_file():
-        row["vs_student"] = json.loads(check.read_text())
+    check = _program_check(path)
+    if check is not None:
+        row["vs_student"] = check
     if not settings.measure_speed:
         return row
+    prompt = speed_prompt_ids(tokenizer, settings.speed_prompt_tokens)
+    cache = (check or {}).get("cache_positions", MAX_SEQ_LEN)
+    if len(prompt) + settings.speed_new_tokens > cache:
+        return {**row, "speed_not_measured": f"the program's KV cache holds {cache} positions, fewer than "
+                f"eval.speed_prompt_tokens + eval.speed_new_tokens ({len(prompt)} + {settings.speed_new_tokens})"}
     if importlib.util.find_spec("executorch") is None:
         return {**row, "speed_not_measured": INSTALL_HINT}
-    prompt = speed_prompt_ids(tokenizer, settings.speed_prompt_tokens)
     log.info("eval: timing %s in ExecuTorch's runtime", path.name)
     try:
         speeds = program_speed(path, prompt, settings.speed_new_tokens)
@@ -230,6 +234,21 @@ def _executorch_row(path: Path, tokenizer, settings: MeasureSettings) -> dict:
         log.warning("eval: %s: %s", path, why)
         return {**row, "speed_not_measured": why}
     return {**row, **speeds, "speed_runtime": "ExecuTorch (XNNPACK)"}
+
+
+def _program_check(path: Path) -> Optional[dict]:
+    """The .verify.json `distill export` wrote beside a program, if it is there, readable and not older than it."""
+    check = verify_file(path)
+    if not check.is_file():
+        return None
+    if older_than(check, path):
+        log.warning("eval: %s is older than %s (exported again without a check); not reported", check.name, path.name)
+        return None
+    try:
+        return json.loads(check.read_text())
+    except ValueError as err:
+        log.warning("eval: %s: not JSON (%s); not reported", check, err)
+        return None
 
 
 def reading(recipe: Recipe, tokenizer, held_out: list[Example], where: torch.device) -> Reading:
