@@ -27,9 +27,14 @@ INT4_GROUP = 32
 MAX_SEQ_LEN = 512  # the program's KV cache: positions of prompt + answer it can hold (at most the model's context)
 
 
+def executorch_installed() -> bool:
+    """Whether the executorch extra is installed (without importing it)."""
+    return importlib.util.find_spec("executorch") is not None
+
+
 def require_executorch() -> None:
     """One clear line when executorch is missing, before any model is read."""
-    if importlib.util.find_spec("executorch") is None:
+    if not executorch_installed():
         raise DistillError(f"--format executorch: {INSTALL_HINT}")
 
 
@@ -172,5 +177,5 @@ def _greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> list[
     return out[0, len(prompt):].tolist()
 
 
-__all__ = ["EXECUTORCH_QUANTS", "INSTALL_HINT", "MAX_SEQ_LEN", "PteModel", "cache_positions", "export_executorch",
-           "program_speed", "require_executorch", "verify_executorch"]
+__all__ = ["EXECUTORCH_QUANTS", "INSTALL_HINT", "MAX_SEQ_LEN", "PteModel", "cache_positions", "executorch_installed",
+           "export_executorch", "program_speed", "require_executorch", "verify_executorch"]

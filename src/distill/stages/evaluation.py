@@ -1,7 +1,6 @@
 """The eval stage: teacher and trained student on the same held-out data -> report.json, samples and a table."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from distill.eval.metrics import speed_prompt_ids
 from distill.eval.report import build_report, write_report
 from distill.eval.suites import load_suite, run_suite
 from distill.export import older_than, verify_file
-from distill.export.executorch import INSTALL_HINT, MAX_SEQ_LEN, program_speed
+from distill.export.executorch import INSTALL_HINT, MAX_SEQ_LEN, executorch_installed, program_speed
 from distill.export.found import Export, find_exports, load_export
 from distill.models import bytes_on_disk, check_tokenizers, load_model, load_tokenizer
 from distill.models.compat import tokenizer_difference
@@ -224,7 +223,7 @@ def _executorch_row(path: Path, tokenizer, settings: MeasureSettings) -> dict:
     if len(prompt) + settings.speed_new_tokens > cache:
         return {**row, "speed_not_measured": f"the program's KV cache holds {cache} positions, fewer than "
                 f"eval.speed_prompt_tokens + eval.speed_new_tokens ({len(prompt)} + {settings.speed_new_tokens})"}
-    if importlib.util.find_spec("executorch") is None:
+    if not executorch_installed():
         return {**row, "speed_not_measured": INSTALL_HINT}
     log.info("eval: timing %s in ExecuTorch's runtime", path.name)
     try:
